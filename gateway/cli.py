@@ -1,0 +1,304 @@
+"""The `outpost` command: what a technician types over SSH.
+
+    outpost check   [--config PATH]         validate the configuration, print a summary
+    outpost run     [--config PATH]         run the gateway (systemd starts this)
+    outpost status  [--json] [--watch]      live state of links, buffer and devices
+    outpost tail    [--device D] [--point P] live samples
+    outpost doctor  [--config PATH]         what is wrong, with a hint for each
+    outpost probe   modbus|serial ...       commissioning without a config
+    outpost buffer  stats|export|purge      look into the store-and-forward buffer
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+Subcommands import their modules lazily so that `outpost check` stays fast on a Pi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from gateway.config import DEFAULT_CONFIG_PATH, load_config, resolve_secrets, warnings
+from gateway.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def outpost_version() -> str:
+    try:
+        return version("outpost")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _default_config() -> str:
+    return os.environ.get("OUTPOST_CONFIG", DEFAULT_CONFIG_PATH)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    cfg_path = getattr(args, "config", None) or _default_config()
+    try:
+        return load_config(cfg_path).diagnostics.socket_path
+    except ConfigError:
+        return "/run/outpost/outpost.sock"
+
+
+# --- check -------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    paths = args.paths or [args.config or _default_config()]
+    worst = EXIT_OK
+    for path in paths:
+        try:
+            cfg = load_config(path)
+            resolve_secrets(cfg, path=path) if args.secrets else None
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            worst = EXIT_CONFIG
+            continue
+        s = cfg.summary()
+        uplinks = ", ".join(s["uplinks"]) or "none (buffering only)"
+        print(
+            f"{path}: ok - gateway {s['gateway']}, {s['buses']} bus(es), {s['devices']} device(s), "
+            f"{s['points']} point(s), uplinks: {uplinks}, {s['mappings']} Kafka mapping(s), "
+            f"{s['inbound']} inbound mapping(s)"
+        )
+        for w in warnings(cfg):
+            print(f"{path}: warning: {w}")
+    return worst
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = args.config or _default_config()
+    try:
+        cfg = load_config(path)
+        secrets = resolve_secrets(cfg, path=path)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    from gateway.supervisor import run_gateway
+
+    return asyncio.run(run_gateway(cfg, secrets, config_path=path))
+
+
+# --- status / tail -----------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.diagnostics import client
+
+    sock = _socket_path(args)
+    try:
+        while True:
+            try:
+                status = client.fetch_status(sock)
+            except OSError as e:
+                print(f"outpost status: cannot reach the gateway at {sock}: {e.strerror or e} "
+                      "(is `outpost run` / the outpost service running? try `outpost doctor`)", file=sys.stderr)
+                return EXIT_FAILURE
+            if args.json:
+                print(json.dumps(status, indent=2, sort_keys=True))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(client.render_status(status))
+            if not args.watch:
+                return EXIT_OK
+            import time
+
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from gateway.diagnostics import client
+
+    sock = _socket_path(args)
+    try:
+        for line in client.tail(sock, device=args.device, point=args.point):
+            print(line if isinstance(line, str) else json.dumps(line), flush=True)
+    except OSError as e:
+        print(f"outpost tail: cannot reach the gateway at {sock}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+# --- doctor ------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    path = args.config or _default_config()
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        print("hint: fix the configuration first; `outpost check` lists every problem", file=sys.stderr)
+        return EXIT_CONFIG
+    from gateway.diagnostics.doctor import run_for_config
+
+    checks, text = run_for_config(cfg, socket_path=cfg.diagnostics.socket_path)
+    print(text)
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILURE
+
+
+# --- buffer ------------------------------------------------------------------------------
+
+
+def _buffer_path(args: argparse.Namespace) -> Path:
+    if args.file:
+        return Path(args.file)
+    cfg = load_config(args.config or _default_config())
+    return Path(cfg.gateway.data_dir) / "buffer.db"
+
+
+def cmd_buffer(args: argparse.Namespace) -> int:
+    from buffer import diagnostics as bd
+
+    try:
+        path = _buffer_path(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    if not path.exists():
+        print(f"outpost buffer: no buffer file at {path}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.buffer_cmd == "stats":
+        stats = bd.stats_for_path(str(path))
+        print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    if args.buffer_cmd == "export":
+        since = _parse_since(args.since) if args.since else None
+        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            n = bd.export_jsonl(str(path), out, since_ts_ms=since, cursor=args.cursor)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        print(f"exported {n} record(s)", file=sys.stderr)
+        return EXIT_OK
+    if args.buffer_cmd == "purge":
+        what = f"cursor {args.cursor!r}" if args.cursor else "every record"
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("outpost buffer purge: refusing without --yes when not at a terminal", file=sys.stderr)
+                return EXIT_CONFIG
+            answer = input(f"Purge {what} from {path}? Records not yet delivered are lost. Type 'purge': ")
+            if answer.strip() != "purge":
+                print("nothing purged")
+                return EXIT_OK
+        n = bd.purge(str(path), cursor=args.cursor)
+        print(f"purged {n} record(s) (counted as dropped, reason=purged)")
+        return EXIT_OK
+    return EXIT_CONFIG
+
+
+def _parse_since(value: str) -> int:
+    """`--since` takes a duration ("2h": that long ago) or an ISO-8601 time."""
+    import datetime as dt
+    import time
+
+    from drivers.units import parse_duration
+
+    try:
+        return int((time.time() - parse_duration(value)) * 1000)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise SystemExit(f"outpost buffer export: --since {value!r} is neither a duration (\"2h\") nor an ISO time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="outpost", description="Outpost edge gateway")
+    p.add_argument("--version", action="version", version=f"outpost {outpost_version()}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check", help="validate configuration file(s)")
+    _add_config(c)
+    c.add_argument("paths", nargs="*", help="files to check (default: --config or the default path)")
+    c.add_argument("--secrets", action="store_true", help="also resolve ${ENV} and *_file secrets")
+    c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("run", help="run the gateway")
+    _add_config(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="show the running gateway's state")
+    _add_config(s)
+    s.add_argument("--socket", help="diagnostics socket (default from the config)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true")
+    s.add_argument("--interval", type=float, default=2.0)
+    s.set_defaults(func=cmd_status)
+
+    t = sub.add_parser("tail", help="print live samples")
+    _add_config(t)
+    t.add_argument("--socket")
+    t.add_argument("--device")
+    t.add_argument("--point")
+    t.set_defaults(func=cmd_tail)
+
+    d = sub.add_parser("doctor", help="diagnose ports, disk, clock and links")
+    _add_config(d)
+    d.set_defaults(func=cmd_doctor)
+
+    try:
+        from gateway import probe_cli
+    except ImportError:  # the probe arrives with the drivers
+        probe_cli = None  # type: ignore[assignment]
+    if probe_cli is not None:
+        probe_cli.add_parser(sub)
+
+    b = sub.add_parser("buffer", help="inspect the store-and-forward buffer")
+    _add_config(b)
+    b.add_argument("--file", help="buffer file (default: <data_dir>/buffer.db from the config)")
+    bsub = b.add_subparsers(dest="buffer_cmd", required=True)
+    bsub.add_parser("stats", help="records, bytes and drops per cursor")
+    be = bsub.add_parser("export", help="write records as JSON lines")
+    be.add_argument("--since", help='a duration ago ("2h") or an ISO time')
+    be.add_argument("--cursor", help="only records this uplink has not yet delivered")
+    be.add_argument("--output", "-o", help="file (default stdout)")
+    bp = bsub.add_parser("purge", help="delete records (asks for confirmation)")
+    bp.add_argument("--cursor", help="only advance this uplink's cursor past everything")
+    bp.add_argument("--yes", action="store_true", help="do not ask")
+    b.set_defaults(func=cmd_buffer)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "probe":
+        from gateway import probe_cli
+
+        return asyncio.run(probe_cli.run(args))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
