@@ -101,27 +101,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
     from gateway.diagnostics import client
+    from gateway.diagnostics.errors import DiagnosticsError
 
     sock = _socket_path(args)
     try:
         while True:
             try:
                 status = client.fetch_status(sock)
-            except OSError as e:
-                print(f"outpost status: cannot reach the gateway at {sock}: {e.strerror or e} "
-                      "(is `outpost run` / the outpost service running? try `outpost doctor`)", file=sys.stderr)
+            except DiagnosticsError as e:
+                print(f"outpost status: {e}", file=sys.stderr)
+                if getattr(e, "hint", None):
+                    print(f"hint: {e.hint}", file=sys.stderr)
                 return EXIT_FAILURE
             if args.json:
                 print(json.dumps(status, indent=2, sort_keys=True))
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
-                print(client.render_status(status))
+                print(client.render_status(status), flush=True)
             if not args.watch:
                 return EXIT_OK
-            import time
-
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return EXIT_OK
@@ -129,13 +131,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     from gateway.diagnostics import client
+    from gateway.diagnostics.errors import DiagnosticsError
 
     sock = _socket_path(args)
     try:
-        for line in client.tail(sock, device=args.device, point=args.point):
-            print(line if isinstance(line, str) else json.dumps(line), flush=True)
-    except OSError as e:
-        print(f"outpost tail: cannot reach the gateway at {sock}: {e.strerror or e}", file=sys.stderr)
+        for event in client.tail(sock, device=args.device, point=args.point):
+            print(json.dumps(event) if args.json else client.render_tail_line(event), flush=True)
+    except DiagnosticsError as e:
+        print(f"outpost tail: {e}", file=sys.stderr)
+        if getattr(e, "hint", None):
+            print(f"hint: {e.hint}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         pass
@@ -187,7 +192,7 @@ def cmd_buffer(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.buffer_cmd == "export":
         since = _parse_since(args.since) if args.since else None
-        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
         try:
             n = bd.export_jsonl(str(path), out, since_ts_ms=since, cursor=args.cursor)
         finally:
@@ -225,7 +230,9 @@ def _parse_since(value: str) -> int:
     try:
         t = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise SystemExit(f"outpost buffer export: --since {value!r} is neither a duration (\"2h\") nor an ISO time") from None
+        raise SystemExit(
+            f'outpost buffer export: --since {value!r} is neither a duration ("2h") nor an ISO time'
+        ) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return int(t.timestamp() * 1000)
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--socket")
     t.add_argument("--device")
     t.add_argument("--point")
+    t.add_argument("--json", action="store_true", help="one JSON object per line")
     t.set_defaults(func=cmd_tail)
 
     d = sub.add_parser("doctor", help="diagnose ports, disk, clock and links")

@@ -52,8 +52,7 @@ class _Section(BaseModel):
 def _sparkplug_id(value: str) -> str:
     if not _SPARKPLUG_ID_RE.match(value):
         raise ValueError(
-            f"{value!r} cannot be a Sparkplug id: it must be non-empty and contain no '/', '+', '#' "
-            "or white space"
+            f"{value!r} cannot be a Sparkplug id: it must be non-empty and contain no '/', '+', '#' or white space"
         )
     return value
 
@@ -63,7 +62,7 @@ class GatewaySection(_Section):
     edge_node_id: str = Field(description="Sparkplug edge node id")
     data_dir: str = Field("/var/lib/outpost", description="buffer, bdSeq and state files")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["kv", "json"] = "kv"
+    log_format: Literal["kv", "json"] = Field("kv", description="key=value lines for journald, or JSON lines")
 
     _ids = field_validator("group_id", "edge_node_id")(_sparkplug_id)
 
@@ -73,14 +72,16 @@ class GatewaySection(_Section):
 
 
 class BufferSection(_Section):
-    max_size_bytes: SizeBytes = 512_000_000
-    max_age: Duration = 7 * 86400.0
-    when_full: Literal["drop_oldest", "block"] = "drop_oldest"
+    max_size_bytes: SizeBytes = Field(512_000_000, description="hard cap on the buffer file; at least 1_000_000")
+    max_age: Duration = Field(7 * 86400.0, description="records older than this are dropped (counted, logged)")
+    when_full: Literal["drop_oldest", "block"] = Field(
+        "drop_oldest", description="at the size/age limit or a full disk: drop the oldest records, or block new ones"
+    )
     synchronous: Literal["full", "normal"] = Field(
         "full", description="full: a committed batch survives power loss; normal: faster, may lose the last batch"
     )
     flush_interval: Duration = Field(0.2, description="how long samples wait to be committed as one batch")
-    batch_max_records: int = Field(1000, ge=1, le=100_000)
+    batch_max_records: int = Field(1000, ge=1, le=100_000, description="records per buffer transaction at most")
 
     @field_validator("max_size_bytes")
     @classmethod
@@ -92,21 +93,21 @@ class BufferSection(_Section):
 
 class MqttSection(_Section):
     servers: list[str] = Field(min_length=1, description='e.g. ["mqtts://broker:8883"], tried in order')
-    client_id: str | None = None
+    client_id: str | None = Field(None, description="default: outpost-<group_id>-<edge_node_id>")
     username: str | None = None
     password: str | None = Field(None, description='a "${ENV_VAR}" reference, or use password_file')
-    password_file: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
+    password_file: str | None = Field(None, description="file holding the password (first line)")
+    ca_file: str | None = Field(None, description="CA bundle for mqtts:// servers (default: system CAs)")
+    cert_file: str | None = Field(None, description="client certificate (with key_file) for mutual TLS")
     key_file: str | None = None
     keepalive: Duration = 30.0
-    protocol: Literal["5", "3.1.1"] = "5"
-    primary_host_id: str | None = None
-    use_aliases: bool = True
-    rebirth_debounce: Duration = 5.0
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    primary_host_id: str | None = Field(None, description="wait for this Sparkplug Primary Host's STATE before births")
+    use_aliases: bool = Field(True, description="Sparkplug metric aliases in DDATA (fewer bytes on the wire)")
+    rebirth_debounce: Duration = Field(5.0, description="repeated Rebirth requests within this time are ignored")
     historical_max_per_s: float = Field(500.0, gt=0, description="pace of the backlog flush, records/s")
-    reconnect_min: Duration = 1.0
-    reconnect_max: Duration = 60.0
+    reconnect_min: Duration = Field(1.0, description="first reconnect delay; doubles with jitter")
+    reconnect_max: Duration = Field(60.0, description="reconnect delay cap")
 
     @field_validator("servers")
     @classmethod
@@ -127,8 +128,10 @@ class KafkaMapping(_Section):
     name: str | None = None
     mqtt_topic_filters: list[str] = Field(min_length=1)
     kafka_topic: str
-    format: Literal["sparkplug", "json", "raw"] = "sparkplug"
-    key: Literal["device", "topic"] = "device"
+    format: Literal["sparkplug", "json", "raw"] = Field(
+        "sparkplug", description="sparkplug: protobuf bytes as on MQTT; json: decoded metrics; raw: bridged payload"
+    )
+    key: Literal["device", "topic"] = Field("device", description="Kafka record key: the device path or the MQTT topic")
     subscribe: bool = Field(
         False, description="also subscribe to these filters on the MQTT broker (bridge other clients)"
     )
@@ -144,17 +147,17 @@ class KafkaMapping(_Section):
     @classmethod
     def _kafka_topic(cls, t: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", t) or t in (".", ".."):
-            raise ValueError(
-                f"{t!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
-            )
+            raise ValueError(f"{t!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)")
         return t
 
 
 class KafkaInbound(_Section):
     name: str | None = None
     kafka_topics: list[str] = Field(min_length=1)
-    group_id: str
-    action: Literal["mqtt_publish", "device_command"]
+    group_id: str = Field(description="Kafka consumer group; offsets are committed after the publish or write")
+    action: Literal["mqtt_publish", "device_command"] = Field(
+        description='device_command: JSON {"device", "point", "value"} becomes a checked write'
+    )
     mqtt_topic_template: str | None = Field(
         None, description="for mqtt_publish: e.g. 'site/{key}' ({topic}, {key}, {partition})"
     )
@@ -170,21 +173,21 @@ class KafkaInbound(_Section):
 
 
 class KafkaSection(_Section):
-    bootstrap_servers: list[str] = Field(min_length=1)
+    bootstrap_servers: list[str] = Field(min_length=1, description='["host:port", ...]')
     client_id: str | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
-    sasl_password_file: str | None = None
+    sasl_password_file: str | None = Field(None, description="file holding the SASL password")
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
-    linger: Duration = 0.1
+    linger: Duration = Field(0.1, description="how long the producer waits to fill a batch")
     batch_max_bytes: SizeBytes = 1_000_000
     batch_max_records: int = Field(1000, ge=1, le=100_000)
-    request_timeout: Duration = 30.0
+    request_timeout: Duration = Field(30.0, description="a request not answered in this time counts as a failed link")
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
     mappings: list[KafkaMapping] = Field(default_factory=list)
@@ -204,7 +207,9 @@ class KafkaSection(_Section):
             if self.sasl_mechanism is None or self.sasl_username is None:
                 raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism and sasl_username")
             if self.sasl_password is None and self.sasl_password_file is None:
-                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_password or sasl_password_file")
+                raise ValueError(
+                    f"security_protocol {self.security_protocol} needs sasl_password or sasl_password_file"
+                )
         elif self.sasl_mechanism is not None:
             raise ValueError(f"sasl_mechanism is set but security_protocol is {self.security_protocol}")
         if (self.cert_file is None) != (self.key_file is None):
@@ -213,8 +218,8 @@ class KafkaSection(_Section):
 
 
 class DiagnosticsSection(_Section):
-    socket_path: str = "/run/outpost/outpost.sock"
-    socket_group: str = "outpost"
+    socket_path: str = Field("/run/outpost/outpost.sock", description="Unix socket for status and tail")
+    socket_group: str = Field("outpost", description="group allowed to use the socket")
     metrics_listen: str | None = Field(None, description='e.g. "127.0.0.1:9108"; off when unset')
 
     @field_validator("metrics_listen")
@@ -449,7 +454,9 @@ def cross_reference_problems(data: dict[str, Any]) -> list[tuple[list[str | int]
         name = dev.get("name")
         if isinstance(name, str):
             if not _SPARKPLUG_ID_RE.match(name):
-                out.append((["devices", i, "name"], f"{name!r} cannot be a Sparkplug device id (no '/', '+', '#', spaces)"))
+                out.append(
+                    (["devices", i, "name"], f"{name!r} cannot be a Sparkplug device id (no '/', '+', '#', spaces)")
+                )
             if name in device_names:
                 out.append((["devices", i, "name"], f"{name!r} is already used by devices[{device_names[name]}]"))
             device_names.setdefault(name, i)
@@ -462,10 +469,17 @@ def cross_reference_problems(data: dict[str, Any]) -> list[tuple[list[str | int]
     if "mqtt" not in data:
         for i, m in enumerate(mappings):
             if isinstance(m, dict) and m.get("subscribe"):
-                out.append((["kafka", "mappings", i, "subscribe"], "subscribe = true needs an [mqtt] section to subscribe through"))
+                out.append(
+                    (
+                        ["kafka", "mappings", i, "subscribe"],
+                        "subscribe = true needs an [mqtt] section to subscribe through",
+                    )
+                )
         for i, m in enumerate(inbound):
             if isinstance(m, dict) and m.get("action") == "mqtt_publish":
-                out.append((["kafka", "inbound", i, "action"], "'mqtt_publish' needs an [mqtt] section to publish through"))
+                out.append(
+                    (["kafka", "inbound", i, "action"], "'mqtt_publish' needs an [mqtt] section to publish through")
+                )
     return out
 
 
@@ -566,7 +580,7 @@ def warnings(cfg: OutpostConfig) -> list[str]:
         ("kafka.sasl_password", cfg.kafka.sasl_password if cfg.kafka else None),
     ):
         if value is not None and not _ENV_REF_RE.search(value):
-            out.append(f"{key} is written in the file itself; prefer \"${{ENV_VAR}}\" or {key}_file")
+            out.append(f'{key} is written in the file itself; prefer "${{ENV_VAR}}" or {key}_file')
     if cfg.buffer.synchronous == "normal":
-        out.append("buffer.synchronous = \"normal\": the last committed batch may be lost on power loss")
+        out.append('buffer.synchronous = "normal": the last committed batch may be lost on power loss')
     return out
