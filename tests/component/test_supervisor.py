@@ -1,0 +1,117 @@
+"""`outpost run` as a process: status socket, SIGHUP reload (bad file kept out), SIGTERM exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from buffer.diagnostics import stats_for_path
+from gateway.diagnostics.client import fetch_status
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp: Path, devices: list[str]) -> str:
+    text = f"""
+[gateway]
+group_id = "g"
+edge_node_id = "e"
+data_dir = "{tmp / "data"}"
+
+[diagnostics]
+socket_path = "{tmp / "outpost.sock"}"
+"""
+    for name in devices:
+        text += f"""
+[[devices]]
+name = "{name}"
+driver = "simulator"
+interval = "100ms"
+  [[devices.points]]
+  name = "ramp"
+  waveform = "ramp"
+  count = 3
+"""
+    return text
+
+
+def _wait(predicate, timeout_s: float = 15.0):
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # the socket may not be there yet
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met in {timeout_s}s (last error: {last!r})")
+
+
+@pytest.fixture
+def gateway_proc(tmp_path: Path):
+    cfg = tmp_path / "outpost.toml"
+    cfg.write_text(_config(tmp_path, ["sim1"]))
+    log = open(tmp_path / "gateway.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)], stdout=log, stderr=log, cwd=ROOT
+    )
+    yield proc, cfg, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_status_reload_and_clean_stop(gateway_proc) -> None:
+    proc, cfg, tmp = gateway_proc
+    sock = str(tmp / "outpost.sock")
+    status = _wait(lambda: (s := fetch_status(sock))["devices"].get("sim1", {}).get("samples", 0) > 0 and s)
+    assert status["gateway"] == "g/e" and status["devices"]["sim1"]["online"]
+
+    # An invalid file is reported and the running configuration stays.
+    cfg.write_text(_config(tmp, ["sim1"]).replace('interval = "100ms"', "interval = 100"))
+    proc.send_signal(signal.SIGHUP)
+    _wait(lambda: "reload_rejected" in (tmp / "gateway.log").read_text())
+    assert proc.poll() is None
+    before = fetch_status(sock)["devices"]["sim1"]["samples"]
+    _wait(lambda: fetch_status(sock)["devices"]["sim1"]["samples"] > before)
+
+    # A valid one is applied: a device is added without restarting the process.
+    cfg.write_text(_config(tmp, ["sim1", "sim2"]))
+    proc.send_signal(signal.SIGHUP)
+    _wait(lambda: fetch_status(sock)["devices"].get("sim2", {}).get("samples", 0) > 0)
+    assert fetch_status(sock)["counters"]["reloads"] == 1
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = (tmp / "gateway.log").read_text()
+    assert "event=stopped" in log
+    stats = stats_for_path(str(tmp / "data" / "buffer.db"))
+    assert stats["records"] > 0
+    assert not os.path.exists(sock) or not fetch_status_ok(sock)
+
+
+def fetch_status_ok(sock: str) -> bool:
+    try:
+        fetch_status(sock, timeout_s=1)
+        return True
+    except Exception:
+        return False
+
+
+def test_invalid_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[gateway]\ngroup_id = 'g'\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert res.returncode == 2
+    assert "gateway.edge_node_id" in res.stderr
