@@ -1,0 +1,231 @@
+"""Edge node session state that outlives a connection: bdSeq, seq, Primary Host STATE, commands.
+
+`BdSeqStore` does blocking file I/O (call it from a thread); everything else is pure and
+is driven by gateway.uplinks.mqtt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.sparkplug.edge import NEXT_SERVER, REBIRTH, AliasTable, PointLike
+from gateway.sparkplug.errors import CommandRejected, PayloadError
+from gateway.sparkplug.payload import DataType, decode_payload, driver_datatype
+
+
+class BdSeqStore:
+    """The bdSeq of the last connection, persisted so that a restart never reuses it.
+
+    Written with write-to-temp, fsync, rename, fsync(dir): after a power cut the file holds
+    either the old or the new value, never a torn one.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(data_dir) / "sparkplug-bdseq"
+
+    def last(self) -> int | None:
+        try:
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            return None  # a corrupt file: start again at 0 rather than refuse to run
+        return value if 0 <= value <= 255 else None
+
+    def candidate(self) -> int:
+        """The bdSeq for the next connection attempt (last + 1, wrapping at 255); not saved."""
+        last = self.last()
+        return 0 if last is None else (last + 1) % 256
+
+    def commit(self, value: int) -> None:
+        """Persist `value` once its connection is accepted, so the next NBIRTH is +1."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{value}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def next(self) -> int:
+        value = self.candidate()
+        self.commit(value)
+        return value
+
+
+class SeqCounter:
+    """One seq for every message of the node after NBIRTH (0) , wrapping 255 -> 0."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def reset(self) -> int:
+        """For NBIRTH: returns 0 and the next call of take() returns 1."""
+        self._next = 1
+        return 0
+
+    def take(self) -> int:
+        value = self._next
+        self._next = (value + 1) % 256
+        return value
+
+    @property
+    def peek(self) -> int:
+        return self._next
+
+
+class PrimaryHostState:
+    """Tracks `spBv1.0/STATE/<host_id>`; a STATE older than the newest one seen is ignored."""
+
+    def __init__(self, host_id: str) -> None:
+        self.host_id = host_id
+        self.online = False
+        self.timestamp: int | None = None
+
+    def update(self, payload: bytes) -> bool:
+        """Apply one STATE message; returns True when it changed `online`.
+
+        Raises PayloadError for a payload that is not the 3.0.0 JSON form.
+        """
+        try:
+            doc = json.loads(payload)
+            online, ts = doc["online"], doc["timestamp"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PayloadError(
+                f"STATE of primary host {self.host_id!r} is not "
+                f'{{"online": bool, "timestamp": ms}}: {payload[:100]!r} ({exc})'
+            ) from None
+        if not isinstance(online, bool) or isinstance(ts, bool) or not isinstance(ts, int):
+            raise PayloadError(f"STATE of primary host {self.host_id!r} has wrong types: {doc}")
+        if self.timestamp is not None and ts < self.timestamp:
+            return False  # a stale retained or reordered message
+        self.timestamp = ts
+        changed = online != self.online
+        self.online = online
+        return changed
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    device: str
+    point: str
+    value: Any
+
+
+def _coerce(info: PointLike, value: Any, where: str) -> Any:
+    """Check a commanded value against the point (writable, type, min/max)."""
+    if not info.writable:
+        raise CommandRejected(f"{where}: point is read-only")
+    if value is None:
+        raise CommandRejected(f"{where}: null is not a value to write")
+    dt = info.datatype
+    if dt == "bool":
+        if not isinstance(value, bool):
+            raise CommandRejected(f"{where}: expects a Boolean, got {value!r}")
+        return value
+    if dt == "string":
+        if not isinstance(value, str):
+            raise CommandRejected(f"{where}: expects a String, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CommandRejected(f"{where}: expects a number, got {value!r}")
+    if dt.startswith(("int", "uint")):
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise CommandRejected(f"{where}: {dt} expects an integer, got {value!r}")
+            value = int(value)
+        bits = int(dt.removeprefix("u").removeprefix("int"))
+        lo, hi = ((0, (1 << bits) - 1) if dt.startswith("u")
+                  else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1))
+        if not lo <= value <= hi:
+            raise CommandRejected(f"{where}: {value} is out of range for {dt}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise CommandRejected(f"{where}: {value!r} is not a finite number")
+    if info.min is not None and value < info.min:
+        raise CommandRejected(f"{where}: {value} is below the point's min {info.min}")
+    if info.max is not None and value > info.max:
+        raise CommandRejected(f"{where}: {value} is above the point's max {info.max}")
+    return value
+
+
+def parse_dcmd(device: str, data: bytes, points: Sequence[PointLike],
+               aliases: AliasTable | None) -> tuple[list[Write], list[CommandRejected]]:
+    """Checked writes from a DCMD, by alias or by name, and what was refused (and why).
+
+    A bad metric never stops the others in the same DCMD.
+    """
+    by_name = {p.name: p for p in points}
+
+    def resolve(name: str | None, alias: int | None) -> PointLike | None:
+        if name is not None:
+            return by_name.get(name)
+        if alias is not None and aliases is not None:
+            hit = aliases.point(alias)
+            if hit is not None and hit[0] == device:
+                return by_name.get(hit[1])
+        return None
+
+    def datatype_of(name: str | None, alias: int | None) -> DataType | None:
+        info = resolve(name, alias)
+        return driver_datatype(info.datatype) if info is not None else None
+
+    try:
+        payload = decode_payload(data, datatype_of)
+    except PayloadError as exc:
+        return [], [CommandRejected(f"DCMD for device {device!r}: {exc}")]
+    writes: list[Write] = []
+    rejected: list[CommandRejected] = []
+    for m in payload.metrics:
+        info = resolve(m.name, m.alias)
+        label = m.name if m.name is not None else f"alias {m.alias}"
+        where = f"DCMD {device}/{label}"
+        if info is None:
+            rejected.append(CommandRejected(f"{where}: no such point on this device"))
+            continue
+        try:
+            writes.append(Write(device, info.name, _coerce(info, m.value, f"DCMD {device}/{info.name}")))
+        except CommandRejected as exc:
+            rejected.append(exc)
+    return writes, rejected
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCommand:
+    rebirth: bool = False
+    next_server: bool = False
+
+
+def parse_ncmd(data: bytes) -> tuple[NodeCommand, list[CommandRejected]]:
+    known = {REBIRTH: DataType.Boolean, NEXT_SERVER: DataType.Boolean}
+    try:
+        payload = decode_payload(data, lambda name, alias: known.get(name or ""))
+    except PayloadError as exc:
+        return NodeCommand(), [CommandRejected(f"NCMD: {exc}")]
+    rebirth = next_server = False
+    rejected = []
+    for m in payload.metrics:
+        if m.name == REBIRTH and m.value is True:
+            rebirth = True
+        elif m.name == NEXT_SERVER and m.value is True:
+            next_server = True
+        else:
+            rejected.append(CommandRejected(f"NCMD: metric {m.name or m.alias!r} = {m.value!r} "
+                                            "is not a command this edge node takes"))
+    return NodeCommand(rebirth, next_server), rejected
+
+
+def points_by_device(devices: Mapping[str, Sequence[PointLike]]) -> dict[str, dict[str, PointLike]]:
+    return {d: {p.name: p for p in pts} for d, pts in devices.items()}

@@ -1,0 +1,1 @@
+"""Uplinks: forward buffered records to MQTT and Kafka, each through its own buffer cursor."""
