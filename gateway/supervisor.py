@@ -157,7 +157,9 @@ class Gateway:
 
             settings = MqttUplinkSettings.from_config(cfg, self.secrets.mqtt_password)
             settings.software = f"outpost {_version()}"
-            self.mqtt = SparkplugUplink(settings, self.buffer, infos, self.write, snapshot=self.rbe.snapshot)
+            self.mqtt = SparkplugUplink(
+                settings, self.buffer, infos, self.write, snapshot=self.rbe.snapshot, clock=self.clock
+            )
             self.owner.start("uplink:mqtt", self.mqtt.run)
         if cfg.kafka is not None:
             from gateway.mappings import Mapping, MappingTable

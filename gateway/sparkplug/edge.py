@@ -323,12 +323,16 @@ def build_ddeath(ts_ms: int, seq: int) -> bytes:
 
 
 def stamp_data(stored: bytes, *, seq: int, ts_ms: int, device: str | None,
-               aliases: AliasTable | None, historical: bool) -> bytes:
+               aliases: AliasTable | None, historical: bool,
+               correction_ms: int = 0, clock_unsynced: bool = False) -> bytes:
     """Turn a stored DDATA/NDATA record into the published bytes.
 
     Sets seq and the publish timestamp; with aliases, replaces each metric's name by its
     alias; drops datatypes (the spec says DATA messages should not repeat them); marks
-    every metric is_historical for backlog. Metric timestamps stay the source timestamps.
+    every metric is_historical for backlog. Metric timestamps stay the source timestamps,
+    shifted by `correction_ms` when they were taken on a clock that has since synchronised;
+    `clock_unsynced` adds the Boolean property `clock_unsynced` to every metric when they
+    cannot be corrected (see the clock policy in the README).
     """
     p = pb.Payload()
     try:
@@ -346,6 +350,10 @@ def stamp_data(stored: bytes, *, seq: int, ts_ms: int, device: str | None,
         m.ClearField("datatype")
         if historical:
             m.is_historical = True
+        if correction_ms and m.HasField("timestamp"):
+            m.timestamp = m.timestamp + correction_ms
+        if clock_unsynced:
+            _add_property(m, "clock_unsynced", DataType.Boolean, True)
     return p.SerializeToString()
 
 

@@ -130,6 +130,24 @@ _gmqtt_log = logging.getLogger("gateway.uplinks.mqtt.gmqtt")
 _gmqtt_log.addFilter(_QuietReconnectFilter())
 
 
+def clock_fix(clock: Any, headers: Mapping[str, str]) -> tuple[int, bool]:
+    """(correction in ms, flag) for a record stamped on an untrusted clock; (0, False) otherwise.
+
+    Never holds a record back: a reading is published at once, corrected when the clock has
+    synchronised since it was taken (same boot), else flagged.
+    """
+    if "clock" not in headers:
+        return 0, False
+    if clock is None:
+        return 0, True
+    from gateway.clock import Resolution
+
+    res = clock.resolve_record(headers, held_for_s=0.0, max_hold_s=0.0)
+    if res.action is Resolution.PUBLISH:
+        return int(res.delta_ms or 0), False
+    return 0, True
+
+
 def _server(url: str) -> tuple[str, int, bool]:
     try:
         s = parse_server_url(url)  # the config's parser: one URL syntax everywhere
@@ -143,7 +161,7 @@ class SparkplugUplink:
 
     def __init__(self, settings: MqttUplinkSettings, buffer: Any,
                  devices: Mapping[str, Sequence[PointLike]], write_cb: WriteCallback, *,
-                 snapshot: Snapshot | None = None) -> None:
+                 snapshot: Snapshot | None = None, clock: Any = None) -> None:
         if not settings.servers:
             raise SparkplugError("mqtt.servers: at least one server is needed")
         for url in settings.servers:
@@ -153,6 +171,7 @@ class SparkplugUplink:
         self.devices = {d: list(p) for d, p in devices.items()}
         self.write_cb = write_cb
         self.snapshot = snapshot or (lambda device: {})
+        self.clock = clock  # gateway.clock.ClockGuard: corrects or flags unsynced timestamps
         self.node = NodeIdentity(settings.group_id, settings.edge_node_id)
         self.aliases = AliasTable(self.devices) if settings.use_aliases else None
         self._bdseq_store = BdSeqStore(settings.data_dir)
@@ -527,9 +546,11 @@ class SparkplugUplink:
         if device is not None and device not in self._born:
             # Stored while the device was dead: history, never live data after a DDEATH.
             historical = True
+        correction_ms, unsynced = clock_fix(self.clock, rec.headers)
         try:
             data = stamp_data(rec.payload, seq=self._seq.take(), ts_ms=now_ms(), device=device,
-                              aliases=self.aliases, historical=historical)
+                              aliases=self.aliases, historical=historical,
+                              correction_ms=correction_ms, clock_unsynced=unsynced)
         except PayloadError as exc:
             log.warning("record %d skipped: %s", rec.seq, exc)
             return None
