@@ -1,0 +1,1 @@
+"""Outpost device drivers: one folder per protocol; the shared contract is drivers/base.py."""

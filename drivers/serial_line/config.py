@@ -103,6 +103,9 @@ class SerialLineDeviceConfig(BaseModel):
     kv_separator: str = Field(default="=", min_length=1)
     sentence: str | None = Field(default=None, description="NMEA sentence to accept, e.g. GPGGA")
 
+    offline_after: Duration = Field(
+        default=10.0, gt=0, description="no valid frame for this long: device OFFLINE"
+    )
     reconnect_min: Duration = Field(default=0.5, gt=0)
     reconnect_max: Duration = Field(default=30.0, gt=0)
     points: list[SerialPointConfig] = Field(min_length=1)

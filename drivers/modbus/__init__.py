@@ -1,0 +1,1 @@
+"""Modbus RTU/TCP driver: config models, pure codec and read planner, the bus owner."""

@@ -1,0 +1,1 @@
+"""Serial-line driver for ASCII sensors: config, pure framing/parsing codec, the port owner."""

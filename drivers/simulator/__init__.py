@@ -1,0 +1,1 @@
+"""Simulator driver: deterministic waveforms for demos and load tests."""
