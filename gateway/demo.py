@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = ROOT / ".demo"
+DEMO_DIR = ROOT / ".demo"  # replaced by --state-dir
 STACK_STATE = ROOT / ".services" / "stack" / "state.json"
 METER_PORT = 15020
 
@@ -83,8 +83,11 @@ def _is_table_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
 
 
-def write_config(base: Path, env: dict[str, str] | None) -> Path:
+def write_config(base: Path, env: dict[str, str] | None, meter_port: int = METER_PORT) -> Path:
     data = tomllib.loads(base.read_text())
+    for bus in data.get("buses", []):
+        if bus.get("port") == METER_PORT:
+            bus["port"] = meter_port
     data["gateway"]["data_dir"] = str(DEMO_DIR / "data")
     data["diagnostics"]["socket_path"] = str(DEMO_DIR / "outpost.sock")
     data["diagnostics"].pop("metrics_listen", None)
@@ -118,11 +121,11 @@ def _toxiproxy(env: dict[str, str], enabled: bool) -> bool:
         return False
 
 
-async def _meter(stop: asyncio.Event) -> None:
+async def _meter(stop: asyncio.Event, port: int) -> None:
     from drivers.modbus.simserver import SimServer, SimUnit
 
     unit = SimUnit()
-    server = await SimServer.tcp({1: unit}, host="127.0.0.1", port=METER_PORT)
+    server = await SimServer.tcp({1: unit}, host="127.0.0.1", port=port)
     unit.set_range("coil", 0, [True])
     t0 = time.monotonic()
     try:
@@ -148,14 +151,13 @@ def _status_text(sock: Path) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    DEMO_DIR.mkdir(exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    meter = asyncio.create_task(_meter(stop), name="demo:meter")
+    meter = asyncio.create_task(_meter(stop, args.meter_port), name="demo:meter")
     env = None if args.no_services else _stack_env()
-    cfg_path = write_config(Path(args.config), env)
+    cfg_path = write_config(Path(args.config), env, args.meter_port)
     log = open(DEMO_DIR / "gateway.log", "ab")  # noqa: ASYNC230 - once, before the loop runs anything else
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(cfg_path), stdout=log, stderr=log
@@ -169,7 +171,7 @@ async def main_async(args: argparse.Namespace) -> int:
             elapsed = time.monotonic() - started
             if env is None and not args.no_services and (fresh := _stack_env()) is not None:
                 env = fresh
-                write_config(Path(args.config), env)
+                write_config(Path(args.config), env, args.meter_port)
                 proc.send_signal(signal.SIGHUP)
                 started = time.monotonic()
                 note = "`make services` is up: reloaded the gateway (SIGHUP) to point at it; watch the backlog drain"
@@ -214,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(ROOT / "deploy" / "examples" / "demo.toml"))
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     ap.add_argument("--no-watch", action="store_true", help="print status blocks instead of redrawing the screen")
+    ap.add_argument("--meter-port", type=int, default=METER_PORT, help="TCP port of the simulated meter")
+    ap.add_argument("--state-dir", default=str(DEMO_DIR), help="buffer, socket and log of the demo gateway")
     ap.add_argument("--no-services", action="store_true", help="ignore a running `make services` stack")
     args = ap.parse_args(argv)
+    global DEMO_DIR
+    DEMO_DIR = Path(args.state_dir).resolve()
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
     return asyncio.run(main_async(args))
 

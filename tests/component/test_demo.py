@@ -1,6 +1,7 @@
 """`make demo` runs: the simulated meter is read and readings pile up in the buffer."""
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_reads_devices_and_buffers_without_services() -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_reads_devices_and_buffers_without_services(tmp_path: Path) -> None:
+    port = str(_free_port())
     res = subprocess.run(
-        [sys.executable, "-m", "gateway.demo", "--duration", "8", "--no-watch", "--no-services"],
+        [
+            sys.executable,
+            "-m",
+            "gateway.demo",
+            "--duration",
+            "8",
+            "--no-watch",
+            "--no-services",
+            "--meter-port",
+            port,
+            "--state-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
