@@ -212,15 +212,15 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEMO_DIR
     ap = argparse.ArgumentParser(description="Run the Outpost demo site")
     ap.add_argument("--config", default=str(ROOT / "deploy" / "examples" / "demo.toml"))
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     ap.add_argument("--no-watch", action="store_true", help="print status blocks instead of redrawing the screen")
     ap.add_argument("--meter-port", type=int, default=METER_PORT, help="TCP port of the simulated meter")
-    ap.add_argument("--state-dir", default=str(DEMO_DIR), help="buffer, socket and log of the demo gateway")
+    ap.add_argument("--state-dir", default=str(ROOT / ".demo"), help="buffer, socket and log of the demo gateway")
     ap.add_argument("--no-services", action="store_true", help="ignore a running `make services` stack")
     args = ap.parse_args(argv)
-    global DEMO_DIR
     DEMO_DIR = Path(args.state_dir).resolve()
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
