@@ -304,11 +304,15 @@ class ClockGuard:
         stamp = stamp if stamp is not None else self.stamp()
         if stamp.trusted:
             return {}
-        return {
-            H_CLOCK: "unsynced",
-            H_OFFSET: str(stamp.ts_ms * 1_000_000 - stamp.mono_ns),
-            H_BOOT: self.boot_id,
-        }
+        offset = stamp.ts_ms * 1_000_000 - stamp.mono_ns
+        # The buffer stores each distinct header set once, and an unsynced clock is not
+        # slewed, so its wall-minus-monotonic offset only changes when the clock jumps. Keep
+        # one value per such epoch (to the millisecond the correction works in) instead of
+        # a new header set for every record.
+        cached = getattr(self, "_offset_headers", None)
+        if cached is None or abs(int(cached[H_OFFSET]) - offset) > 1_000_000:
+            cached = self._offset_headers = {H_CLOCK: "unsynced", H_OFFSET: str(offset), H_BOOT: self.boot_id}
+        return dict(cached)
 
     def correct(self, ts_ms: int, mono_ns: int, boot_id: str | None = None) -> int:
         """The true UTC ms of a reading stamped `ts_ms` at monotonic `mono_ns`."""

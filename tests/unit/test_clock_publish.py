@@ -63,3 +63,19 @@ def test_record_from_an_earlier_boot_is_flagged() -> None:
     new = host.guard(boot_id="boot-b")
     new.poll()
     assert clock_fix(new, headers) == (0, True)
+
+
+def test_unsynced_headers_stay_the_same_until_the_clock_jumps() -> None:
+    # The buffer stores each distinct header set once: one set per clock epoch, not per record.
+    host = FakeHost(1_000 * S, synced=False)
+    guard = host.guard()
+    guard.poll()
+    seen = set()
+    for _ in range(1000):
+        host.mono += 1_234_567  # wall and monotonic advance together (ms truncation varies)
+        host.wall += 1_234_567
+        seen.add(tuple(sorted(guard.record_headers().items())))
+    assert len(seen) == 1
+    host.wall += 5 * S  # a step of the wall clock
+    seen.add(tuple(sorted(guard.record_headers().items())))
+    assert len(seen) == 2

@@ -1,0 +1,450 @@
+"""Buffer behaviour on a real file: cursors, acks, retention, recovery, diagnostics."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sqlite3
+import time
+
+import pytest
+
+from buffer import (
+    Buffer,
+    BufferError,
+    BufferFull,
+    BufferLocked,
+    BufferSchemaError,
+    BufferSettings,
+    NewRecord,
+    UnknownCursor,
+    diagnostics,
+)
+
+NOW = time.time_ns() // 1_000_000
+
+
+def settings(**kw) -> BufferSettings:
+    base = dict(max_size_bytes=64 * 1024 * 1024, max_age_s=86400.0, when_full="drop_oldest")
+    base.update(kw)
+    return BufferSettings(**base)
+
+
+def recs(n: int, start: int = 0, size: int = 200, stream: str = "g/e/d1",
+         ts: int | None = None) -> list[NewRecord]:
+    return [NewRecord(stream, (b"%08d" % (start + i)).ljust(size, b"."),
+                      NOW if ts is None else ts, {"topic": f"t/{stream}", "type": "DDATA"})
+            for i in range(n)]
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "buffer.db")
+
+
+def test_append_read_ack_roundtrip(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("mqtt")
+        seqs = buf.append(recs(5))
+        assert seqs == [1, 2, 3, 4, 5]
+        got = buf.read("mqtt", 10)
+        assert [r.seq for r in got] == seqs
+        assert got[0].stream == "g/e/d1"
+        assert got[0].headers == {"topic": "t/g/e/d1", "type": "DDATA"}
+        assert got[0].payload.startswith(b"00000000")
+        assert got[0].ts_ms == NOW
+        # Unacked records are read again.
+        assert [r.seq for r in buf.read("mqtt", 2)] == [1, 2]
+        buf.ack("mqtt", 2)
+        assert [r.seq for r in buf.read("mqtt", 10)] == [3, 4, 5]
+        assert buf.stats()["records"] == 3
+
+
+def test_seqs_stay_monotonic_after_everything_is_deleted_and_reopened(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(3))
+        buf.ack("c", 3)
+        assert buf.stats()["records"] == 0
+    with Buffer.open(path, settings()) as buf:
+        assert buf.append(recs(1)) == [4]
+
+
+def test_each_cursor_is_independent_and_deletion_waits_for_the_slowest(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("mqtt")
+        buf.register_cursor("kafka")
+        buf.append(recs(10))
+        buf.ack("mqtt", 10)
+        assert buf.read("mqtt", 100) == []
+        assert [r.seq for r in buf.read("kafka", 3)] == [1, 2, 3]
+        st = buf.stats()
+        assert st["records"] == 10
+        assert st["cursors"]["mqtt"] == {"acked_seq": 10, "records": 0, "bytes": 0}
+        assert st["cursors"]["kafka"]["records"] == 10
+        assert st["cursors"]["kafka"]["bytes"] == 2000
+        buf.ack("kafka", 4)
+        st = buf.stats()
+        assert st["records"] == 6 and st["first_seq"] == 5 and st["bytes"] == 1200
+        assert st["cursors"]["kafka"]["bytes"] == 1200
+
+
+def test_read_limits_after_seq_and_stream_filter(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(4, stream="a") + recs(4, stream="b"))
+        assert len(buf.read("c", 3)) == 3
+        # max_bytes stops before exceeding, but always returns at least one record.
+        assert len(buf.read("c", 100, max_bytes=450)) == 2
+        assert len(buf.read("c", 100, max_bytes=1)) == 1
+        assert [r.seq for r in buf.read("c", 100, after_seq=6)] == [7, 8]
+        assert [r.seq for r in buf.read("c", 100, stream="b")] == [5, 6, 7, 8]
+        assert buf.read("c", 100, stream="nope") == []
+        assert buf.has_records("c") and not buf.has_records("c", after_seq=8)
+
+
+def test_new_cursor_starts_at_the_oldest_record_present(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.append(recs(5))
+        buf.ack("a", 2)
+        buf.register_cursor("late")
+        buf.register_cursor("late")     # idempotent
+        assert [r.seq for r in buf.read("late", 10)] == [3, 4, 5]
+        assert buf.stats()["cursors"]["late"]["bytes"] == 600
+
+
+def test_cursor_errors_name_what_and_where(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.append(recs(2))
+        with pytest.raises(UnknownCursor, match="'b'"):
+            buf.read("b")
+        with pytest.raises(BufferError, match="beyond the last stored seq 2"):
+            buf.ack("a", 3)
+        with pytest.raises(BufferError, match="payload must be bytes"):
+            buf.append([NewRecord("s", "text", NOW)])  # type: ignore[arg-type]
+
+
+def test_unregister_cursor_releases_what_only_it_held(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.register_cursor("b")
+        buf.append(recs(5))
+        buf.ack("a", 5)
+        buf.unregister_cursor("b")
+        assert buf.stats()["records"] == 0
+
+
+def test_size_cap_drops_oldest_counts_and_logs_once(path, caplog):
+    caplog.set_level(logging.INFO, logger="outpost.buffer")
+    cap = 256 * 1024
+    with Buffer.open(path, settings(max_size_bytes=cap)) as buf:
+        buf.register_cursor("c")
+        for i in range(40):
+            buf.append(recs(100, start=i * 100))
+        st = buf.stats()
+        assert st["used_bytes"] <= cap
+        assert st["dropped"]["size"] > 0
+        assert st["records"] + st["dropped"]["size"] == 4000
+        got = buf.read("c", 10000)
+        assert got[-1].seq == 4000 and got[0].seq == st["dropped"]["size"] + 1
+        assert st["cursors"]["c"]["bytes"] == st["bytes"] == 200 * st["records"]
+        starts = [r for r in caplog.records if "dropping oldest" in r.getMessage()]
+        assert len(starts) == 1 and "reason=size" in starts[0].getMessage()
+        # Acking frees space; the next append needs no drop and the episode ends, once.
+        buf.ack("c", 4000)
+        buf.append(recs(1))
+        buf.append(recs(1))
+        ends = [r for r in caplog.records if "stopped dropping" in r.getMessage()]
+        assert len(ends) == 1
+
+
+def test_block_policy_refuses_with_retriable_buffer_full(path):
+    cap = 128 * 1024
+    with Buffer.open(path, settings(max_size_bytes=cap, when_full="block")) as buf:
+        buf.register_cursor("c")
+        stored = 0
+        with pytest.raises(BufferFull) as exc:
+            for i in range(100):
+                stored += len(buf.append(recs(50, start=i * 50)))
+        assert exc.value.retriable and exc.value.reason == "size"
+        assert path in str(exc.value)
+        assert buf.stats()["records"] == stored
+        assert buf.stats()["dropped"]["size"] == 0
+        buf.ack("c", stored)
+        assert len(buf.append(recs(50))) == 50
+
+
+def test_max_age_drops_expired_prefix(path):
+    old = NOW - 3_600_000
+    with Buffer.open(path, settings(max_age_s=60.0)) as buf:
+        buf.register_cursor("c")
+        buf._next_age_check = float("inf")      # store old records without expiring them
+        buf.append(recs(5, ts=old))
+        buf._next_age_check = 0.0
+        buf.append(recs(2))
+        st = buf.stats()
+        assert st["dropped"]["age"] == 5
+        assert [r.seq for r in buf.read("c")] == [6, 7]
+
+
+def test_max_age_under_block_refuses(path):
+    with Buffer.open(path, settings(max_age_s=60.0, when_full="block")) as buf:
+        buf.register_cursor("c")
+        buf._next_age_check = float("inf")
+        buf.append(recs(1, ts=NOW - 3_600_000))
+        buf._next_age_check = 0.0
+        with pytest.raises(BufferFull) as exc:
+            buf.append(recs(1))
+        assert exc.value.reason == "age"
+        # Still refused right after (not only once per age-check interval) ...
+        with pytest.raises(BufferFull):
+            buf.append(recs(1))
+        # ... until the uplink acknowledged the old record.
+        buf.ack("c", 1)
+        assert buf.append(recs(1)) == [2]
+
+
+def test_batch_larger_than_the_whole_cap_is_an_error(path):
+    with Buffer.open(path, settings(max_size_bytes=64 * 1024)) as buf:
+        with pytest.raises(BufferError, match="does not fit"):
+            buf.append(recs(1000))
+
+
+def test_state_survives_reopen(path):
+    with Buffer.open(path, settings(max_size_bytes=128 * 1024)) as buf:
+        buf.register_cursor("a")
+        buf.register_cursor("b")
+        for i in range(20):
+            buf.append(recs(50, start=i * 50, stream=f"s{i % 3}"))
+        buf.ack("a", 900)
+        before = buf.stats()
+    with Buffer.open(path, settings(max_size_bytes=128 * 1024)) as buf:
+        after = buf.stats()
+        for key in ("records", "bytes", "first_seq", "last_seq", "cursors", "dropped"):
+            assert after[key] == before[key], key
+        r = buf.read("b", 1)[0]
+        assert r.stream in {"s0", "s1", "s2"} and r.headers["type"] == "DDATA"
+
+
+def test_second_writer_is_locked_out(path):
+    with Buffer.open(path, settings()):
+        with pytest.raises(BufferLocked, match=str(os.getpid())):
+            Buffer.open(path, settings())
+        with pytest.raises(BufferLocked):
+            diagnostics.purge(path)
+
+
+def test_file_layout_pragmas(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.append(recs(1))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2     # incremental
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+
+
+def test_newer_schema_is_refused_not_moved(path):
+    with Buffer.open(path, settings()):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(BufferSchemaError, match="99"):
+        Buffer.open(path, settings())
+    assert os.path.exists(path)
+
+
+def test_garbage_file_is_moved_aside_and_counted(path, caplog):
+    with Buffer.open(path, settings()) as buf:
+        buf.append(recs(10))
+    with open(path, "r+b") as f:
+        f.write(os.urandom(8192))
+    with Buffer.open(path, settings()) as buf:
+        st = buf.stats()
+        assert st["records"] == 0 and st["corrupt_files_moved"] == 1
+        assert buf.moved_aside and os.path.exists(buf.moved_aside)
+        assert ".corrupt-" in buf.moved_aside
+        assert buf.append(recs(1)) == [1]
+    assert any("corrupt" in r.getMessage() and r.levelno >= logging.ERROR
+               for r in caplog.records)
+
+
+def test_damaged_page_in_the_middle_is_detected(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.append(recs(2000))
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 4096)
+    with Buffer.open(path, settings()) as buf:
+        assert buf.moved_aside is not None
+        assert buf.stats()["records"] == 0
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_foreign_sqlite_file_is_moved_aside(path):
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE other (x)")
+    conn.commit()
+    conn.close()
+    with Buffer.open(path, settings()) as buf:
+        assert buf.moved_aside is not None
+
+
+def test_garbage_wal_loses_at_most_the_wal_and_opens_cleanly(path):
+    # Committed data is checkpointed into the main file; later commits sit in the WAL.
+    buf = Buffer.open(path, settings())
+    buf.register_cursor("c")
+    buf.append(recs(100))
+    buf.checkpoint("TRUNCATE")
+    buf.append(recs(100, start=100))
+    # Simulate a crash: copy the files while open (as power loss would leave them).
+    snapshot = {s: open(path + s, "rb").read() for s in ("", "-wal")}
+    buf.close()
+    for suffix, data in snapshot.items():
+        with open(path + suffix, "wb") as f:
+            f.write(data)
+    wal = path + "-wal"
+    assert os.path.getsize(wal) > 0
+    with open(wal, "r+b") as f:
+        f.write(os.urandom(os.path.getsize(wal)))
+    with Buffer.open(path, settings()) as buf:
+        st = buf.stats()
+        assert buf.moved_aside is None
+        assert st["records"] == 100 and st["last_seq"] == 100
+        assert [r.seq for r in buf.read("c", 1000)] == list(range(1, 101))
+        assert buf.append(recs(1)) == [101]
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
+
+
+def test_purge_all_and_per_cursor(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.register_cursor("b")
+        buf.append(recs(10))
+        buf.ack("a", 4)
+        assert buf.purge("a") == 6
+        assert buf.stats()["records"] == 10        # b still holds them
+        assert buf.stats()["dropped"]["purged"] == 6
+    assert diagnostics.purge(path) == 10
+    st = diagnostics.stats_for_path(path)
+    assert st["records"] == 0 and st["dropped"]["purged"] == 16
+
+
+def test_stats_for_path_and_export_while_open(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("kafka")
+        buf.append(recs(3, ts=NOW - 10_000) + recs(2, start=3))
+        buf.ack("kafka", 1)
+        st = diagnostics.stats_for_path(path)
+        assert st["records"] == 4 and st["last_seq"] == 5
+        assert st["cursors"]["kafka"] == {"acked_seq": 1, "records": 4, "bytes": 800}
+        assert st["oldest_age_s"] >= 10
+        out = io.StringIO()
+        assert diagnostics.export_jsonl(path, out) == 4
+        lines = [json.loads(x) for x in out.getvalue().splitlines()]
+        assert [x["seq"] for x in lines] == [2, 3, 4, 5]
+        assert lines[0]["headers"]["type"] == "DDATA"
+        out = io.StringIO()
+        assert diagnostics.export_jsonl(path, out, since_ts_ms=NOW) == 2
+        out = io.StringIO()
+        assert diagnostics.export_jsonl(path, out, cursor="kafka") == 4
+        with pytest.raises(UnknownCursor):
+            diagnostics.export_jsonl(path, io.StringIO(), cursor="nope")
+    with pytest.raises(BufferError, match="no buffer file"):
+        diagnostics.stats_for_path(path + ".missing")
+
+
+def test_space_is_reclaimed_by_incremental_vacuum(path):
+    s = settings(vacuum_slack_bytes=64 * 1024)
+    with Buffer.open(path, s) as buf:
+        buf.register_cursor("c")
+        for i in range(20):
+            buf.append(recs(500, start=i * 500))
+        buf.checkpoint("TRUNCATE")
+        big = os.path.getsize(path)
+        buf.ack("c", 10_000)
+        for _ in range(10):
+            buf._next_vacuum = 0.0
+            buf._vacuum_step()
+        buf.checkpoint("TRUNCATE")
+        assert os.path.getsize(path) < big // 4
+
+
+def test_wal_stays_bounded_by_managed_checkpoints(path):
+    s = settings(checkpoint_wal_bytes=256 * 1024)
+    with Buffer.open(path, s) as buf:
+        buf.register_cursor("c")
+        for i in range(200):
+            seqs = buf.append(recs(100, start=i * 100))
+            buf.ack("c", seqs[-1])
+        st = buf.stats()
+        assert st["last_checkpoint"] is not None
+        # journal_size_limit is twice the checkpoint threshold, plus one batch in flight.
+        assert st["wal_size_bytes"] <= 2 * 256 * 1024 + 200 * 1024
+
+
+def test_migrations_run_in_order_on_open(path, monkeypatch):
+    from buffer import schema
+
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(3))
+
+    def v1_to_v2(conn):
+        conn.execute("INSERT INTO meta(key, value) VALUES ('migrated', 1)")
+
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(schema.MIGRATIONS, 1, v1_to_v2)
+    with Buffer.open(path, settings()) as buf:
+        assert [r.seq for r in buf.read("c")] == [1, 2, 3]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("SELECT value FROM meta WHERE key = 'migrated'").fetchone()[0] == 1
+    conn.close()
+
+
+def test_garbage_shm_is_rebuilt(path):
+    buf = Buffer.open(path, settings())
+    buf.register_cursor("c")
+    buf.append(recs(50))
+    snapshot = {s: open(path + s, "rb").read() for s in ("", "-wal", "-shm")}
+    buf.close()
+    for suffix, data in snapshot.items():
+        with open(path + suffix, "wb") as f:
+            f.write(data)
+    with open(path + "-shm", "r+b") as f:
+        f.write(os.urandom(len(snapshot["-shm"])))
+    with Buffer.open(path, settings()) as buf:
+        assert buf.moved_aside is None
+        assert [r.seq for r in buf.read("c", 100)] == list(range(1, 51))
+
+
+@pytest.mark.parametrize(("sync", "level"), [("full", 2), ("normal", 1)])
+def test_durability_setting_is_applied(path, sync, level):
+    with Buffer.open(path, settings(synchronous=sync)) as buf:
+        assert buf._conn.execute("PRAGMA synchronous").fetchone()[0] == level
+
+
+def test_no_read_transaction_is_held_between_calls(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(500))
+        assert len(buf.read("c", 10)) == 10       # a partial read leaves rows unfetched
+        assert not buf._conn.in_transaction
+        # Another connection can checkpoint the whole WAL: nothing pins a snapshot.
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            busy, frames, done = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            other.close()
+        assert busy == 0 and frames == done
