@@ -21,7 +21,7 @@ import signal
 import time
 from typing import Any
 
-from buffer import AsyncBuffer, BufferError, BufferFull, BufferSettings, NewRecord
+from buffer import AsyncBuffer, BufferCorrupt, BufferError, BufferFull, BufferSettings, NewRecord
 from drivers.base import DeviceEvent, DeviceState, Driver, DriverError, Quality, Sample, WriteRejected
 from drivers.registry import build_drivers
 from gateway.clock import ClockGuard
@@ -92,6 +92,7 @@ class Gateway:
         self.metrics: Any = None
         self._pending: list[NewRecord] = []
         self._flush_now = asyncio.Event()
+        self.recover_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._polling = False
         self.counters = {
@@ -100,6 +101,7 @@ class Gateway:
             "dropped_in_memory": 0,
             "reloads": 0,
             "reload_failures": 0,
+            "buffer_recoveries": 0,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -262,6 +264,18 @@ class Gateway:
                 await self.buffer.close()
             self._stopped.set()
 
+    async def recover_buffer(self) -> None:
+        """Reopen a buffer found corrupt while running; samples in memory are kept."""
+        self.recover_requested.clear()
+        await self._stop_pipeline(final=False)
+        if self.buffer is not None:
+            with contextlib.suppress(Exception):
+                await self.buffer.close()
+        await self._open_buffer()
+        self.counters["buffer_recoveries"] += 1
+        await self._start_pipeline()
+        log.error("event=buffer_recovered recoveries=%d", self.counters["buffer_recoveries"])
+
     async def reload(self, path: str) -> bool:
         """Apply a new configuration file; an invalid one leaves everything as it runs."""
         try:
@@ -366,6 +380,12 @@ class Gateway:
             batch = self._pending[:limit]
             try:
                 await self.buffer.append(batch)
+            except BufferCorrupt as e:
+                # Found while running: the records stay in memory; the owner reopens the
+                # buffer (which moves the bad file aside) and restarts the pipeline.
+                log.error("event=buffer_corrupt error=%r action=reopen", str(e))
+                self.recover_requested.set()
+                return
             except (BufferFull, BufferError) as e:
                 # `block` policy or a failing disk: keep the records in memory (bounded) and retry.
                 self.statelog.problem("buffer:append", f"event=buffer_refused error={e!r}")
@@ -391,6 +411,9 @@ class Gateway:
             if self.metrics is not None and self.buffer is not None:
                 try:
                     await self._update_metrics()
+                except BufferCorrupt as e:
+                    log.error("event=buffer_corrupt error=%r action=reopen", str(e))
+                    self.recover_requested.set()
                 except Exception as e:  # metrics never stop the gateway
                     log.debug("metrics update failed: %r", e)
 
@@ -503,10 +526,16 @@ async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str 
         _version(),
     )
     while not stop.is_set():
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload_requested.wait())]
+        waiters = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(reload_requested.wait()),
+            asyncio.ensure_future(gw.recover_requested.wait()),
+        ]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
+        if gw.recover_requested.is_set() and not stop.is_set():
+            await gw.recover_buffer()
         if reload_requested.is_set() and not stop.is_set():
             reload_requested.clear()
             notifier.reloading()
