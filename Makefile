@@ -1,0 +1,60 @@
+# Outpost developer commands. `make test` is what CI runs (via .ci/run).
+#   make venv           create .venv (python3.11) and install the project with its dev extras
+#   make test           venv + Node peers + lint + every test tier; services start and stop by themselves
+#   make services       start Kafka, Mosquitto and Toxiproxy for manual work; prints export lines
+#   make services-down  stop them
+#   make lint           ruff + import-linter
+#   make demo           run the demo gateway
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+TEST_PATHS := tests/unit tests/component tests/integration tests/e2e
+
+.PHONY: venv test lint services services-down services-env tools node-deps demo clean-services
+
+venv: $(VENV)/.installed
+
+# Reinstall when the dependency list changes; an editable install keeps code changes live.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Test peers in Node (modbus-serial, sparkplug-payload): `npm ci` from the committed lock file.
+node-deps: venv
+	$(PY) -c "from tests.harness.tools import ensure_node_peers; ensure_node_peers()"
+
+# Fetch Kafka from Maven Central and build Toxiproxy once (cached in ~/.cache/outpost), so the
+# first test that needs them does not spend its timeout on downloads.
+tools: venv node-deps
+	$(PY) -m tests.harness install
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# Lint failures fail the run but do not hide the test results: every step runs, then the
+# worst status is returned. The fixtures start the services lazily and stop them at exit.
+test: venv node-deps tools
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/lint-imports || status=1; \
+	$(VENV)/bin/pytest $(TEST_PATHS) --durations=15 $(PYTEST_ARGS) || status=$$?; \
+	exit $$status
+
+services: venv tools
+	@$(PY) -m tests.harness up
+
+services-env: venv
+	@$(PY) -m tests.harness env
+
+services-down: venv
+	@$(PY) -m tests.harness down
+
+demo: venv
+	$(PY) -m gateway.demo
+
+clean-services: services-down
+	rm -rf .services
