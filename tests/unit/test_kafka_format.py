@@ -1,0 +1,193 @@
+"""Record -> Kafka message formatting: keys, headers, sparkplug/json/raw (pure)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.kafka_format import (
+    H_GATEWAY,
+    H_SEQ,
+    H_STREAM,
+    H_TOPIC,
+    H_TYPE,
+    KafkaFormatError,
+    MessageFactory,
+    estimate_size,
+    format_record,
+)
+from gateway.mappings import Mapping
+from gateway.sparkplug import sparkplug_b_pb2 as pb
+
+
+@dataclass
+class Rec:
+    seq: int
+    stream: str
+    payload: bytes
+    ts_ms: int = 1_700_000_000_123
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _ddata() -> bytes:
+    p = pb.Payload(timestamp=1_700_000_000_200)
+    m = p.metrics.add(name="voltage_l1", datatype=9, timestamp=1_700_000_000_100)
+    m.float_value = 230.1
+    m = p.metrics.add(name="temp", datatype=2, timestamp=1_700_000_000_101, is_historical=True)
+    m.int_value = (-12) & 0xFFFFFFFF  # Sparkplug carries signed ints two's complement
+    m = p.metrics.add(name="energy", datatype=4, timestamp=1_700_000_000_102)
+    m.long_value = (-5) & 0xFFFFFFFFFFFFFFFF
+    m = p.metrics.add(name="running", datatype=11, timestamp=1_700_000_000_103)
+    m.boolean_value = True
+    m = p.metrics.add(name="status", datatype=12, timestamp=1_700_000_000_104)
+    m.string_value = "ok"
+    m = p.metrics.add(name="pressure", datatype=10, timestamp=1_700_000_000_105, is_null=True)
+    m.properties.keys.append("Quality")
+    m.properties.values.add(type=3, int_value=0)
+    m = p.metrics.add(name="flow", datatype=9, timestamp=1_700_000_000_106)
+    m.float_value = 1.5
+    m.properties.keys.append("Quality")
+    m.properties.values.add(type=3, int_value=500)
+    m = p.metrics.add(name="curve", datatype=30, timestamp=1_700_000_000_107)
+    m.bytes_value = struct.pack("<3f", 0.5, 1.25, -2.0)
+    return p.SerializeToString()
+
+
+DDATA_HEADERS = {
+    "topic": "spBv1.0/plant-7/DDATA/pump-3/meter1",
+    "type": "DDATA",
+    "gateway": "plant-7/pump-3",
+}
+
+
+def _mapping(**kw) -> Mapping:
+    base = {"name": "m", "mqtt_topic_filters": ("spBv1.0/#",), "kafka_topic": "plant.telemetry"}
+    return Mapping(**{**base, **kw})
+
+
+def test_sparkplug_format_keeps_bytes_keys_by_device_and_sets_dedup_headers() -> None:
+    payload = _ddata()
+    rec = Rec(42, "plant-7/pump-3/meter1", payload, headers=DDATA_HEADERS)
+    msg = format_record(rec, _mapping(), "plant-7/pump-3")
+    assert msg.topic == "plant.telemetry"
+    assert msg.value == payload
+    assert msg.key == b"plant-7/pump-3/meter1"
+    assert msg.timestamp_ms == rec.ts_ms
+    assert dict(msg.headers) == {
+        H_GATEWAY: b"plant-7/pump-3",
+        H_STREAM: b"plant-7/pump-3/meter1",
+        H_SEQ: b"42",
+        H_TOPIC: b"spBv1.0/plant-7/DDATA/pump-3/meter1",
+        H_TYPE: b"DDATA",
+    }
+
+
+def test_topic_key_uses_the_source_topic() -> None:
+    rec = Rec(1, "plant-7/pump-3/meter1", _ddata(), headers=DDATA_HEADERS)
+    msg = format_record(rec, _mapping(key="topic"), "g/e")
+    assert msg.key == b"spBv1.0/plant-7/DDATA/pump-3/meter1"
+
+
+def test_json_format_decodes_names_types_timestamps_quality_and_history() -> None:
+    rec = Rec(7, "plant-7/pump-3/meter1", _ddata(), headers=DDATA_HEADERS)
+    doc = json.loads(format_record(rec, _mapping(format="json"), "plant-7/pump-3").value)
+    assert doc["gateway"] == "plant-7/pump-3"
+    assert doc["topic"] == "spBv1.0/plant-7/DDATA/pump-3/meter1"
+    assert doc["type"] == "DDATA"
+    assert doc["seq"] == 7
+    assert doc["timestamp"] == 1_700_000_000_200
+    by_name = {m["name"]: m for m in doc["metrics"]}
+    assert by_name["voltage_l1"] == {
+        "name": "voltage_l1",
+        "datatype": "Float",
+        "timestamp": 1_700_000_000_100,
+        "value": 230.1,  # float32 shown as its shortest decimal, not 230.10000610351562
+        "quality": "good",
+        "is_historical": False,
+    }
+    assert by_name["temp"]["value"] == -12
+    assert by_name["temp"]["is_historical"] is True
+    assert by_name["temp"]["datatype"] == "Int16"
+    assert by_name["energy"]["value"] == -5
+    assert by_name["running"]["value"] is True
+    assert by_name["status"]["value"] == "ok"
+    assert by_name["pressure"]["value"] is None
+    assert by_name["pressure"]["quality"] == "bad"
+    assert by_name["flow"]["quality"] == "stale"
+    assert by_name["curve"]["value"] == [0.5, 1.25, -2.0]
+    assert [m["name"] for m in doc["metrics"]][:2] == ["voltage_l1", "temp"]  # order kept
+
+
+def test_json_of_a_non_sparkplug_payload_is_a_format_error_naming_seq_and_topic() -> None:
+    rec = Rec(9, "lab/line1/temp", b'{"t": 21.5}', headers={"topic": "lab/line1/temp"})
+    with pytest.raises(KafkaFormatError) as err:
+        format_record(rec, _mapping(format="json"), "g/e")
+    assert "seq 9" in str(err.value)
+    assert "lab/line1/temp" in str(err.value)
+    assert err.value.retriable is False
+
+
+def test_raw_bridged_record_passes_bytes_and_marks_type() -> None:
+    rec = Rec(
+        3,
+        "lab/line1/temp",
+        b"\x00\xffraw",
+        headers={"topic": "lab/line1/temp", "type": "bridged", "gateway": "g/e"},
+    )
+    msg = format_record(rec, _mapping(format="raw", key="topic"), "g/e")
+    assert msg.value == b"\x00\xffraw"
+    assert msg.key == b"lab/line1/temp"
+    assert dict(msg.headers)[H_TYPE] == b"bridged"
+
+
+def test_missing_topic_header_falls_back_to_the_stream() -> None:
+    rec = Rec(4, "a/b", b"x")
+    msg = format_record(rec, _mapping(format="raw", key="topic"), "g/e")
+    assert msg.key == b"a/b"
+    assert dict(msg.headers)[H_TOPIC] == b"a/b"
+
+
+@pytest.mark.parametrize("fmt", ["sparkplug", "json", "raw"])
+@pytest.mark.parametrize("key", ["device", "topic"])
+def test_message_factory_makes_what_format_record_makes(fmt: str, key: str) -> None:
+    factory = MessageFactory("plant-7/pump-3")
+    mapping = _mapping(format=fmt, key=key)
+    for seq in (1, 99, 100_000):
+        for device in ("meter1", "meter2"):
+            headers = {**DDATA_HEADERS, "topic": f"spBv1.0/plant-7/DDATA/pump-3/{device}"}
+            rec = Rec(seq, f"plant-7/pump-3/{device}", _ddata(), headers=headers)
+            msg, size = factory.make(rec, mapping)
+            assert msg == format_record(rec, mapping, "plant-7/pump-3")
+            assert size == estimate_size(msg)
+
+
+def test_json_of_a_payload_made_by_the_project_codec() -> None:
+    from drivers.base import Quality
+    from gateway.sparkplug.payload import (
+        DataType,
+        Metric,
+        Payload,
+        encode_payload,
+        quality_properties,
+    )
+
+    payload = encode_payload(Payload(timestamp=5, metrics=[
+        Metric(name="rpm", datatype=DataType.UInt32, value=4_000_000_000, timestamp=4),
+        Metric(name="level", datatype=DataType.Float, value=None, timestamp=4,
+               properties=quality_properties(Quality.STALE), is_historical=True),
+        Metric(name="flags", datatype=DataType.BooleanArray, value=[True, False, True],
+               timestamp=4),
+    ]))
+    rec = Rec(11, "plant-7/pump-3/meter1", payload, headers=DDATA_HEADERS)
+    doc = json.loads(format_record(rec, _mapping(format="json"), "plant-7/pump-3").value)
+    assert doc["metrics"] == [
+        {"name": "rpm", "datatype": "UInt32", "timestamp": 4, "value": 4_000_000_000,
+         "quality": "good", "is_historical": False},
+        {"name": "level", "datatype": "Float", "timestamp": 4, "value": None,
+         "quality": "stale", "is_historical": True},
+        {"name": "flags", "datatype": "BooleanArray", "timestamp": 4,
+         "value": [True, False, True], "quality": "good", "is_historical": False},
+    ]
