@@ -581,6 +581,13 @@ def warnings(cfg: OutpostConfig) -> list[str]:
     ):
         if value is not None and not _ENV_REF_RE.search(value):
             out.append(f'{key} is written in the file itself; prefer "${{ENV_VAR}}" or {key}_file')
+    if cfg.kafka is not None:
+        for i, m in enumerate(cfg.kafka.mappings):
+            if m.subscribe and m.format == "json" and any(not f.startswith("spBv1.0/") for f in m.mqtt_topic_filters):
+                out.append(
+                    f"kafka.mappings[{i}]: format \"json\" decodes Sparkplug payloads; bridged messages on "
+                    "non-Sparkplug topics will fail to format (use \"raw\")"
+                )
     if cfg.buffer.synchronous == "normal":
         out.append('buffer.synchronous = "normal": the last committed batch may be lost on power loss')
     return out

@@ -211,3 +211,20 @@ def test_cli_check_exit_codes(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "buffer.when_full" in res.stderr and "drop_oldest" in res.stderr
     assert _outpost("--version").stdout.startswith("outpost ")
+
+
+def test_check_warns_about_json_on_bridged_non_sparkplug_topics() -> None:
+    from gateway.config import warnings
+
+    cfg = parse_config(MINIMAL + """
+[mqtt]
+servers = ["mqtt://b"]
+[kafka]
+bootstrap_servers = ["k:9092"]
+[[kafka.mappings]]
+mqtt_topic_filters = ["site/#"]
+kafka_topic = "t"
+format = "json"
+subscribe = true
+""")
+    assert any("kafka.mappings[0]" in w and "raw" in w for w in warnings(cfg))
