@@ -176,7 +176,7 @@ def _buffer_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_buffer(args: argparse.Namespace) -> int:
-    from buffer import diagnostics as bd
+    from buffer import BufferError
 
     try:
         path = _buffer_path(args)
@@ -186,6 +186,15 @@ def cmd_buffer(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"outpost buffer: no buffer file at {path}", file=sys.stderr)
         return EXIT_FAILURE
+    try:
+        return _buffer_command(args, path)
+    except BufferError as e:
+        print(f"outpost buffer {args.buffer_cmd}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _buffer_command(args: argparse.Namespace, path: Path) -> int:
+    from buffer import diagnostics as bd
     if args.buffer_cmd == "stats":
         stats = bd.stats_for_path(str(path))
         print(json.dumps(stats, indent=2, sort_keys=True, default=str))
@@ -292,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--since", help='a duration ago ("2h") or an ISO time')
     be.add_argument("--cursor", help="only records this uplink has not yet delivered")
     be.add_argument("--output", "-o", help="file (default stdout)")
+    be.add_argument("--format", choices=["jsonl"], default="jsonl", help="one JSON object per record")
     bp = bsub.add_parser("purge", help="delete records (asks for confirmation)")
     bp.add_argument("--cursor", help="only advance this uplink's cursor past everything")
     bp.add_argument("--yes", action="store_true", help="do not ask")

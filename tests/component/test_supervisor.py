@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -115,3 +116,69 @@ def test_invalid_config_exits_2(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "gateway.edge_node_id" in res.stderr
+
+
+def _outpost(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=ROOT, input=stdin, timeout=60
+    )
+
+
+def test_field_commands_against_a_running_gateway(gateway_proc) -> None:
+    proc, cfg, tmp = gateway_proc
+    sock = str(tmp / "outpost.sock")
+    _wait(lambda: fetch_status(sock)["devices"]["sim1"]["samples"] > 0)
+
+    st = _outpost("status", "--config", str(cfg), "--json")
+    assert st.returncode == 0, st.stderr
+    assert '"sim1"' in st.stdout
+    human = _outpost("status", "--config", str(cfg))
+    assert "sim1" in human.stdout and "online" in human.stdout
+
+    # tail prints live samples; stop it after a few lines.
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "tail", "--config", str(cfg), "--device", "sim1", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    lines = [tail.stdout.readline() for _ in range(3)]
+    tail.terminate()
+    tail.wait(timeout=10)
+    assert all('"sim1"' in line for line in lines), lines
+
+    # purge refuses while the gateway holds the buffer, and says why.
+    busy = _outpost("buffer", "--config", str(cfg), "purge", "--yes")
+    assert busy.returncode == 1 and "purge" in busy.stderr
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+    stats = _outpost("buffer", "--config", str(cfg), "stats")
+    assert stats.returncode == 0 and '"records"' in stats.stdout
+    out = tmp / "export.jsonl"
+    exp = _outpost("buffer", "--config", str(cfg), "export", "--since", "1h", "--format", "jsonl", "-o", str(out))
+    assert exp.returncode == 0, exp.stderr
+    exported = out.read_text().splitlines()
+    assert exported and all(json.loads(line)["stream"] == "g/e/sim1" for line in exported)
+
+    no = _outpost("buffer", "--config", str(cfg), "purge")  # not a terminal, no --yes: refuses
+    assert no.returncode == 2
+    yes = _outpost("buffer", "--config", str(cfg), "purge", "--yes")
+    assert yes.returncode == 0 and f"purged {len(exported)}" in yes.stdout
+    after = stats_for_path(str(tmp / "data" / "buffer.db"))
+    assert after["records"] == 0 and after["dropped"]["purged"] == len(exported)
+
+
+def test_doctor_names_what_is_wrong(tmp_path: Path) -> None:
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(
+        _config(tmp_path, ["sim1"])
+        + """
+[mqtt]
+servers = ["mqtt://127.0.0.1:1"]
+"""
+    )
+    res = _outpost("doctor", "--config", str(cfg))
+    assert res.returncode == 1
+    assert "127.0.0.1:1" in res.stdout
