@@ -366,7 +366,8 @@ class Gateway:
             await self._flush()
 
     async def _flush(self) -> None:
-        assert self.rbe is not None and self.buffer is not None
+        if self.rbe is None or self.buffer is None:  # stopping before the pipeline ever started
+            return
         records = self.rbe.drain()
         if records:
             extra = self.clock.record_headers()
@@ -496,8 +497,42 @@ class Gateway:
         }
 
 
+class RepeatFilter(logging.Filter):
+    """Drop a library's repeats of the same message for `window_s`: one line per new error.
+
+    aiokafka and gmqtt log every failed connection attempt; while a cellular link is down
+    that is a line per retry on an SD card. The first occurrence (with its reason, such as
+    a SASL failure that only aiokafka reports) is kept.
+    """
+
+    def __init__(self, window_s: float = 600.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._last: dict[str, float] = {}
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{record.levelno}:{record.getMessage()}"
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.window_s:
+            self.suppressed += 1
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def _quiet_client_libraries(level: str) -> None:
+    if level != "debug":
+        for name in ("aiokafka", "gmqtt"):
+            logging.getLogger(name).addFilter(RepeatFilter())
+
+
 async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str = "") -> int:
     setup_logging(cfg.gateway.log_level.upper(), cfg.gateway.log_format)
+    _quiet_client_libraries(cfg.gateway.log_level)
     loop = asyncio.get_running_loop()
     gw = Gateway(cfg, secrets, config_path=config_path)
     stop = asyncio.Event()

@@ -202,6 +202,8 @@ class SparkplugUplink:
                          "connects": 0, "commands": 0, "commands_rejected": 0, "writes_failed": 0}
         self.connected_server: str | None = None
         self.last_error: str = ""
+        self._logged_error = ""
+        self._failed_attempts = 0
 
     # -- what the runtime calls ----------------------------------------------------------
 
@@ -238,6 +240,16 @@ class SparkplugUplink:
                 await asyncio.wait_for(self._finished.wait(), 15.0)
         await self._cancel_tasks()
 
+    def _link_down(self, error: str) -> None:
+        """Log a link failure once: repeats of the same error while down go to debug only."""
+        self.last_error = error
+        self._failed_attempts += 1
+        if error != self._logged_error:
+            self._logged_error = error
+            log.warning("MQTT link down: %s (retrying with backoff; repeats are not logged)", error)
+        else:
+            log.debug("MQTT link still down: %s (attempt %d)", error, self._failed_attempts)
+
     async def run(self) -> None:
         """Connect, birth, publish; reconnects with backoff until cancelled or stopped."""
         await self.buffer.register_cursor(CURSOR)
@@ -252,16 +264,13 @@ class SparkplugUplink:
                     await self._session(url)
                 except _SessionEnded as exc:
                     if not self._stopping:
-                        self.last_error = f"{url}: {exc}"
-                        log.warning("MQTT session on %s ended: %s", url, exc)
+                        self._link_down(f"{url}: session ended: {exc}")
                 except (OSError, TimeoutError, SparkplugError, UplinkError) as exc:
-                    self.last_error = f"{url}: {exc}"
-                    log.warning("MQTT server %s: %s", url, exc)
+                    self._link_down(f"{url}: {exc}")
                 except Exception as exc:  # gmqtt raises its own MQTTConnectError
                     if type(exc).__name__ != "MQTTConnectError":
                         raise
-                    self.last_error = f"{url}: {exc}"
-                    log.warning("MQTT server %s refused the connection: %s", url, exc)
+                    self._link_down(f"{url}: refused the connection: {exc}")
                 finally:
                     await self._drop_client()
                 if self._stopping:
@@ -316,7 +325,10 @@ class SparkplugUplink:
                            version=version), st.connect_timeout)
         await asyncio.to_thread(self._bdseq_store.commit, self.bdseq)
         self.counters["connects"] += 1
-        log.info("connected to MQTT server %s with bdSeq %d", url, self.bdseq)
+        log.info("connected to MQTT server %s with bdSeq %d after %d failed attempt(s)", url, self.bdseq,
+                 self._failed_attempts)
+        self._failed_attempts = 0
+        self._logged_error = ""
 
         # Commands (and STATE) are subscribed before any birth, at QoS 1.
         topics = [self.node.topic(MessageType.NCMD),
