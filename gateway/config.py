@@ -19,22 +19,18 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
-from drivers.serial_line.config import SerialLineDeviceConfig
-from drivers.simulator.config import SimulatorDeviceConfig
+from drivers.registry import DeviceConfig, ModbusBusConfig
 from drivers.units import Duration, SizeBytes
 from gateway.errors import ConfigError
 
@@ -230,20 +226,6 @@ class DiagnosticsSection(_Section):
             if host not in ("127.0.0.1", "localhost", "::1"):
                 raise ValueError(f"metrics listen only on loopback (127.0.0.1, ::1), got {host!r}")
         return v
-
-
-def _device_driver(value: Any) -> str:
-    if isinstance(value, dict):
-        return value.get("driver", "modbus")
-    return getattr(value, "driver", "modbus")
-
-
-DeviceConfig = Annotated[
-    Annotated[ModbusDeviceConfig, Tag("modbus")]
-    | Annotated[SerialLineDeviceConfig, Tag("serial_line")]
-    | Annotated[SimulatorDeviceConfig, Tag("simulator")],
-    Discriminator(_device_driver),
-]
 
 
 class OutpostConfig(_Section):
