@@ -511,15 +511,33 @@ class SparkplugUplink:
                     await self._until(self.buffer.wait_for_records(CURSOR, 0.2,
                                                                    after_seq=live_after))
 
+    @staticmethod
+    def _inflight_limit(client: Client) -> int:
+        """QoS 1 publishes we may have in flight: the broker's CONNACK Receive Maximum.
+
+        gmqtt lowers its packet-id pool to that value and raises OverflowError beyond it
+        (Mosquitto grants 20), so a backlog must never be pushed out all at once.
+        """
+        handler = getattr(client, "_package_handler", None)
+        ids = getattr(handler, "id_generator", None)
+        pool = getattr(ids, "_max", 20) or 20
+        return max(1, min(pool - 2, 100))
+
     async def _publish_batch(self, client: Client, records: Sequence[Any]) -> None:
-        """Publish at QoS 1 and wait for every PUBACK (or the end of the connection)."""
+        """Publish at QoS 1 with a sliding window of PUBACKs and wait for all of them."""
+        timeout = max(30.0, 3 * self.settings.keepalive)
+        window = asyncio.Semaphore(self._inflight_limit(client))
         futures = []
         for rec in records:
+            await self._until(window.acquire(), timeout)
             fut = self._publish_record(client, rec, self._is_historical(rec))
-            if fut is not None:
-                futures.append(fut)
+            if fut is None:
+                window.release()
+                continue
+            fut.add_done_callback(lambda _f: window.release())
+            futures.append(fut)
         if futures:
-            await self._until(asyncio.gather(*futures), max(30.0, 3 * self.settings.keepalive))
+            await self._until(asyncio.gather(*futures), timeout)
 
     # Records PUBACKed but not yet passed by the cursor (live data sent during a backlog).
     # Kept across reconnects and rebirths of this process so they are not sent twice.
