@@ -182,3 +182,35 @@ servers = ["mqtt://127.0.0.1:1"]
     res = _outpost("doctor", "--config", str(cfg))
     assert res.returncode == 1
     assert "127.0.0.1:1" in res.stdout
+
+
+def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
+    import socket
+
+    cfg = tmp_path / "outpost.toml"
+    cfg.write_text(_config(tmp_path, ["sim1"]))
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(15)
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        seen: list[str] = []
+        while sum("WATCHDOG=1" in m for m in seen) < 2:  # pings every 0.5 s from the event loop
+            seen.append(notify.recv(4096).decode())
+        assert any("READY=1" in m for m in seen), seen
+        proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in seen):
+            seen.append(notify.recv(4096).decode())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
