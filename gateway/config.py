@@ -210,6 +210,10 @@ class KafkaSection(_Section):
             raise ValueError(f"sasl_mechanism is set but security_protocol is {self.security_protocol}")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: set both or neither")
+        if self.security_protocol not in ("SSL", "SASL_SSL") and (self.cert_file or self.ca_file):
+            raise ValueError(
+                f"ca_file/cert_file need security_protocol SSL or SASL_SSL, not {self.security_protocol}"
+            )
         return self
 
 

@@ -320,9 +320,7 @@ class SparkplugUplink:
         self._client = client
         ctx = self._ssl_context() if tls else False
         version = MQTTv50 if st.protocol == "5" else MQTTv311
-        await asyncio.wait_for(
-            client.connect(host, port, ssl=ctx, keepalive=max(1, int(st.keepalive)),
-                           version=version), st.connect_timeout)
+        await self._connect(client, host, port, ctx, version, tls)
         await asyncio.to_thread(self._bdseq_store.commit, self.bdseq)
         self.counters["connects"] += 1
         log.info("connected to MQTT server %s with bdSeq %d after %d failed attempt(s)", url, self.bdseq,
@@ -354,6 +352,33 @@ class SparkplugUplink:
                 break
         if self._stopping:
             await self._goodbye(client)
+
+    async def _connect(self, client: Client, host: str, port: int, ctx: Any, version: Any, tls: bool) -> None:
+        """CONNECT and wait for CONNACK, or for the connection to drop, or for the timeout.
+
+        gmqtt's connect() does not return when the server drops the connection before
+        CONNACK (a TLS 1.3 server refusing a client certificate resets after the handshake),
+        so we race it against the disconnect and say which of the three it was.
+        """
+        st = self.settings
+        connect = asyncio.ensure_future(
+            client.connect(host, port, ssl=ctx, keepalive=max(1, int(st.keepalive)), version=version))
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait({connect, lost}, timeout=st.connect_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (connect, lost):
+                t.cancel()
+            await asyncio.gather(connect, lost, return_exceptions=True)
+        if connect in done:
+            connect.result()  # MQTTConnectError / OSError as they are
+            return
+        if lost in done:
+            hint = (" (a TLS server that requires a client certificate refuses a missing or untrusted"
+                    " one this way: check cert_file/key_file)" if tls else "")
+            raise ConnectionError(f"the server closed the connection before CONNACK{hint}")
+        raise TimeoutError(f"no CONNACK within {st.connect_timeout:g}s")
 
     async def _until(self, aw: Awaitable[Any], limit_s: float | None = None) -> Any:
         """Await `aw` unless the connection is lost first (then _SessionEnded)."""

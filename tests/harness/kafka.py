@@ -5,13 +5,17 @@ dependencies plus reload4j/slf4j-reload4j (a generated pom and `mvn dependency:c
 cached under ~/.cache/outpost/kafka-<version>/ so later runs start in seconds.
 
 `KafkaService` formats a data dir with `kafka.tools.StorageTool` (SCRAM users added at format
-time) and runs `kafka.Kafka` with four listeners:
+time) and runs `kafka.Kafka` with five listeners:
   PLAINTEXT  direct, `.bootstrap`
   PROXIED    PLAINTEXT protocol, advertised at a Toxiproxy port that forwards to it, so a client
              bootstrapped at `.proxied_bootstrap` keeps talking through `.proxy`
   SASL_SSL   PLAIN + SCRAM-SHA-256/512 over TLS with the run CA, `.sasl_ssl_bootstrap`
+  MTLS       SSL protocol with `ssl.client.auth=required` (listener-prefixed, so the other
+             listeners are unaffected): a client certificate signed by the run CA is the
+             credential, `.mtls_bootstrap`, `.client_cert_file`/`.client_key_file`
   CONTROLLER KRaft quorum
-Readiness is an aiokafka producer that fetched metadata and had a record acknowledged.
+Readiness is an aiokafka producer that fetched metadata and had a record acknowledged, on the
+PLAINTEXT listener and then, with the run's client certificate, on the MTLS listener.
 """
 
 from __future__ import annotations
@@ -164,13 +168,15 @@ class KafkaService:
 
     Attributes (the shared fixture contract): `.bootstrap`, `.proxied_bootstrap`, `.proxy`,
     `.sasl_ssl_bootstrap`, `.ca_file`, `.sasl_users`; methods `create_topic`, `stop`, `start`.
+    mTLS: `.mtls_bootstrap`, `.client_cert_file`/`.client_key_file` (run CA, accepted),
+    `.other_client_cert_file`/`.other_client_key_file` (an unrelated CA, rejected).
     """
 
     def __init__(self, run: RunDir, certs: RunCertificates, toxiproxy: ToxiproxyServer,
                  *, detached: bool = False) -> None:
         self.host = "127.0.0.1"
         (self.port, self.proxied_internal_port, self.sasl_ssl_port,
-         self.controller_port) = free_ports(4)
+         self.controller_port, self.mtls_port) = free_ports(5)
         self.proxy: Proxy | None = toxiproxy.create(
             "kafka", upstream=f"{self.host}:{self.proxied_internal_port}")
         self.ca_file: Path | None = certs.ca_file
@@ -179,6 +185,10 @@ class KafkaService:
             "SCRAM-SHA-256": ("outpost-scram256", secrets.token_hex(8)),
             "SCRAM-SHA-512": ("outpost-scram512", secrets.token_hex(8)),
         }
+        self.client_cert_file: Path | None = certs.client_cert_file
+        self.client_key_file: Path | None = certs.client_key_file
+        self.other_client_cert_file: Path | None = certs.other_client_cert_file
+        self.other_client_key_file: Path | None = certs.other_client_key_file
         self._certs = certs
         self._folder = run.sub("kafka")
         self.data_dir = self._folder / "data"
@@ -203,6 +213,10 @@ class KafkaService:
     def sasl_ssl_bootstrap(self) -> str:
         return f"{self.host}:{self.sasl_ssl_port}"
 
+    @property
+    def mtls_bootstrap(self) -> str:
+        return f"{self.host}:{self.mtls_port}"
+
     # -- configuration --------------------------------------------------------------------
     def _server_properties(self) -> str:
         assert self.proxy is not None
@@ -213,13 +227,15 @@ class KafkaService:
             "node.id": "1",
             "controller.quorum.voters": f"1@{h}:{self.controller_port}",
             "listeners": (f"PLAINTEXT://{h}:{self.port},PROXIED://{h}:{self.proxied_internal_port},"
-                          f"SASL_SSL://{h}:{self.sasl_ssl_port},"
+                          f"SASL_SSL://{h}:{self.sasl_ssl_port},MTLS://{h}:{self.mtls_port},"
                           f"CONTROLLER://{h}:{self.controller_port}"),
             "advertised.listeners": (f"PLAINTEXT://{h}:{self.port},"
                                      f"PROXIED://{h}:{self.proxy.port},"
-                                     f"SASL_SSL://{h}:{self.sasl_ssl_port}"),
+                                     f"SASL_SSL://{h}:{self.sasl_ssl_port},"
+                                     f"MTLS://{h}:{self.mtls_port}"),
             "listener.security.protocol.map": ("PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,"
-                                               "SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT"),
+                                               "SASL_SSL:SASL_SSL,MTLS:SSL,"
+                                               "CONTROLLER:PLAINTEXT"),
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             "log.dirs": str(self.data_dir),
@@ -259,6 +275,11 @@ class KafkaService:
             "ssl.truststore.location": str(self._certs.truststore_p12),
             "ssl.truststore.password": self._certs.store_password,
             "ssl.client.auth": "none",
+            # MTLS listener: the keystore/truststore above apply (unprefixed ssl.* configs are
+            # every listener's defaults); only this listener demands a client certificate,
+            # verified against the truststore (the run CA). No authorizer is configured, so
+            # the certificate's principal (User:CN=...) may do anything.
+            "listener.name.mtls.ssl.client.auth": "required",
         }
         lines = ["# Generated by tests/harness/kafka.py for one test run."]
         lines += [f"{k}={_escape_property(v)}" for k, v in props.items()]
@@ -296,6 +317,10 @@ class KafkaService:
         try:
             wait_until(self._ready, timeout_s, f"Kafka at {self.bootstrap} to accept a record",
                        interval_s=0.5, on_timeout=lambda: log_tail(self.log_path, 60))
+            wait_until(self._mtls_ready, 30,
+                       f"Kafka's mTLS listener {self.mtls_bootstrap} to accept a record "
+                       f"from a client with {self.client_cert_file}",
+                       interval_s=0.5, on_timeout=lambda: log_tail(self.log_path, 60))
         except BaseException:
             self.process.stop()
             raise
@@ -308,6 +333,24 @@ class KafkaService:
         if not port_open(self.host, self.port):
             return False
         return run_async(lambda: probe_kafka(self.bootstrap), timeout_s=20)
+
+    def _mtls_ready(self) -> bool:
+        assert self.process is not None
+        self.process.check_alive()
+        context = self.mtls_ssl_context()
+        return run_async(lambda: probe_kafka(self.mtls_bootstrap, security_protocol="SSL",
+                                             ssl_context=context), timeout_s=20)
+
+    def mtls_ssl_context(self, cert_file: Path | None = None,
+                         key_file: Path | None = None) -> Any:
+        """An ssl.SSLContext for `.mtls_bootstrap` trusting the run CA, with the run's client
+        certificate unless another pair is given (a consumer to read back what arrived)."""
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        context.load_cert_chain(str(cert_file or self.client_cert_file),
+                                str(key_file or self.client_key_file))
+        return context
 
     def stop(self, timeout_s: float = 60) -> None:
         """Stop the broker (controlled shutdown), keeping its data dir and ports."""
@@ -373,7 +416,7 @@ async def create_topic(bootstrap: str, name: str, partitions: int,
 
 
 class ExternalKafka:
-    """A cluster the developer runs (OUTPOST_TEST_KAFKA=host:port): no proxy, no SASL, no restart."""
+    """A cluster the developer runs (OUTPOST_TEST_KAFKA=host:port): no proxy, SASL, mTLS or restart."""
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
@@ -382,6 +425,11 @@ class ExternalKafka:
         self.sasl_ssl_bootstrap: str | None = None
         self.ca_file: Path | None = None
         self.sasl_users: dict[str, tuple[str, str]] = {}
+        self.mtls_bootstrap: str | None = None
+        self.client_cert_file: Path | None = None
+        self.client_key_file: Path | None = None
+        self.other_client_cert_file: Path | None = None
+        self.other_client_key_file: Path | None = None
         self.external = True
 
     def start(self, timeout_s: float = 60) -> ExternalKafka:

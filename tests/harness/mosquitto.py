@@ -1,8 +1,10 @@
 """Mosquitto (the Debian package) with a generated config for one harness run.
 
-Two listeners, `per_listener_settings true`: a plain anonymous one, and a TLS one that needs
-a username and password (mosquitto_passwd file) with a server certificate from the run CA.
-Readiness is a real MQTT CONNECT/CONNACK exchange on both listeners.
+Three listeners, `per_listener_settings true`: a plain anonymous one, a TLS one that needs
+a username and password (mosquitto_passwd file) with a server certificate from the run CA,
+and a mutual-TLS one (`require_certificate true`) that accepts only client certificates
+signed by the run CA and takes the certificate's CN as the MQTT username
+(`use_identity_as_username`). Readiness is a real MQTT CONNECT/CONNACK exchange on all three.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import ssl
 import struct
 from pathlib import Path
 
-from .certs import RunCertificates
+from .certs import CLIENT_CN, RunCertificates
 from .common import (
     HarnessError,
     ManagedProcess,
@@ -44,6 +46,7 @@ def _remaining_length(n: int) -> bytes:
 
 def mqtt_connect_probe(host: str, port: int, *, username: str | None = None,
                        password: str | None = None, ca_file: Path | None = None,
+                       cert_file: Path | None = None, key_file: Path | None = None,
                        timeout_s: float = 3.0) -> int:
     """Send an MQTT 3.1.1 CONNECT and return the CONNACK return code (0 = accepted).
 
@@ -64,6 +67,8 @@ def mqtt_connect_probe(host: str, port: int, *, username: str | None = None,
         sock: socket.socket = raw
         if ca_file is not None:
             ctx = ssl.create_default_context(cafile=str(ca_file))
+            if cert_file is not None:
+                ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
             sock = ctx.wrap_socket(raw, server_hostname=host)
         sock.sendall(packet)
         ack = b""
@@ -79,18 +84,31 @@ def mqtt_connect_probe(host: str, port: int, *, username: str | None = None,
 
 
 class MosquittoService:
-    """The broker for one run: `.host`, `.port`, `.tls_port`, `.ca_file`, `.username`, `.password`."""
+    """The broker for one run: `.host`, `.port`, `.tls_port`, `.ca_file`, `.username`, `.password`.
+
+    mTLS: `.mtls_port` (`.mtls_url`), `.client_cert_file`/`.client_key_file` (run CA, accepted;
+    MQTT username `.client_cert_identity`), `.other_client_cert_file`/`.other_client_key_file`
+    (signed by an unrelated CA, rejected in the TLS handshake).
+    """
 
     def __init__(self, run: RunDir, certs: RunCertificates, *, detached: bool = False) -> None:
         self.host = "127.0.0.1"
-        self.port, self.tls_port = free_ports(2)
+        self.port, self.tls_port, self.mtls_port = free_ports(3)
         self.ca_file = certs.ca_file
         self.username = "outpost"
         self.password = secrets.token_hex(8)
+        self.client_cert_file = certs.client_cert_file
+        self.client_key_file = certs.client_key_file
+        self.client_cert_identity = CLIENT_CN
+        self.other_client_cert_file = certs.other_client_cert_file
+        self.other_client_key_file = certs.other_client_key_file
         self._certs = certs
         self._folder = run.sub("mosquitto")
         self.log_path = run.log("mosquitto")
         self.config_path = self._folder / "mosquitto.conf"
+        # Mosquitto block-buffers stdout into log_path; this copy is written line by line, so
+        # a test can watch what the broker says about its clients while it runs.
+        self.live_log_path = self._folder / "broker.log"
         self._detached = detached
         self.process: ManagedProcess | None = None
 
@@ -101,6 +119,10 @@ class MosquittoService:
     @property
     def tls_url(self) -> str:
         return f"mqtts://{self.host}:{self.tls_port}"
+
+    @property
+    def mtls_url(self) -> str:
+        return f"mqtts://{self.host}:{self.mtls_port}"
 
     def _write_config(self) -> None:
         passwd = require_binary("mosquitto_passwd", INSTALL_HINT)
@@ -117,6 +139,7 @@ class MosquittoService:
             "user root\n"
             "persistence false\n"
             "log_dest stdout\n"
+            f"log_dest file {self.live_log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             "connection_messages true\n"
             "max_queued_messages 100000\n"
@@ -129,6 +152,17 @@ class MosquittoService:
             f"certfile {self._certs.cert_file}\n"
             f"keyfile {self._certs.key_file}\n"
             "tls_version tlsv1.2\n"
+            # Mutual TLS: no password file; the client certificate is the credential.
+            # TLS 1.2 and 1.3 both allowed (mosquitto's default) so a client without a
+            # certificate meets the TLS 1.3 case too, where the server's refusal arrives
+            # after the client already thinks the handshake is done.
+            f"\nlistener {self.mtls_port} {self.host}\n"
+            "allow_anonymous false\n"
+            "require_certificate true\n"
+            "use_identity_as_username true\n"
+            f"cafile {self._certs.ca_file}\n"
+            f"certfile {self._certs.cert_file}\n"
+            f"keyfile {self._certs.key_file}\n"
         )
 
     def start(self) -> MosquittoService:
@@ -142,12 +176,16 @@ class MosquittoService:
             plain = mqtt_connect_probe(self.host, self.port)
             tls = mqtt_connect_probe(self.host, self.tls_port, username=self.username,
                                      password=self.password, ca_file=self.ca_file)
-            if plain or tls:
-                raise HarnessError(f"mosquitto refused the probe: CONNACK codes {plain}/{tls}")
+            mtls = mqtt_connect_probe(self.host, self.mtls_port, ca_file=self.ca_file,
+                                      cert_file=self.client_cert_file,
+                                      key_file=self.client_key_file)
+            if plain or tls or mtls:
+                raise HarnessError(f"mosquitto refused the probe: CONNACK codes "
+                                   f"{plain}/{tls}/{mtls}")
             return True
 
         try:
-            wait_until(ready, 20, f"mosquitto on {self.host}:{self.port}/{self.tls_port}",
+            wait_until(ready, 20, f"mosquitto on {self.host}:{self.port}/{self.tls_port}/{self.mtls_port}",
                        on_timeout=lambda: log_tail(self.log_path))
         except BaseException:
             self.stop()

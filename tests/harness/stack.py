@@ -142,7 +142,14 @@ class Stack:
         """OUTPOST_* variables describing the started services (for `make services`)."""
         env: dict[str, str] = {"OUTPOST_STACK_DIR": str(self.run.path)}
         if self._certs is not None:
-            env["OUTPOST_TEST_CA_FILE"] = str(self._certs.ca_file)
+            c = self._certs
+            env.update({
+                "OUTPOST_TEST_CA_FILE": str(c.ca_file),
+                "OUTPOST_TEST_CLIENT_CERT_FILE": str(c.client_cert_file),
+                "OUTPOST_TEST_CLIENT_KEY_FILE": str(c.client_key_file),
+                "OUTPOST_TEST_OTHER_CLIENT_CERT_FILE": str(c.other_client_cert_file),
+                "OUTPOST_TEST_OTHER_CLIENT_KEY_FILE": str(c.other_client_key_file),
+            })
         if self._toxiproxy is not None:
             env["OUTPOST_TOXIPROXY_API"] = self._toxiproxy.api
         m = self._mosquitto
@@ -152,6 +159,7 @@ class Stack:
                 "OUTPOST_MQTT_URL": m.url, "OUTPOST_MQTT_TLS_PORT": str(m.tls_port),
                 "OUTPOST_MQTT_TLS_URL": m.tls_url, "OUTPOST_MQTT_CA_FILE": str(m.ca_file),
                 "OUTPOST_MQTT_USERNAME": m.username, "OUTPOST_MQTT_PASSWORD": m.password,
+                "OUTPOST_MQTT_MTLS_PORT": str(m.mtls_port), "OUTPOST_MQTT_MTLS_URL": m.mtls_url,
             })
         k = self._kafka
         if k is not None:
@@ -162,6 +170,8 @@ class Stack:
             if k.sasl_ssl_bootstrap:
                 env["OUTPOST_KAFKA_SASL_SSL_BOOTSTRAP"] = k.sasl_ssl_bootstrap
                 env["OUTPOST_KAFKA_CA_FILE"] = str(k.ca_file)
+            if k.mtls_bootstrap:
+                env["OUTPOST_KAFKA_MTLS_BOOTSTRAP"] = k.mtls_bootstrap
             for mech, (user, password) in k.sasl_users.items():
                 key = mech.replace("-", "_")
                 env[f"OUTPOST_KAFKA_{key}_USERNAME"] = user
