@@ -123,13 +123,34 @@ class MessageFactory:
         headers_in = record.headers
         topic = headers_in.get("topic", record.stream)
         msg_type = headers_in.get("type", "")
-        ck = (mapping.name, record.stream, topic, msg_type)
+        kafka_topic, key, gw_h, stream_h, topic_h, type_h, fixed = self.parts(
+            mapping, record.stream, topic, msg_type
+        )
+        seq_b = b"%d" % record.seq
+        value = record.payload if type(record.payload) is bytes else bytes(record.payload)
+        msg = KafkaMessage(
+            kafka_topic, key, value, [gw_h, stream_h, (H_SEQ, seq_b), topic_h, type_h],
+            record.ts_ms,
+        )
+        return msg, fixed + len(seq_b) + len(value)
+
+    def parts(
+        self, mapping: Mapping, stream: str, topic: str, msg_type: str
+    ) -> tuple[str, bytes, tuple[str, bytes], tuple[str, bytes], tuple[str, bytes],
+               tuple[str, bytes], int]:
+        """What every `sparkplug`/`raw` message of one (mapping, stream, topic, type) shares.
+
+        (kafka topic, key, gateway/stream/topic/type headers, estimate_size without the
+        value and the seq header's value). The uplink's batching loop uses these directly,
+        so a record costs only its seq header, value and timestamp.
+        """
+        ck = (mapping.name, stream, topic, msg_type)
         parts = self._cache.get(ck)
         if parts is None:
             if len(self._cache) >= self._CACHE_MAX:
                 self._cache.clear()
-            key = (record.stream if mapping.key == "device" else topic).encode()
-            stream_h = (H_STREAM, record.stream.encode())
+            key = (stream if mapping.key == "device" else topic).encode()
+            stream_h = (H_STREAM, stream.encode())
             topic_h = (H_TOPIC, topic.encode())
             type_h = (H_TYPE, msg_type.encode())
             fixed = (
@@ -138,15 +159,10 @@ class MessageFactory:
                       for k, v in (self._gw_header, stream_h, topic_h, type_h))
                 + _HEADER_OVERHEAD + len(H_SEQ)
             )
-            parts = self._cache[ck] = (mapping.kafka_topic, key, stream_h, topic_h, type_h, fixed)
-        kafka_topic, key, stream_h, topic_h, type_h, fixed = parts
-        seq_b = str(record.seq).encode()
-        value = record.payload if type(record.payload) is bytes else bytes(record.payload)
-        msg = KafkaMessage(
-            kafka_topic, key, value,
-            [self._gw_header, stream_h, (H_SEQ, seq_b), topic_h, type_h], record.ts_ms,
-        )
-        return msg, fixed + len(seq_b) + len(value)
+            parts = self._cache[ck] = (
+                mapping.kafka_topic, key, self._gw_header, stream_h, topic_h, type_h, fixed
+            )
+        return parts
 
 
 # --- Sparkplug B -> JSON ---------------------------------------------------------------

@@ -9,6 +9,9 @@ Starts its own Kafka and Toxiproxy through tests/harness and prints one JSON obj
   ceiling, and the ratio uplink/kcat (target >= 0.5). kcat sends five headers of the same
   names and sizes as the uplink's de-duplication headers (static, as kcat has no per-line
   headers), so both put the same bytes in each record; kcat without headers is reported too.
+  kcat runs with librdkafka's default batching (up to 10000 records / 1 MB per batch, 5 ms
+  linger, 5 requests in flight); the uplink's default batches are 1000 records, so the
+  drain is run a second time with kcat's batch limits (`uplink_kcat_batching_*`).
 - wire: bytes on the wire per sample counted at the Toxiproxy proxy for typical float
   telemetry (10 devices x 8 float points, one poll per tick, values drifting), sent live
   tick by tick: Sparkplug B DDATA with aliases + zstd via KafkaUplink, the same with metric
@@ -128,25 +131,49 @@ async def _wait_acked(uplink: KafkaUplink, last_seq: int) -> None:
         await asyncio.sleep(0.05)
 
 
-async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int) -> dict[str, Any]:
-    now_ms = time.time_ns() // 1_000_000
-    pairs = _drain_records(n, now_ms)
-    payload_bytes = sum(len(p) for _, p in pairs)
-    topic = f"bench-drain-{int(time.time())}"
+# librdkafka's producer defaults, which kcat uses here: batch.num.messages=10000,
+# batch.size=1000000 (bytes), linger.ms=5, compression.level=-1 (zstd's default, 3),
+# max.in.flight=5 per connection even with idempotence.
+KCAT_BATCH_MAX_RECORDS = 10_000
+KCAT_BATCH_MAX_BYTES = 1_000_000
+
+
+async def _drain_once(kafka: Any, pairs: list[tuple[str, bytes]], now_ms: int, workdir: Path,
+                      batch_max_records: int, batch_max_bytes: int,
+                      name: str) -> tuple[float, float, dict[str, Any]]:
+    """Fill a fresh buffer with `pairs`, drain it with KafkaUplink: (fill_s, drain_s, state)."""
+    topic = f"bench-drain-{name}-{int(time.time())}"
     kafka.create_topic(topic, partitions=3)
-    buf = await AsyncBuffer.open(str(workdir / "drain.db"),
+    buf = await AsyncBuffer.open(str(workdir / f"drain-{name}.db"),
                                  BufferSettings(4_000_000_000, 7 * 86400.0, synchronous="normal"))
     try:
         fill_s = await _fill(buf, [_record(d, p, now_ms + i) for i, (d, p) in enumerate(pairs)])
         last = (await buf.stats())["last_seq"]
         settings = KafkaSettings(bootstrap_servers=(kafka.bootstrap,),
-                                 batch_max_records=batch_max_records, linger_s=0.0)
+                                 batch_max_records=batch_max_records,
+                                 batch_max_bytes=batch_max_bytes, linger_s=0.0)
         uplink = KafkaUplink(settings, buf, [Mapping("t", ("spBv1.0/#",), topic)], GATEWAY)
         drain_s = await _run_uplink_until(uplink, last, limit_s=1800)
-        state = uplink.state()
+        return fill_s, drain_s, uplink.state()
     finally:
         await buf.close()
+        (workdir / f"drain-{name}.db").unlink(missing_ok=True)
 
+
+async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int,
+                      kcat_batching: bool = True) -> dict[str, Any]:
+    now_ms = time.time_ns() // 1_000_000
+    pairs = _drain_records(n, now_ms)
+    payload_bytes = sum(len(p) for _, p in pairs)
+    fill_s, drain_s, state = await _drain_once(kafka, pairs, now_ms, workdir, batch_max_records,
+                                               1_000_000, "default")
+    if kcat_batching:
+        # The same batch limits as kcat (librdkafka's defaults, above): a like-for-like
+        # comparison of the two producers rather than of their default batch sizes.
+        _, kb_drain_s, kb_state = await _drain_once(kafka, pairs, now_ms, workdir,
+                                                    KCAT_BATCH_MAX_RECORDS,
+                                                    KCAT_BATCH_MAX_BYTES, "kcat-batching")
+    topic = f"bench-drain-kcat-{int(time.time())}"
     kcat_topic = topic + "-kcat"
     kafka.create_topic(kcat_topic, partitions=3)
     kcat_s = await asyncio.to_thread(_kcat_produce, kafka.bootstrap, kcat_topic, pairs, workdir)
@@ -156,7 +183,7 @@ async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int)
                                      False)
     uplink_rps = n / drain_s
     kcat_rps = n / kcat_s
-    return {
+    out = {
         "records": n,
         "payload_bytes_per_record": payload_bytes // n,
         "batch_max_records": batch_max_records,
@@ -173,6 +200,16 @@ async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int)
         "kcat_no_headers_records_per_s": round(n / bare_s),
         "ratio_uplink_to_kcat_no_headers": round(uplink_rps / (n / bare_s), 3),
     }
+    if kcat_batching:
+        out.update({
+            "uplink_kcat_batching": {"batch_max_records": KCAT_BATCH_MAX_RECORDS,
+                                     "batch_max_bytes": KCAT_BATCH_MAX_BYTES},
+            "uplink_kcat_batching_s": round(kb_drain_s, 2),
+            "uplink_kcat_batching_records_per_s": round(n / kb_drain_s),
+            "uplink_kcat_batching_wire_bytes_per_record": round(kb_state["bytes_sent"] / n, 1),
+            "ratio_uplink_kcat_batching_to_kcat": round(n / kb_drain_s / kcat_rps, 3),
+        })
+    return out
 
 
 def _telemetry_ticks(ticks: int, now_ms: int) -> list[list[tuple[str, int, list[float]]]]:
@@ -287,7 +324,8 @@ async def bench_wire(kafka: Any, ticks_n: int, workdir: Path, tick_s: float) -> 
 async def main_async(args: argparse.Namespace, kafka: Any, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "kafka"}
     if not args.skip_drain:
-        out["drain"] = await bench_drain(kafka, args.records, workdir, args.batch_max_records)
+        out["drain"] = await bench_drain(kafka, args.records, workdir, args.batch_max_records,
+                                         not args.skip_kcat_batching)
     if not args.skip_wire:
         out["wire"] = await bench_wire(kafka, args.ticks, workdir, args.tick_s)
     return out
@@ -302,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tick-s", type=float, default=0.2, help="seconds between ticks")
     ap.add_argument("--skip-drain", action="store_true")
     ap.add_argument("--skip-wire", action="store_true")
+    ap.add_argument("--skip-kcat-batching", action="store_true",
+                    help="skip the second drain with kcat's batch limits")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="outpost-bench-kafka-"))

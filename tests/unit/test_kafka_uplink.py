@@ -327,3 +327,64 @@ kafka_topic = "plant.telemetry"
     assert s.bootstrap_servers == ("kafka.example:9093",)
     assert (s.compression, s.linger_s, s.request_timeout_s) == ("lz4", 0.25, 20.0)
     assert (s.sasl_mechanism, s.sasl_username, s.sasl_password) == ("SCRAM-SHA-512", "edge", "pw")
+
+
+class KeepingProducer(ScriptedProducer):
+    """Also keeps each sent batch's bytes, to check what the raw append path built."""
+
+    async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int):
+        self.world.sent.append((topic, partition, batch.record_count(), bytes(batch._build())))
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+class KeepingWorld(World):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, int, int, bytes]] = []
+
+    def factory(self, **kwargs: Any) -> ScriptedProducer:
+        p = KeepingProducer(self, **kwargs)
+        self.producers.append(p)
+        return p
+
+
+async def test_batch_max_records_bounds_each_partition_batch_and_windows_fill_them(buf) -> None:
+    world = KeepingWorld()
+    world.partitions["plant.telemetry"] = 3
+    seqs = await buf.append([_ddata(f"m{i % 12}", i) for i in range(900)])
+    uplink = KafkaUplink(_settings(batch_max_records=50), buf, [TELEMETRY], "g/e",
+                         producer_factory=world.factory)
+    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    sizes = [n for *_, n, _data in world.sent]
+    assert max(sizes) <= 50 and sum(sizes) == 900 == len(world.log)
+    # A window reads for up to 3 partitions and ends when one batch is full: the 12 keys
+    # are spread unevenly (7/4/1 per partition), so the busiest partition's batches are
+    # full. Windows of 50 records spread over 3 partitions would give 54 batches of <= 30.
+    assert max(sizes) == 50 and len(sizes) <= 42, sizes
+    per_key = _dedup_in_order(world.log)
+    for d in range(12):
+        assert per_key[f"plant-7/pump-3/m{d}".encode()] == seqs[d::12]
+    # The batches are well-formed: relative offsets 0..n-1, record_count() matches, the
+    # seq header and timestamp per record.
+    for topic, partition, count, data in world.sent:
+        batch = MemoryRecords(data).next_batch()
+        recs = list(batch)
+        assert [r.offset for r in recs] == list(range(count)), (topic, partition)
+        for r in recs:
+            seq = int(dict(r.headers)[H_SEQ])
+            i = seqs.index(seq)
+            assert r.timestamp == 1_700_000_000_000 + i
+            assert r.key == f"plant-7/pump-3/m{i % 12}".encode()
+
+
+async def test_a_record_for_two_mappings_goes_to_both_or_waits_for_the_next_window(buf) -> None:
+    world = KeepingWorld()
+    copy = Mapping("copy", ("spBv1.0/#",), "plant.copy", key="topic")
+    seqs = await buf.append([_ddata("m1", i) for i in range(120)])
+    uplink = KafkaUplink(_settings(batch_max_records=50), buf, [TELEMETRY, copy], "g/e",
+                         producer_factory=world.factory)
+    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    assert max(n for *_, n, _d in world.sent) <= 50
+    assert _dedup_in_order(world.log) == {b"plant-7/pump-3/m1": seqs}
+    assert _dedup_in_order(world.log, "plant.copy") == {b"spBv1.0/plant-7/DDATA/pump-3/m1": seqs}
+    assert uplink.state()["messages_sent"] == 240
