@@ -181,8 +181,13 @@ class KafkaSection(_Section):
     key_file: str | None = None
     compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
     linger: Duration = Field(0.1, description="how long the producer waits to fill a batch")
-    batch_max_bytes: SizeBytes = 1_000_000
-    batch_max_records: int = Field(1000, ge=1, le=100_000)
+    batch_max_bytes: SizeBytes = Field(1_000_000, description="bytes per Kafka record batch (per partition)")
+    batch_max_records: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="records per Kafka batch (per partition); a failure resends at most one batch per partition",
+    )
     request_timeout: Duration = Field(30.0, description="a request not answered in this time counts as a failed link")
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
@@ -211,9 +216,7 @@ class KafkaSection(_Section):
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: set both or neither")
         if self.security_protocol not in ("SSL", "SASL_SSL") and (self.cert_file or self.ca_file):
-            raise ValueError(
-                f"ca_file/cert_file need security_protocol SSL or SASL_SSL, not {self.security_protocol}"
-            )
+            raise ValueError(f"ca_file/cert_file need security_protocol SSL or SASL_SSL, not {self.security_protocol}")
         return self
 
 
@@ -571,8 +574,8 @@ def warnings(cfg: OutpostConfig) -> list[str]:
         for i, m in enumerate(cfg.kafka.mappings):
             if m.subscribe and m.format == "json" and any(not f.startswith("spBv1.0/") for f in m.mqtt_topic_filters):
                 out.append(
-                    f"kafka.mappings[{i}]: format \"json\" decodes Sparkplug payloads; bridged messages on "
-                    "non-Sparkplug topics will fail to format (use \"raw\")"
+                    f'kafka.mappings[{i}]: format "json" decodes Sparkplug payloads; bridged messages on '
+                    'non-Sparkplug topics will fail to format (use "raw")'
                 )
     if cfg.buffer.synchronous == "normal":
         out.append('buffer.synchronous = "normal": the last committed batch may be lost on power loss')
