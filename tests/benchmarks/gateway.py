@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.diagnostics.client import fetch_status
-from tests.e2e.field import GatewayProcess
 from tests.harness.common import RunDir
+from tests.harness.gateway import GatewayProcess
 from tests.harness.stack import Stack
 
 DEVICES = 10

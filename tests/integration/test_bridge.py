@@ -8,8 +8,6 @@ Checked with kcat, an independent consumer, and a plain MQTT subscriber.
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from gmqtt import Client
 
-from tests.harness.common import REPO_ROOT
+from tests.harness.gateway import GatewayProcess
 from tests.integration.test_kafka_support import kcat_consume_async
 
 
@@ -75,10 +73,8 @@ async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosqu
     kafka.create_topic(inbound)
     cfg = tmp_path / "outpost.toml"
     cfg.write_text(_config(tmp_path, mosquitto, kafka, bridged, inbound))
-    log = (tmp_path / "gateway.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(cfg), stdout=log, stderr=log, cwd=REPO_ROOT
-    )
+    gateway = GatewayProcess(cfg, tmp_path / "gateway.log")
+    gateway.start()
     received: list[tuple[str, bytes]] = []
     sub = await _client(mosquitto, "cmd-sub")
     sub.on_message = lambda _c, topic, payload, _qos, _p: received.append((topic, payload)) or 0
@@ -121,15 +117,8 @@ async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosqu
     finally:
         await pub.disconnect()
         await sub.disconnect()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            log.close()
-    assert proc.returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
+        returncode = await gateway.stop()
+    assert returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
 
 
 async def _true(value: bool) -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from drivers.modbus.simserver import SimServer, SimUnit
 from gateway.diagnostics.client import fetch_status
 from gateway.diagnostics.errors import DiagnosticsError
-from tests.harness.common import REPO_ROOT
+from tests.harness.gateway import GatewayProcess
 
 
 def _config(tmp: Path, modbus_port: int, kafka, topic: str, group: str) -> str:
@@ -91,10 +89,8 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
     group = f"outpost-cmd-{uuid.uuid4().hex[:6]}"
     cfg.write_text(_config(tmp_path, server.port, kafka, topic, group))
     sock = str(tmp_path / "outpost.sock")
-    log = (tmp_path / "gateway.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(cfg), stdout=log, stderr=log, cwd=REPO_ROOT
-    )
+    gateway = GatewayProcess(cfg, tmp_path / "gateway.log")
+    gateway.start()
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
     await producer.start()
     try:
@@ -141,13 +137,6 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
         assert inbound["rejected"] == 2
     finally:
         await producer.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            log.close()
-            await server.stop()
-    assert proc.returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
+        returncode = await gateway.stop()
+        await server.stop()
+    assert returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
