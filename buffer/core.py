@@ -19,8 +19,9 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from buffer import schema
@@ -91,13 +92,14 @@ class NewRecord:
 
 
 # Not frozen: a frozen dataclass's __init__ costs about 1 us more per record, a quarter
-# of the drain path. Treat it as read-only; `headers` is a fresh dict per record.
+# of the drain path. Treat it as read-only; `headers` is a read-only view shared by every
+# record with the same header set (copying a dict per record cost ~0.5 us on the drain).
 @dataclass(slots=True)
 class Record:
     seq: int
     stream: str
     ts_ms: int
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     payload: bytes
 
 
@@ -166,7 +168,7 @@ class Buffer:
         self._streams: dict[str, int] = {}
         self._stream_names: dict[int, str] = {}
         self._header_ids: dict[tuple[tuple[str, str], ...], int] = {}
-        self._header_sets: dict[int, dict[str, str]] = {}
+        self._header_sets: dict[int, Mapping[str, str]] = {}
         self._st = self._load_state()
         self._wal_bytes_est = 0
         self._last_checkpoint: dict[str, Any] | None = None
@@ -221,7 +223,7 @@ class Buffer:
         for hid, encoded in conn.execute("SELECT id, encoded FROM header_sets"):
             pairs = tuple(tuple(p) for p in json.loads(encoded))
             self._header_ids[pairs] = hid
-            self._header_sets[hid] = dict(pairs)
+            self._header_sets[hid] = MappingProxyType(dict(pairs))
         return _State(last_seq, lo if lo is not None else last_seq + 1,
                       meta.get("live_bytes", 0), cursors, dropped)
 
@@ -379,7 +381,7 @@ class Buffer:
             self._stream_names[sid] = name
         for key, hid in new_headers.items():
             self._header_ids[key] = hid
-            self._header_sets[hid] = dict(key)
+            self._header_sets[hid] = MappingProxyType(dict(key))
         self._wal_bytes_est += batch_bytes + n * _RECORD_OVERHEAD_ESTIMATE + 3 * self._page_size
         return list(range(first, st.last_seq + 1))
 
@@ -663,7 +665,7 @@ class Buffer:
             if max_bytes is not None and out and total + len(payload) > max_bytes:
                 break
             total += len(payload)
-            out.append(Record(seq, names[sid], ts_ms, dict(hsets[hid]), payload))
+            out.append(Record(seq, names[sid], ts_ms, hsets[hid], payload))
         return out
 
     def has_records(self, cursor: str, after_seq: int | None = None) -> bool:

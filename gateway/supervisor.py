@@ -525,6 +525,17 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+def tune_gc() -> None:
+    """Call once after start-up, as `outpost run` does (the benchmarks do too).
+
+    Everything loaded so far lives as long as the process: keep the collector from
+    rescanning it, and collect young objects less often on the hot path (measured on the
+    Kafka drain: ~10% less CPU per record; a few MB more garbage between collections).
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def _quiet_client_libraries(level: str) -> None:
     if level != "debug":
         for name in ("aiokafka", "gmqtt"):
@@ -549,11 +560,7 @@ async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str 
         log.error("event=start_failed error=%r", str(e))
         await gw.stop()
         return 1
-    # Everything loaded so far lives as long as the process: keep the collector from
-    # rescanning it, and collect young objects less often on the hot path (measured on the
-    # Kafka drain: ~10% less CPU per record).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_gc()
     interval = watchdog_interval_s()
     if interval:
         watchdog = Watchdog(notifier, interval)

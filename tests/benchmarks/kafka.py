@@ -38,6 +38,7 @@ from typing import Any
 from buffer import AsyncBuffer, BufferSettings, NewRecord
 from gateway.mappings import Mapping
 from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.supervisor import tune_gc
 from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
 from tests.harness.common import RunDir
 from tests.harness.stack import Stack
@@ -322,7 +323,9 @@ async def bench_wire(kafka: Any, ticks_n: int, workdir: Path, tick_s: float) -> 
 
 
 async def main_async(args: argparse.Namespace, kafka: Any, workdir: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"benchmark": "kafka"}
+    out: dict[str, Any] = {"benchmark": "kafka", "gc_tuned_as_outpost_run": not args.no_gc_tuning}
+    if not args.no_gc_tuning:
+        tune_gc()  # the uplink runs in this process: tune it the way `outpost run` does
     if not args.skip_drain:
         out["drain"] = await bench_drain(kafka, args.records, workdir, args.batch_max_records,
                                          not args.skip_kcat_batching)
@@ -342,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-wire", action="store_true")
     ap.add_argument("--skip-kcat-batching", action="store_true",
                     help="skip the second drain with kcat's batch limits")
+    ap.add_argument("--no-gc-tuning", action="store_true", help="leave the collector as Python sets it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="outpost-bench-kafka-"))
