@@ -77,6 +77,9 @@ class BufferSection(_Section):
         "full", description="full: a committed batch survives power loss; normal: faster, may lose the last batch"
     )
     flush_interval: Duration = Field(0.2, description="how long samples wait to be committed as one batch")
+    check_on_open: Literal["quick", "none"] = Field(
+        "quick", description="PRAGMA quick_check when opening (reads the whole file: slow on a big file on an SD card)"
+    )
     batch_max_records: int = Field(1000, ge=1, le=100_000, description="records per buffer transaction at most")
 
     @field_validator("max_size_bytes")

@@ -120,6 +120,7 @@ class Gateway:
             max_age_s=b.max_age,
             when_full=b.when_full,
             synchronous=b.synchronous,
+            check_on_open=b.check_on_open,
         )
         self.buffer = await AsyncBuffer.open(os.path.join(g.data_dir, BUFFER_FILE), settings)
         stats = await self.buffer.stats()

@@ -228,3 +228,8 @@ format = "json"
 subscribe = true
 """)
     assert any("kafka.mappings[0]" in w and "raw" in w for w in warnings(cfg))
+
+
+def test_buffer_open_check_can_be_turned_off_for_big_files_on_sd_cards() -> None:
+    assert parse_config(MINIMAL + '\n[buffer]\ncheck_on_open = "none"\n').buffer.check_on_open == "none"
+    assert any("buffer.check_on_open" in p for p in problems_of(MINIMAL + '\n[buffer]\ncheck_on_open = "full"\n'))
