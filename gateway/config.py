@@ -33,6 +33,8 @@ from pydantic import (
 from drivers.registry import DeviceConfig, ModbusBusConfig
 from drivers.units import Duration, SizeBytes
 from gateway.errors import ConfigError
+from gateway.mappings import MappingError
+from gateway.mappings import validate_topic_filter as _validate_mapping_filter
 
 DEFAULT_CONFIG_PATH = "/etc/outpost/outpost.toml"
 
@@ -277,32 +279,42 @@ class ServerURL:
 
 
 def parse_server_url(url: str, *, default_scheme: str = "mqtt") -> ServerURL:
-    m = re.fullmatch(r"(?:(mqtt|mqtts|tcp|ssl)://)?(\[[0-9a-fA-F:]+\]|[^:/\s]+)(?::(\d{1,5}))?/?", url)
+    """The one MQTT server URL syntax (config, uplinks, bridge and doctor all use it)."""
+    m = re.fullmatch(r"(?:(mqtt|mqtts|tcp|ssl|tls)://)?(\[[0-9a-fA-F:]+\]|[^:/\s]+)(?::(\d{1,5}))?/?", url)
     if not m:
-        raise ValueError(f"{url!r} is not a server URL such as 'mqtts://broker.example:8883'")
-    scheme = {"tcp": "mqtt", "ssl": "mqtts"}.get(m.group(1) or default_scheme, m.group(1) or default_scheme)
+        raise ValueError(
+            f"{url!r} is not a server URL: expected scheme mqtt:// or mqtts:// and host[:port], "
+            "such as 'mqtts://broker.example:8883'"
+        )
+    given = m.group(1) or default_scheme
+    scheme = {"tcp": "mqtt", "ssl": "mqtts", "tls": "mqtts"}.get(given, given)
     port = int(m.group(3)) if m.group(3) else (8883 if scheme == "mqtts" else 1883)
     if not 0 < port < 65536:
         raise ValueError(f"{url!r}: port {port} is out of range")
     return ServerURL(scheme, m.group(2).strip("[]"), port)
 
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s/]+):(\d{1,5})", value)
-    if not m or not 0 < int(m.group(2)) < 65536:
+def parse_host_port(value: str, *, default_port: int | None = None, allow_port_zero: bool = False) -> tuple[str, int]:
+    """"host:port" or "[v6addr]:port"; the port may be left out only when `default_port` is given.
+
+    Port 0 (any free port) only makes sense for a listener, so only `allow_port_zero` takes it.
+    """
+    m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s/\[\]]+)(?::(\d{1,5}))?", value.strip())
+    if not m or (m.group(2) is None and default_port is None):
         raise ValueError(f"{value!r} is not host:port such as 'kafka.example:9093'")
-    return m.group(1).strip("[]"), int(m.group(2))
+    port = int(m.group(2)) if m.group(2) is not None else default_port
+    assert port is not None
+    if not (0 if allow_port_zero else 1) <= port < 65536:
+        raise ValueError(f"{value!r}: port {port} is out of range")
+    return m.group(1).strip("[]"), port
 
 
 def validate_topic_filter(f: str) -> str:
-    if not f:
-        raise ValueError("an MQTT topic filter cannot be empty")
-    levels = f.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise ValueError(f"{f!r}: '#' must be a whole level and the last one")
-        if "+" in level and level != "+":
-            raise ValueError(f"{f!r}: '+' must be a whole level")
+    """The mappings' filter check, as a ValueError for the config models."""
+    try:
+        _validate_mapping_filter(f)
+    except MappingError as e:
+        raise ValueError(str(e)) from None
     return f
 
 

@@ -21,8 +21,8 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from gateway import config
 from gateway.clock import ClockStatus, read_clock_status
 from gateway.diagnostics.errors import DiagnosticsError
 
@@ -47,44 +47,22 @@ class Endpoint:
 
 
 def parse_mqtt_url(url: str) -> Endpoint:
-    """"mqtt://host:1883" / "mqtts://host:8883" (also tcp://, ssl://, tls://)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in ("mqtt", "tcp"):
-        tls, default_port = False, 1883
-    elif scheme in ("mqtts", "ssl", "tls"):
-        tls, default_port = True, 8883
-    else:
-        raise DiagnosticsError(
-            f"MQTT server {url!r}: unknown scheme {parts.scheme!r}",
-            hint="write servers as mqtt://host:1883 or mqtts://host:8883",
-        )
-    if not parts.hostname:
-        raise DiagnosticsError(f"MQTT server {url!r} has no host name")
+    """"mqtt://host:1883" / "mqtts://host:8883" (also tcp://, ssl://, tls://), as the config reads them."""
     try:
-        port = parts.port or default_port
+        s = config.parse_server_url(url)
     except ValueError as exc:
-        raise DiagnosticsError(f"MQTT server {url!r}: {exc}") from exc
-    return Endpoint("mqtt", parts.hostname, port, tls)
+        raise DiagnosticsError(
+            f"MQTT server {url!r}: {exc}", hint="write servers as mqtt://host:1883 or mqtts://host:8883"
+        ) from None
+    return Endpoint("mqtt", s.host, s.port, s.tls)
 
 
 def parse_host_port(value: str, *, default_port: int = 9092) -> tuple[str, int]:
     """"host:port" or "[v6addr]:port" as Kafka bootstrap servers are written."""
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise DiagnosticsError(f"server {value!r} has no host name")
     try:
-        port = int(port_text) if port_text else default_port
+        return config.parse_host_port(value, default_port=default_port)
     except ValueError as exc:
-        raise DiagnosticsError(f"server {value!r}: port {port_text!r} is not a number") from exc
-    return host, port
+        raise DiagnosticsError(f"server {value!r}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- serial ports

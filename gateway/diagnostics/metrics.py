@@ -196,15 +196,12 @@ class GatewayMetrics:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host:
-        raise DiagnosticsError(f"metrics_listen {listen!r}: expected host:port such as 127.0.0.1:9108")
+    from gateway.config import parse_host_port  # one host:port syntax for every setting
+
     try:
-        port = int(port_text)
-    except ValueError as exc:
-        raise DiagnosticsError(f"metrics_listen {listen!r}: port is not a number") from exc
-    return host, port
+        return parse_host_port(listen, allow_port_zero=True)
+    except ValueError:
+        raise DiagnosticsError(f"metrics_listen {listen!r}: expected host:port such as 127.0.0.1:9108") from None
 
 
 class MetricsServer:
