@@ -299,9 +299,11 @@ def parse_host_port(value: str, *, default_port: int | None = None, allow_port_z
 
     Port 0 (any free port) only makes sense for a listener, so only `allow_port_zero` takes it.
     """
-    m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s/\[\]]+)(?::(\d{1,5}))?", value.strip())
+    m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s/\[\]]+)(?::([^:]*))?", value.strip())
     if not m or (m.group(2) is None and default_port is None):
         raise ValueError(f"{value!r} is not host:port such as 'kafka.example:9093'")
+    if m.group(2) is not None and not re.fullmatch(r"\d{1,5}", m.group(2)):
+        raise ValueError(f"{value!r}: port {m.group(2)!r} is not a number")
     port = int(m.group(2)) if m.group(2) is not None else default_port
     assert port is not None
     if not (0 if allow_port_zero else 1) <= port < 65536:
