@@ -429,8 +429,8 @@ class Gateway:
             m.buffer_records.labels(cursor=name).set(c.get("records", 0))
         m.buffer_bytes.set((stats.get("file_size_bytes") or 0) + (stats.get("wal_size_bytes") or 0))
         for reason, n in stats.get("dropped", {}).items():
-            child = m.buffer_dropped.labels(reason=reason)
-            child.inc(max(0, n - child.value)) if hasattr(child, "value") else None
+            # The buffer counts drops since it was created; the counter follows that total.
+            m.buffer_dropped.inc(max(0.0, n - m.buffer_dropped.value(reason=reason)), reason=reason)
         clock = self.clock.status()
         m.clock_synced.set(1 if clock.get("synced") else 0)
         links = self._links()

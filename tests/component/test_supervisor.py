@@ -214,3 +214,23 @@ def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         notify.close()
+
+
+async def test_buffer_drops_reach_the_metrics(tmp_path: Path) -> None:
+    from buffer import NewRecord
+    from gateway.config import parse_config, resolve_secrets
+    from gateway.supervisor import Gateway
+
+    cfg = parse_config(_config(tmp_path, ["sim1"]))
+    gw = Gateway(cfg, resolve_secrets(cfg))
+    await gw._open_buffer()
+    await gw._start_diagnostics()
+    try:
+        assert gw.buffer is not None
+        await gw.buffer.append([NewRecord("g/e/sim1", b"x" * 10, 1, {})])
+        assert await gw.buffer.purge() == 1  # counted as dropped, reason "purged"
+        await gw._update_metrics()
+        await gw._update_metrics()  # follows the total, does not add it again
+        assert gw.metrics.buffer_dropped.value(reason="purged") == 1
+    finally:
+        await gw.stop()
