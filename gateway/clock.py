@@ -223,6 +223,7 @@ class ClockGuard:
         self._holdover_valid = True
         self._since_mono_ns = mono_ns()
         self._counters = _Counters()
+        self._offset_headers: dict[str, str] | None = None  # see record_headers()
         self.poll()
 
     def raise_floor(self, ts_ms: int) -> None:
@@ -309,7 +310,7 @@ class ClockGuard:
         # slewed, so its wall-minus-monotonic offset only changes when the clock jumps. Keep
         # one value per such epoch (to the millisecond the correction works in) instead of
         # a new header set for every record.
-        cached = getattr(self, "_offset_headers", None)
+        cached = self._offset_headers
         if cached is None or abs(int(cached[H_OFFSET]) - offset) > 1_000_000:
             cached = self._offset_headers = {H_CLOCK: "unsynced", H_OFFSET: str(offset), H_BOOT: self.boot_id}
         return dict(cached)

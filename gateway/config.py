@@ -19,7 +19,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.registry import DeviceConfig, ModbusBusConfig
+from drivers.registry import DRIVERS, DeviceConfig, ModbusBusConfig
 from drivers.units import Duration, SizeBytes
 from gateway.errors import ConfigError
 from gateway.mappings import MappingError
@@ -323,14 +323,17 @@ def validate_topic_filter(f: str) -> str:
 def _check_secret_pair(value: str | None, file: str | None, key: str) -> None:
     if value is not None and file is not None:
         raise ValueError(f"set {key} or {key}_file, not both")
-    if value is not None and not _ENV_REF_RE.fullmatch(value.strip()):
-        # A literal secret in a world-readable file is what we want to avoid; allow it, but it
-        # must be explicit: the README says so and `outpost check` warns (see warnings()).
-        pass
+    # A literal secret is allowed; `outpost check` warns about it (see warnings()).
 
 
 # ---------------------------------------------------------------------------------------
 # Loading, error reporting with key paths and lines
+
+
+# pydantic puts the chosen member's tag of a discriminated union into error locations.
+_UNION_TAGS = frozenset(DRIVERS) | {
+    get_args(m.model_fields["transport"].annotation)[0] for m in get_args(get_args(ModbusBusConfig)[0])
+}
 
 
 def _format_path(loc: tuple[Any, ...], data: Any) -> tuple[str, list[str | int]]:
@@ -350,9 +353,7 @@ def _format_path(loc: tuple[Any, ...], data: Any) -> tuple[str, list[str | int]]
             cur = cur[step]
         elif isinstance(step, str) and isinstance(cur, dict):
             # Either a union tag (skip) or a missing/extra key (keep: it names the key).
-            if step in ("modbus", "serial_line", "simulator", "rtu", "tcp", "rtu_over_tcp") or step.startswith(
-                "function-"
-            ):
+            if step in _UNION_TAGS or step.startswith("function-"):
                 continue
             parts.append(step)
             cur = None

@@ -92,6 +92,7 @@ class Gateway:
         self.metrics_server: Any = None
         self.metrics: Any = None
         self._pending: list[NewRecord] = []
+        self._device_metrics: dict[str, tuple[Any, Any]] = {}  # device -> (samples_read, errors) handles
         self._flush_now = asyncio.Event()
         self.recover_requested = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -151,6 +152,11 @@ class Gateway:
         await self._sync_cursors()
         infos = {d.name: d.point_infos() for d in cfg.devices}
         self.devices = {name: self.devices.get(name) or DeviceStatus() for name in infos}
+        if self.metrics is not None:
+            m = self.metrics
+            self._device_metrics = {
+                name: (m.samples_read.labels(device=name), m.errors.labels(device=name)) for name in infos
+            }
         node = NodeIdentity(cfg.gateway.group_id, cfg.gateway.edge_node_id)
         self.rbe = ReportByException(node, infos)
         self.drivers = build_drivers(cfg.buses, cfg.devices, self._on_sample, self._on_event)
@@ -226,7 +232,7 @@ class Gateway:
                 log.error("event=metrics_listen_failed listen=%s error=%r", d.metrics_listen, str(e))
                 self.metrics_server = None
 
-    async def _stop_pipeline(self, *, final: bool) -> None:
+    async def _stop_pipeline(self) -> None:
         """Stop polling, commit what was read, then close uplinks (NDEATH) in order."""
         self._polling = False
         for drv in self.drivers:
@@ -254,7 +260,7 @@ class Gateway:
 
     async def stop(self) -> None:
         try:
-            await self._stop_pipeline(final=True)
+            await self._stop_pipeline()
         finally:
             if self.status_server is not None:
                 with contextlib.suppress(Exception):
@@ -269,7 +275,7 @@ class Gateway:
     async def recover_buffer(self) -> None:
         """Reopen a buffer found corrupt while running; samples in memory are kept."""
         self.recover_requested.clear()
-        await self._stop_pipeline(final=False)
+        await self._stop_pipeline()
         if self.buffer is not None:
             with contextlib.suppress(Exception):
                 await self.buffer.close()
@@ -291,9 +297,8 @@ class Gateway:
             log.warning("event=reload_partial note=gateway.data_dir_and_buffer_need_a_restart")
             cfg = cfg.model_copy(update={"buffer": self.cfg.buffer, "gateway": self.cfg.gateway})
         log.info("event=reload_start path=%s", path)
-        await self._stop_pipeline(final=False)
+        await self._stop_pipeline()
         self.cfg, self.secrets = cfg, secrets
-        self.devices = {n: s for n, s in self.devices.items() if n in {d.name for d in cfg.devices}}
         await self._start_pipeline()
         self.counters["reloads"] += 1
         log.info("event=reload_done devices=%d", len(cfg.devices))
@@ -314,11 +319,12 @@ class Gateway:
             else:
                 st.errors += 1
                 st.last_error = s.reason
-        if self.metrics is not None:
-            self.metrics.samples_read.labels(device=s.device).inc()
+        handles = self._device_metrics.get(s.device)
+        if handles is not None:
+            handles[0].inc()
             if s.quality is not Quality.GOOD:
-                self.metrics.errors.labels(device=s.device).inc()
-        if self.status_server is not None:
+                handles[1].inc()
+        if self.status_server is not None and self.status_server.tail_clients:  # skip the dict otherwise
             self.status_server.publish_sample(
                 {
                     "device": s.device,
@@ -423,7 +429,6 @@ class Gateway:
     async def _update_metrics(self) -> None:
         assert self.buffer is not None
         stats = await self.buffer.stats()
-        self._last_buffer_stats = stats
         m = self.metrics
         for name, c in stats.get("cursors", {}).items():
             m.buffer_records.labels(cursor=name).set(c.get("records", 0))
@@ -457,10 +462,9 @@ class Gateway:
                 links["primary_host"] = {"up": bool(host.get("online")), "host_id": host.get("id")}
         if self.kafka is not None:
             st = self.kafka.state()
-            up = st.get("link") == "up" if "link" in st else bool(st.get("up"))
             since = st.get("since")
             links["kafka"] = {
-                "up": up,
+                "up": st.get("link") == "up",
                 "since_ms": int(since * 1000) if isinstance(since, int | float) else since,
                 "server": self.cfg.kafka.bootstrap_servers[0] if self.cfg.kafka else None,
                 "last_error": st.get("last_error") or "",

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from buffer import NewRecord  # the buffer package owns the record type (DESIGN contract 2)
 from drivers.base import Quality, Sample
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.errors import PayloadError
@@ -30,16 +31,6 @@ from gateway.sparkplug.payload import (
     set_metric_value,
 )
 from gateway.sparkplug.topics import MessageType, device_topic, node_topic
-
-try:  # the buffer package owns the record type (DESIGN contract 2)
-    from buffer import NewRecord
-except ImportError:  # pragma: no cover - until buffer/ exports it; same fields
-    @dataclass(frozen=True, slots=True)
-    class NewRecord:  # type: ignore[no-redef]
-        stream: str
-        payload: bytes
-        ts_ms: int
-        headers: dict[str, str] = field(default_factory=dict)
 
 log = logging.getLogger(__name__)
 
