@@ -10,6 +10,7 @@ from drivers.base import DeviceState, Quality
 from drivers.modbus.config import ModbusDeviceConfig, RtuBusConfig
 from drivers.modbus.driver import ModbusBusDriver
 from drivers.modbus.simserver import SimServer, SimUnit
+from tests.harness.common import until
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
@@ -32,15 +33,6 @@ def devices():
 def bus(port):
     return RtuBusConfig(name="line", transport="rtu", port=port, baudrate=19200, timeout="250ms",
                         inter_frame_delay="5ms", reconnect_min="100ms", reconnect_max="300ms")
-
-
-async def until(predicate, limit_s=10.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ import pytest
 from drivers.base import DeviceState, Quality
 from drivers.serial_line.config import SerialLineDeviceConfig
 from drivers.serial_line.driver import SerialLineDriver
+from tests.harness.common import until
 
 
 @pytest.fixture
@@ -34,15 +35,6 @@ class Peer:
     def close(self):
         with contextlib.suppress(OSError):
             os.close(self.fd)
-
-
-async def until(predicate, limit_s=8.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

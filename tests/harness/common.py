@@ -9,10 +9,12 @@ when the test process itself is SIGKILLed, by the kernel (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
 import fcntl
+import inspect
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES_DIR = Path(os.environ.get("OUTPOST_SERVICES_ROOT", REPO_ROOT / ".services"))
@@ -85,6 +88,37 @@ def wait_until(
     detail = f" (last error: {last_exc!r})" if last_exc else ""
     extra = f"\n{on_timeout()}" if on_timeout else ""
     raise HarnessError(f"timed out after {timeout_s:.0f}s waiting for {what}{detail}{extra}")
+
+
+async def until(
+    check: Callable[[], Any],
+    limit_s: float = 10.0,
+    what: str = "condition",
+    *,
+    interval_s: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Poll `check` (sync, or async returning a bool) on the event loop until it is true.
+
+    Errors of the types in `ignore` mean "not yet" (a socket that is not there yet);
+    any other error fails at once. On timeout, AssertionError names `what`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+        except ignore as exc:
+            last_exc = exc
+        if loop.time() > deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            raise AssertionError(f"{what}: not reached within {limit_s:g}s{detail}")
+        await asyncio.sleep(interval_s)
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -8,13 +8,13 @@ Checked with kcat, an independent consumer, and a plain MQTT subscriber.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from gmqtt import Client
 
+from tests.harness.common import until
 from tests.harness.gateway import GatewayProcess
 from tests.integration.test_kafka_support import kcat_consume_async
 
@@ -58,15 +58,6 @@ async def _client(mosquitto, name: str) -> Client:
     return c
 
 
-async def _wait_for(predicate, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"not reached within {timeout_s}s")
-
-
 async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosquitto, kafka, kcat) -> None:
     bridged, inbound = f"bridged-{uuid.uuid4().hex[:8]}", f"inbound-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(bridged)
@@ -82,7 +73,9 @@ async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosqu
     pub = await _client(mosquitto, "sensor")
     try:
         # Wait until the bridge subscribed: the log says so.
-        await _wait_for(lambda: _true(b"event=bridge_up" in (tmp_path / "gateway.log").read_bytes()), 30)
+        await until(
+            lambda: b"event=bridge_up" in (tmp_path / "gateway.log").read_bytes(), 30, "bridge up", interval_s=0.5
+        )
         for i in range(20):
             pub.publish(f"site/pump{i % 2}/flow", f"flow={i}".encode(), qos=1)
             await asyncio.sleep(0.02)  # stay under the broker's receive maximum
@@ -91,7 +84,7 @@ async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosqu
         async def bridged_arrived() -> bool:
             return len(await kcat_consume_async(kcat, kafka.bootstrap, bridged)) >= 20
 
-        await _wait_for(bridged_arrived, 60)
+        await until(bridged_arrived, 60, "bridged messages in Kafka", interval_s=0.5)
         msgs = await kcat_consume_async(kcat, kafka.bootstrap, bridged)
         assert len(msgs) == 20, [m["payload"] for m in msgs]
         by_topic: dict[str, list[str]] = {}
@@ -113,13 +106,9 @@ async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosqu
         async def command_arrived() -> bool:
             return ("site/cmd/valve7", b"open valve") in received
 
-        await _wait_for(command_arrived, 60)
+        await until(command_arrived, 60, "command on MQTT", interval_s=0.5)
     finally:
         await pub.disconnect()
         await sub.disconnect()
         returncode = await gateway.stop()
     assert returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
-
-
-async def _true(value: bool) -> bool:
-    return value

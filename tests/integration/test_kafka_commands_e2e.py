@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from drivers.modbus.simserver import SimServer, SimUnit
 from gateway.diagnostics.client import fetch_status
 from gateway.diagnostics.errors import DiagnosticsError
+from tests.harness.common import until
 from tests.harness.gateway import GatewayProcess
 
 
@@ -67,18 +67,6 @@ async def _status(sock: str) -> dict:
     return await asyncio.to_thread(fetch_status, sock)
 
 
-async def _until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if await predicate():
-                return
-        except (OSError, DiagnosticsError):  # the gateway is still starting
-            pass
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"{what}: not reached within {timeout_s}s")
-
-
 async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, kafka) -> None:
     unit = SimUnit()
     unit.set_range("holding", 100, [0])
@@ -99,7 +87,7 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
             inbound = (await _status(sock)).get("inbound") or [{}]
             return inbound[0].get("link") == "up"
 
-        await _until(consumer_ready, 60, "inbound consumer up")
+        await until(consumer_ready, 60, "inbound consumer up", interval_s=0.3, ignore=(OSError, DiagnosticsError))
 
         async def assigned() -> bool:
             # A new group starts at the latest offset: produce only once it owns the partition.
@@ -113,7 +101,7 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
             finally:
                 await admin.close()
 
-        await _until(assigned, 60, "consumer group assigned")
+        await until(assigned, 60, "consumer group assigned", interval_s=0.3)
         bad = [
             b"{not json",
             json.dumps({"device": "plc1", "point": "no_such_point", "value": 1}).encode(),
@@ -127,7 +115,7 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
         async def written() -> bool:
             return unit.tables["holding"].get(100) == 1200
 
-        await _until(written, 60, "register written")
+        await until(written, 60, "register written", interval_s=0.3)
         # Only the good command reached the device, in order after the bad ones.
         holding_writes = [w for w in unit.writes if w[0] == "holding"]
         assert holding_writes == [("holding", 100, [1200])], unit.writes

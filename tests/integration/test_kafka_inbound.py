@@ -20,6 +20,7 @@ from gmqtt import Client as MqttClient
 from drivers.base import WriteRejected
 from gateway.kafka_inbound import InboundMapping, KafkaInbound
 from gateway.uplinks.kafka import KafkaSettings
+from tests.harness.common import until
 from tests.integration.test_kafka_support import unique_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -48,14 +49,6 @@ async def _committed(bootstrap: str, group: str, topic: str) -> int | None:
         return await consumer.committed(TopicPartition(topic, 0))
     finally:
         await consumer.stop()
-
-
-async def _until(cond, limit_s: float = 45) -> None:
-    async with asyncio.timeout(limit_s):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def _run(inbound: KafkaInbound):
@@ -96,8 +89,8 @@ async def test_kafka_to_mqtt_publish(kafka, mosquitto) -> None:
     task = await _run(inbound)
     try:
         await _produce(kafka.bootstrap, topic, [(b"m1", b"one"), (b"m2", b"two"), (b"m1", b"3")])
-        await _until(lambda: len(received) >= 3)
-        await _until(lambda: inbound.state()["published"] == 3)
+        await until(lambda: len(received) >= 3, 45)
+        await until(lambda: inbound.state()["published"] == 3, 45)
     finally:
         await _stop(inbound, task)
         await sub.disconnect()
@@ -135,7 +128,7 @@ async def test_kafka_commands_to_device_writes(kafka) -> None:
     )
     task = await _run(inbound)
     try:
-        await _until(lambda: inbound.state()["received"] == 4)
+        await until(lambda: inbound.state()["received"] == 4, 45)
     finally:
         await _stop(inbound, task)
     assert writes == [("meter1", "setpoint", 21.5), ("meter1", "run", True)]
@@ -152,7 +145,7 @@ async def test_kafka_commands_to_device_writes(kafka) -> None:
     )
     task = await _run(again)
     try:
-        await _until(lambda: again.state()["received"] >= 1)
+        await until(lambda: again.state()["received"] >= 1, 45)
     finally:
         await _stop(again, task)
     assert writes[2:] == [("meter1", "setpoint", 19)]
