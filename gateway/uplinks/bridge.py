@@ -30,7 +30,7 @@ from buffer import NewRecord
 from gateway.config import OutpostConfig, parse_server_url
 from gateway.errors import UplinkError
 from gateway.mappings import MappingTable
-from gateway.uplinks.mqtt import _AckTracker
+from gateway.uplinks.mqtt import AckTracker
 
 log = logging.getLogger("outpost.bridge")
 
@@ -53,7 +53,7 @@ class LocalBridge:
         base = self.mqtt.client_id or f"outpost-{cfg.gateway.group_id}-{cfg.gateway.edge_node_id}"
         self.client_id = f"{base}-bridge"
         self._client: Client | None = None
-        self._acks: _AckTracker | None = None
+        self._acks: AckTracker | None = None
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._stopping = False
@@ -103,7 +103,7 @@ class LocalBridge:
 
     async def _session(self, url: str) -> None:
         s = parse_server_url(url)
-        self._acks = _AckTracker()
+        self._acks = AckTracker()
         client = Client(
             self.client_id,
             clean_session=False,
@@ -190,12 +190,6 @@ class LocalBridge:
         if qos == 0:
             self.counters["published"] += 1
             return
-        mid = acks.last_mid
-        if mid is None:
-            raise BridgeError("publish was not queued")
-        fut = acks.waiters.setdefault(mid, asyncio.get_running_loop().create_future())
-        if mid not in dict(acks.get_all()):  # the PUBACK already arrived
-            acks.waiters.pop(mid, None)
-            fut.set_result(None)
+        fut = acks.ack_future()
         await asyncio.wait_for(fut, 30.0)
         self.counters["published"] += 1

@@ -97,7 +97,7 @@ class MqttUplinkSettings:
         )
 
 
-class _AckTracker(PersistentStorage):
+class AckTracker(PersistentStorage):
     """gmqtt's in-flight store, extended to tell us which mid a publish got and its PUBACK."""
 
     def __init__(self) -> None:
@@ -114,6 +114,14 @@ class _AckTracker(PersistentStorage):
         fut = self.waiters.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+    def ack_future(self) -> asyncio.Future[None]:
+        """Resolved by the PUBACK of the QoS 1 publish just made; call right after publish()."""
+        if self.last_mid is None:
+            raise UplinkError("the QoS 1 publish was not queued")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters[self.last_mid] = fut
+        return fut
 
 
 class _SessionEnded(Exception):
@@ -178,7 +186,7 @@ class SparkplugUplink:
         self._seq = SeqCounter()
         self._host = PrimaryHostState(settings.primary_host_id) if settings.primary_host_id else None
         self._client: Client | None = None
-        self._acks: _AckTracker | None = None
+        self._acks: AckTracker | None = None
         self._lost = asyncio.Event()
         self._host_changed = asyncio.Event()
         self._stopping = False
@@ -299,7 +307,7 @@ class SparkplugUplink:
         self.bdseq = await asyncio.to_thread(self._bdseq_store.candidate)
         will = Message(self.node.topic(MessageType.NDEATH), build_ndeath(self.bdseq),
                        qos=1, retain=False)
-        self._acks = _AckTracker()
+        self._acks = AckTracker()
         client = Client(st.client_id or f"outpost-{st.group_id}-{st.edge_node_id}",
                         clean_session=True, will_message=will, persistent_storage=self._acks,
                         logger=_gmqtt_log)
@@ -611,14 +619,10 @@ class SparkplugUplink:
             return None
         assert self._acks is not None
         client.publish(self.node.topic(MessageType(mtype), device), data, qos=1, retain=False)
-        mid = self._acks.last_mid
         self.counters["published"] += 1
         if historical:
             self.counters["historical"] += 1
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        assert mid is not None
-        self._acks.waiters[mid] = fut
-        return fut
+        return self._acks.ack_future()
 
     async def _goodbye(self, client: Client) -> None:
         """Planned end of session: publish NDEATH (QoS 1, wait for PUBACK), then DISCONNECT.
