@@ -219,7 +219,7 @@ def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
 async def test_buffer_drops_reach_the_metrics(tmp_path: Path) -> None:
     from buffer import NewRecord
     from gateway.config import parse_config, resolve_secrets
-    from gateway.supervisor import Gateway
+    from gateway.runtime.supervisor import Gateway
 
     cfg = parse_config(_config(tmp_path, ["sim1"]))
     gw = Gateway(cfg, resolve_secrets(cfg))

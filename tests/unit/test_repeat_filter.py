@@ -2,7 +2,7 @@
 
 import logging
 
-from gateway.supervisor import RepeatFilter
+from gateway.runtime.supervisor import RepeatFilter
 
 
 def _rec(msg: str) -> logging.LogRecord:
