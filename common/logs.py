@@ -240,6 +240,21 @@ class StateLog:
 
     MAX_KEYS = 4096
 
+    def first_in(self, key: str, window_s: float) -> bool:
+        """True (and noted) when `key` was not seen in the last `window_s`; counts repeats.
+
+        The bookkeeping behind `RepeatFilter`: decides without writing a line itself.
+        """
+        now = self._clock()
+        state = self._open.get(key)
+        if state is not None and now - state.since < window_s:
+            state.suppressed += 1
+            return False
+        if len(self._open) >= self.MAX_KEYS:
+            self._open.clear()
+        self._open[key] = _Open(since=now)
+        return True
+
     def is_open(self, key: str) -> bool:
         return key in self._open
 
@@ -249,3 +264,23 @@ class StateLog:
     def suppressed(self, key: str) -> int:
         state = self._open.get(key)
         return 0 if state is None else state.suppressed
+
+
+class RepeatFilter(logging.Filter):
+    """Log-once for client libraries we do not write: a repeat of the same message within
+    `window_s` is dropped (aiokafka and gmqtt log every failed connection attempt; while a
+    cellular link is down that is a line per retry on an SD card). The first occurrence,
+    with its reason (a SASL failure only aiokafka reports), is kept. StateLog's bookkeeping.
+    """
+
+    def __init__(self, window_s: float = 600.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen = StateLog(logging.getLogger(__name__))
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._seen.first_in(f"{record.name}:{record.levelno}:{record.getMessage()}", self.window_s):
+            return True
+        self.suppressed += 1
+        return False

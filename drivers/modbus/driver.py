@@ -24,7 +24,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 
 from common.backoff import Backoff
-from common.logs import StateLog
+from common.logs import StateLog, fields
 from drivers.base import (
     DeviceEvent,
     DeviceEventSink,
@@ -394,11 +394,9 @@ class ModbusBusDriver:
                 hole = hole_between(left, right)
                 if hole not in st.holes:
                     st.holes.append(hole)
-                    log.warning(
-                        "%s device %r unit %d: %s registers %d..%d refused (exception 2); "
-                        "requests will not span them",
-                        self.name, st.cfg.name, st.cfg.unit_id, hole.table, hole.start, hole.end,
-                    )
+                    log.warning("registers refused (exception 2): requests will not span them",
+                                extra=fields(bus=self.name, device=st.cfg.name, unit=st.cfg.unit_id,
+                                             table=hole.table, start=hole.start, end=hole.end))
                 del cands[key]
 
     def _cycle_result(self, st: _DeviceState, ok: bool, failure: ModbusError | None) -> None:
@@ -407,7 +405,7 @@ class ModbusBusDriver:
             st.failed_cycles = 0
             if st.online is not True:
                 if st.online is False:
-                    log.warning("%s device %r is back online", self.name, st.cfg.name)
+                    log.warning("device back online", extra=fields(bus=self.name, device=st.cfg.name))
                 st.online = True
                 st.probe_backoff = None
                 self._on_event(DeviceEvent(st.cfg.name, DeviceState.ONLINE))
@@ -418,7 +416,7 @@ class ModbusBusDriver:
             st.online = False
             st.probe_backoff = None
             reason = str(failure) if failure else "no answer"
-            log.warning("%s device %r is offline: %s", self.name, st.cfg.name, reason)
+            log.warning("device offline", extra=fields(bus=self.name, device=st.cfg.name, reason=reason))
             self._schedule_probe(st)
             self._on_event(DeviceEvent(st.cfg.name, DeviceState.OFFLINE, reason=reason))
 
@@ -485,10 +483,9 @@ class ModbusBusDriver:
             return
         st.bad_points[name] = reason
         pt = st.points[name]
-        log.error(
-            "%s device %r unit %d point %r (%s %d): %s; check the address and table in the config",
-            self.name, st.cfg.name, st.cfg.unit_id, name, pt.table, pt.address, reason,
-        )
+        log.error("point refused: check the address and table in the config", extra=fields(
+            bus=self.name, device=st.cfg.name, unit=st.cfg.unit_id, point=name, table=pt.table,
+            address=pt.address, reason=reason))
         self._mark(st, (PlanPoint(name, pt.table, 0, 1),), Quality.BAD, reason)
 
     # ----- requests ---------------------------------------------------------------
@@ -561,7 +558,7 @@ class ModbusBusDriver:
                 raise _BusDown(f"{self.name} ({self.bus.endpoint}) {what}: connection lost") from exc
             if self._bus_timeouts >= 3 * max(1, len(self._devices)):
                 # Nobody on the bus answers: the link itself may be dead (half-open TCP).
-                log.warning("%s: no answers from any unit; reconnecting", self.name)
+                log.warning("no answers from any unit: reconnecting", extra=fields(bus=self.name))
                 self._close_client()
             raise _Timeout(f"timeout after {self.bus.timeout:g}s ({what})") from exc
         except ModbusException as exc:

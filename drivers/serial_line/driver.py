@@ -48,7 +48,7 @@ class SerialLineDriver:
         self._infos = {i.name: i for i in cfg.point_infos()}
         self._online: bool | None = None
         self._last_good = 0.0
-        self._last_bad_reason = ""
+        self._bad_log = StateLog(log)
         self.stats = {"frames": 0, "bad_lines": 0, "overflows": 0, "samples": 0,
                       "reconnects": 0, "poll_timeouts": 0}
         self.last_bad_line = ""
@@ -170,10 +170,8 @@ class SerialLineDriver:
     def _bad(self, reason: str, frame: bytes) -> None:
         self.stats["bad_lines"] += 1
         self.last_bad_line = frame[:200].decode("latin-1")
-        if reason != self._last_bad_reason:
-            # Log the kind of problem once, not every line.
-            log.warning("%s on %s: bad line: %s", self.name, self.cfg.port, reason)
-            self._last_bad_reason = reason
+        # Log each kind of problem once, not every line; the counter tells the rest.
+        self._bad_log.once(reason, "bad line", device=self.name, port=self.cfg.port, reason=reason)
 
     def _check_silence(self, reason: str) -> None:
         if time.monotonic() - self._last_good > self.cfg.offline_after:

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from buffer import AsyncBuffer, BufferCorrupt, BufferError, BufferSettings
-from common.logs import StateLog, fields, setup_logging
+from common.logs import RepeatFilter, StateLog, fields, setup_logging
 from drivers.base import DeviceEvent, DeviceState, Driver, DriverError, Quality, Sample, WriteRejected
 from drivers.registry import build_drivers
 from gateway.clock import ClockGuard
@@ -73,6 +73,16 @@ class DeviceStatus:
             "quality": dict(self.quality),
             "last_error": self.last_error,
         }
+
+
+def links_of(uplinks: list[Any]) -> dict[str, Any]:
+    """`links` of the status document: every uplink's state, plus the Primary Host's."""
+    links: dict[str, Any] = {u.state.name: u.state.as_dict() for u in uplinks}
+    host = links.get("mqtt", {}).get("primary_host")
+    if host:
+        links["primary_host"] = {"up": bool(host.get("online")), "host_id": host.get("id"),
+                                 "since_ms": host.get("since_ms")}
+    return links
 
 
 class Gateway:
@@ -399,7 +409,7 @@ class Gateway:
                     log.error("buffer corrupt: reopening it", extra=fields(reason=str(e)))
                     self.recover_requested.set()
                 except Exception as e:  # metrics never stop the gateway
-                    log.debug("metrics update failed: %r", e)
+                    log.debug("metrics update failed", extra=fields(reason=repr(e)))
 
     async def _update_metrics(self) -> None:
         assert self.buffer is not None
@@ -429,12 +439,7 @@ class Gateway:
         return [u for u in (self.mqtt, self.kafka, self.bridge, *self.inbound) if u is not None]
 
     def _links(self) -> dict[str, Any]:
-        links: dict[str, Any] = {u.state.name: u.state.as_dict() for u in self.uplinks()}
-        host = links.get("mqtt", {}).get("primary_host")
-        if host:
-            links["primary_host"] = {"up": bool(host.get("online")), "host_id": host.get("id"),
-                                     "since_ms": links["mqtt"].get("since_ms")}
-        return links
+        return links_of(self.uplinks())
 
     async def status_line(self) -> str:
         """The systemd status line: devices, every link, and the buffer depth."""
@@ -479,33 +484,6 @@ class Gateway:
             "counters": dict(self.counters),
             "reload_error": self.last_reload_error,
         }
-
-
-class RepeatFilter(logging.Filter):
-    """Drop a library's repeats of the same message for `window_s`: one line per new error.
-
-    aiokafka and gmqtt log every failed connection attempt; while a cellular link is down
-    that is a line per retry on an SD card. The first occurrence (with its reason, such as
-    a SASL failure that only aiokafka reports) is kept.
-    """
-
-    def __init__(self, window_s: float = 600.0) -> None:
-        super().__init__()
-        self.window_s = window_s
-        self._last: dict[str, float] = {}
-        self.suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.levelno}:{record.getMessage()}"
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.window_s:
-            self.suppressed += 1
-            return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = now
-        return True
 
 
 def tune_gc() -> None:

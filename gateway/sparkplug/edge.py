@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from common.logs import fields
 from drivers.base import Quality, Sample
 from gateway import records
 from gateway.sparkplug import sparkplug_b_pb2 as pb
@@ -112,7 +113,7 @@ def fill_metric(m: Any, name: str, datatype: DataType, value: Any, ts_ms: int,
     try:
         set_metric_value(m, datatype, value, f"point {name!r}")
     except PayloadError as exc:
-        log.warning("%s: reported as bad quality", exc)
+        log.warning("value not encodable: reported as bad quality", extra=fields(point=name, reason=str(exc)))
         m.ClearField("value")
         m.is_null = True
         quality = Quality.BAD

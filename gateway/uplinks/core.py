@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,7 +57,7 @@ class UplinkState:
     """The state of one uplink; mutate it only through the methods below."""
 
     __slots__ = ("_metrics", "_states", "counters", "extra", "last_error", "last_error_ms", "link",
-                 "name", "refused", "server", "since_ms")
+                 "name", "on_render", "refused", "server", "since_ms")
 
     def __init__(self, name: str, *, counters: Iterable[str] = (), logger: logging.Logger | None = None) -> None:
         self.name = name
@@ -70,6 +70,7 @@ class UplinkState:
         self.refused = {}
         self.extra = {}
         self._metrics: MetricsSink | None = None
+        self.on_render: Callable[[], None] | None = None  # refreshes `extra` before rendering
         self._states = StateLog(logger or log)
 
     # -- binding ------------------------------------------------------------------------
@@ -168,6 +169,8 @@ class UplinkState:
 
     def as_dict(self) -> dict[str, Any]:
         """The status document of this uplink (`outpost status --json` -> links.<name>)."""
+        if self.on_render is not None:
+            self.on_render()
         return {
             "up": self.link == "up",
             "link": self.link,

@@ -21,8 +21,8 @@ from drivers.base import WriteRejected
 from gateway.inbound.kafka_commands import InboundMapping, KafkaInbound
 from gateway.uplinks.kafka.uplink import KafkaSettings
 from tests.harness.common import until
-from tests.integration.test_kafka_support import unique_topic
 from tests.helpers import flat
+from tests.integration.test_kafka_support import unique_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

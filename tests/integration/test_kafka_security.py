@@ -12,8 +12,8 @@ import pytest
 
 from gateway.uplinks.kafka.mappings import Mapping
 from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
-from tests.integration.test_kafka_support import (
 from tests.helpers import flat
+from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
     check_delivery,
@@ -91,7 +91,7 @@ async def test_wrong_password_keeps_the_link_down_and_acks_nothing(
 def test_tls_without_the_ca_is_refused(kafka) -> None:
     import ssl
 
-    from gateway.uplinks.kafka.uplink import client_kwargs
+    from gateway.uplinks.kafka.adapter import client_kwargs
 
     kw = client_kwargs(_settings(kafka, "PLAIN"))
     assert kw["ssl_context"].verify_mode == ssl.CERT_REQUIRED

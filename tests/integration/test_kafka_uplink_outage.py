@@ -14,8 +14,8 @@ import pytest
 
 from gateway.uplinks.kafka.mappings import Mapping
 from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
-from tests.integration.test_kafka_support import (
 from tests.helpers import flat
+from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
     check_delivery,

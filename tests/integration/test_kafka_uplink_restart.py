@@ -17,8 +17,8 @@ import pytest
 from gateway.uplinks.kafka.mappings import Mapping
 from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
 from tests.harness.common import REPO_ROOT
-from tests.integration.test_kafka_support import (
 from tests.helpers import flat
+from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
     check_delivery,
@@ -99,7 +99,7 @@ CHILD = textwrap.dedent(
             await feeder.tick()
             print("APPENDED", feeder.last_seq, flush=True)
             await asyncio.sleep(0.05)
-        while (flat(uplink.state)["acked_seq"] or 0) < feeder.last_seq:
+        while (uplink.state.extra["acked_seq"] or 0) < feeder.last_seq:
             await asyncio.sleep(0.1)
         print("DONE", flush=True)
         await uplink.stop()

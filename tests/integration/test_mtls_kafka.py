@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.uplinks.kafka.adapter import client_kwargs
 from gateway.uplinks.kafka.mappings import Mapping
-from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink, client_kwargs
-from tests.integration.test_kafka_support import (
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
 from tests.helpers import flat
+from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
     check_delivery,
@@ -92,7 +93,7 @@ async def test_client_certificate_from_the_run_ca_delivers(kafka, kcat, tmp_path
     finally:
         await buf.close()
     assert state["link"] == "up", state
-    assert state["bootstrap_servers"] == [kafka.mtls_bootstrap]
+    assert state["server"] == kafka.mtls_bootstrap
     # Read back through the mTLS listener itself, by a different client library.
     messages = await asyncio.to_thread(kcat_consume, kcat, kafka.mtls_bootstrap, topic,
                                        *_kcat_mtls(kafka))

@@ -15,8 +15,8 @@ import pytest
 
 from gateway.sparkplug.payload import DataType, Metric, Payload, encode_payload
 from gateway.sparkplug.topics import MessageType
-from tests.integration.test_sparkplug_session import Broker, Rig, TestHost, node_msgs, seqs
 from tests.helpers import flat
+from tests.integration.test_sparkplug_session import Broker, Rig, TestHost, node_msgs, seqs
 
 pytestmark = pytest.mark.integration
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from drivers.base import PointInfo, Quality, Sample
 from gateway.pipeline.report import ReportByException
+from gateway.records import NO_FIX, ClockFix, clock_fix
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.edge import NodeIdentity, stamp_data
-from gateway.records import NO_FIX, ClockFix, clock_fix
 from gateway.uplinks.kafka.format import H_CLOCK, format_record
 from gateway.uplinks.kafka.mappings import Mapping
 from tests.unit.test_clock_guard import REAL_NOW_NS, FakeHost, S

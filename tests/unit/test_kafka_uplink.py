@@ -9,7 +9,6 @@ answers. Real-broker behaviour is covered by tests/integration/test_kafka_*.py.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -120,6 +120,7 @@ class PacketTooLarge(UplinkError):
     retriable = False
 
     def __init__(self, topic: str, size: int, limit: int) -> None:
+        self.topic = topic
         self.size = size
         self.limit = limit
         super().__init__(f"publish to {topic!r} is {size} bytes, more than the broker's "

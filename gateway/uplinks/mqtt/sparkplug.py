@@ -175,6 +175,7 @@ class SparkplugUplink:
         self.bdseq: int | None = None
         self.state = UplinkState("mqtt", counters=COUNTERS, logger=log)
         self.counters = self.state.counters  # the contract's counters, by their short name
+        self.state.on_render = self._note_session
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._refusal_backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
 
@@ -450,7 +451,7 @@ class SparkplugUplink:
                 sent = self._publish_record(client, rec, self._is_historical(rec))
             except PacketTooLarge as exc:
                 window.release()
-                refused.append((rec, str(exc.args[0]) if exc.args else "", str(exc)))
+                refused.append((rec, exc.topic, str(exc)))
                 continue
             if sent is None:
                 window.release()
