@@ -37,7 +37,7 @@ REGISTER_TABLES = ("holding", "input")
 
 
 class _BusBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     timeout: Duration = Field(default=1.0, gt=0, description="reply timeout per request")
@@ -97,7 +97,7 @@ ModbusBusConfig = Annotated[
 
 
 class ModbusPointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     table: Table = "holding"
@@ -126,9 +126,11 @@ class ModbusPointConfig(BaseModel):
         import codecs
 
         try:
-            codecs.lookup(value)
+            info = codecs.lookup(value)
         except LookupError as exc:
             raise ValueError(f"unknown text encoding {value!r}") from exc
+        if not info._is_text_encoding:  # rot13, base64, zlib: not bytes <-> text
+            raise ValueError(f"{value!r} is not a text encoding (use e.g. ascii, utf-8, latin-1)")
         return value
 
     @model_validator(mode="after")
@@ -221,7 +223,7 @@ class ModbusPointConfig(BaseModel):
 
 
 class ModbusDeviceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     driver: Literal["modbus"] = "modbus"
     name: str = Field(min_length=1, description="Sparkplug device id")
@@ -240,6 +242,7 @@ class ModbusDeviceConfig(BaseModel):
     @model_validator(mode="after")
     def _check_points(self) -> ModbusDeviceConfig:
         seen: set[str] = set()
+        written: dict[str, list[tuple[int, int, int]]] = {}  # table -> (start, end, index)
         for i, p in enumerate(self.points):
             where = f"points[{i}] ({p.name!r})"
             if p.name in seen:
@@ -260,6 +263,17 @@ class ModbusDeviceConfig(BaseModel):
                     f"{where}: the value takes {p.register_count} registers, more than "
                     f"max_registers_per_request = {cap}"
                 )
+            if p.writable:
+                # Two writable points on one register: a write to one silently changes the other.
+                end = start + p.register_count
+                for s0, e0, j in written.get(p.table, []):
+                    if start < e0 and s0 < end:
+                        raise ValueError(
+                            f"{where}: writable {p.table} {p.address}..{p.address + p.register_count - 1} "
+                            f"overlaps writable points[{j}] ({self.points[j].name!r}); a write to one "
+                            "would change the other"
+                        )
+                written.setdefault(p.table, []).append((start, end, i))
         return self
 
     def protocol_address(self, point: ModbusPointConfig) -> int:
