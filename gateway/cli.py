@@ -22,7 +22,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from gateway.config import DEFAULT_CONFIG_PATH, load_config, resolve_secrets, warnings
+from gateway.config import DEFAULT_CONFIG_PATH, load_config, resolve_secrets
 from gateway.errors import ConfigError
 
 EXIT_OK = 0
@@ -61,14 +61,15 @@ def _socket_path(args: argparse.Namespace) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     paths = args.paths or [args.config or _default_config()]
     worst = EXIT_OK
+    from gateway.config_build import load_checked  # builds what `outpost run` builds, without I/O
+
     for path in paths:
-        try:
-            cfg = load_config(path)
-            resolve_secrets(cfg, path=path) if args.secrets else None
-        except ConfigError as e:
-            print(str(e), file=sys.stderr)
+        res = load_checked(path, secrets=args.secrets)
+        if not res.ok or res.config is None:
+            print(str(ConfigError(path, res.problems)), file=sys.stderr)
             worst = EXIT_CONFIG
             continue
+        cfg = res.config
         s = cfg.summary()
         uplinks = ", ".join(s["uplinks"]) or "none (buffering only)"
         print(
@@ -76,7 +77,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{s['points']} point(s), uplinks: {uplinks}, {s['mappings']} Kafka mapping(s), "
             f"{s['inbound']} inbound mapping(s)"
         )
-        for w in warnings(cfg):
+        for w in res.warnings:
             print(f"{path}: warning: {w}")
     return worst
 

@@ -87,7 +87,7 @@ class GatewaySection(_Section):
 class BufferSection(_Section):
     max_size_bytes: SizeBytes = Field(512_000_000, description="hard cap on the buffer file; at least 1_000_000")
     max_age: Duration = Field(
-        7 * 86400.0, gt=0, description="records older than this are dropped (counted, logged); more than 0s"
+        7 * 86400.0, gt=0, description="records older than this are dropped (counted, logged)"
     )
     when_full: Literal["drop_oldest", "block"] = Field(
         "drop_oldest", description="at the size/age limit or a full disk: drop the oldest records, or block new ones"
@@ -96,7 +96,7 @@ class BufferSection(_Section):
         "full", description="full: a committed batch survives power loss; normal: faster, may lose the last batch"
     )
     flush_interval: Duration = Field(
-        0.2, gt=0, le=60.0, description="how long samples wait to be committed as one batch (0s < it <= 60s)"
+        0.2, gt=0, le=60.0, description="how long samples wait to be committed as one batch"
     )
     check_on_open: Literal["quick", "none"] = Field(
         "quick", description="PRAGMA quick_check when opening (reads the whole file: slow on a big file on an SD card)"
@@ -112,7 +112,9 @@ class BufferSection(_Section):
 
 
 class MqttSection(_Section):
-    servers: list[Annotated[str, AfterValidator(_server_url)]] = Field(min_length=1, description='e.g. ["mqtts://broker:8883"], tried in order')
+    servers: list[Annotated[str, AfterValidator(_server_url)]] = Field(
+        min_length=1, description='e.g. ["mqtts://broker:8883"], tried in order'
+    )
     client_id: str | None = Field(None, description="default: outpost-<group_id>-<edge_node_id>")
     username: str | None = None
     password: str | None = Field(None, description='a "${ENV_VAR}" reference, or use password_file')
@@ -163,7 +165,9 @@ class KafkaMapping(_Section):
 
 class KafkaInbound(_Section):
     name: str | None = Field(None, description="default: inbound-<index>; unique among the inbound entries")
-    kafka_topics: list[Annotated[str, AfterValidator(validate_kafka_topic)]] = Field(min_length=1, description="legal Kafka topic names")
+    kafka_topics: list[Annotated[str, AfterValidator(validate_kafka_topic)]] = Field(
+        min_length=1, description="legal Kafka topic names"
+    )
     group_id: str = Field(
         min_length=1, description="Kafka consumer group; offsets are committed after the publish or write"
     )
@@ -193,7 +197,9 @@ class KafkaInbound(_Section):
 
 
 class KafkaSection(_Section):
-    bootstrap_servers: list[Annotated[str, AfterValidator(_host_port)]] = Field(min_length=1, description='["host:port", ...]')
+    bootstrap_servers: list[Annotated[str, AfterValidator(_host_port)]] = Field(
+        min_length=1, description='["host:port", ...]'
+    )
     client_id: str | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -206,7 +212,7 @@ class KafkaSection(_Section):
     compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
     linger: Duration = Field(0.1, le=60.0, description="how long the producer waits to fill a batch")
     batch_max_bytes: SizeBytes = Field(
-        1_000_000, ge=1024, le=1_000_000_000, description="bytes per Kafka record batch (per partition); at least 1024"
+        1_000_000, ge=1024, le=1_000_000_000, description="bytes per Kafka record batch (per partition)"
     )
     batch_max_records: int = Field(
         1000,
