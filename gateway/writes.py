@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,9 @@ def check_value(spec: WriteSpec, value: Any) -> Any:
             raise WriteRefused(f"{value} is out of range for {dt} ({rng[0]}..{rng[1]})")
     elif dt == "float32" and abs(value) > FLOAT32_MAX:
         raise WriteRefused(f"{value!r} is out of range for float32")
+    elif isinstance(value, int) and not _exact_in(dt, value):
+        # 2**64 - 1 would land as 18446744073709551616.0: a different number, so refused.
+        raise WriteRefused(f"{value} cannot be written exactly as {dt}")
     if spec.min is not None and value < spec.min:
         raise WriteRefused(f"{value!r} is below the point's min {spec.min:g}")
     if spec.max is not None and value > spec.max:
@@ -111,11 +115,24 @@ def check_value(spec: WriteSpec, value: Any) -> Any:
     return value if rng is not None else float(value)
 
 
+def _exact_in(datatype: str, value: int) -> bool:
+    try:
+        f = float(value)
+    except OverflowError:
+        return False
+    if datatype == "float32":
+        f = struct.unpack(">f", struct.pack(">f", f))[0]
+    return f == value
+
+
 def _check_raw(spec: WriteSpec, value: int | float) -> None:
     """For a scaled point: what the device stores must be representable, exactly for integers."""
     if spec.scale == 1.0 and spec.offset == 0.0:
         return
-    raw = (value - spec.offset) / spec.scale
+    try:
+        raw = (value - spec.offset) / spec.scale
+    except OverflowError:
+        raw = math.inf
     if not math.isfinite(raw):
         raise WriteRefused(f"{value!r} gives no finite raw value (scale {spec.scale:g}, offset {spec.offset:g})")
     rng = int_range(spec.raw)
