@@ -43,10 +43,19 @@ def run_writes(budget_s: float) -> dict[str, Any]:
 
 
 def run_configs(budget_s: float) -> dict[str, Any]:
-    from tests.fuzz.configs import ConfigStats, check_one, configs
+    """Half the budget sweeps the examples leaf by leaf, half generates from the models."""
+    from tests.fuzz.configs import ConfigStats, check_one, configs, sweep_cases
 
     stats = ConfigStats()
-    deadline = time.monotonic() + budget_s
+    deadline = time.monotonic() + budget_s / 2
+    swept = 0
+    cases = sweep_cases()
+    for text in cases:
+        if time.monotonic() > deadline:
+            break
+        check_one(text, stats)
+        swept += 1
+    deadline = time.monotonic() + budget_s / 2
 
     @_SETTINGS
     @given(configs())
@@ -57,5 +66,6 @@ def run_configs(budget_s: float) -> dict[str, Any]:
 
     while time.monotonic() < deadline:
         prop()
-    return {"cases": stats.cases, "accepted": stats.accepted, "rejected": stats.rejected,
+    return {"cases": stats.cases, "swept": f"{swept}/{len(cases)}", "accepted": stats.accepted,
+            "rejected": stats.rejected,
             "failures": len(stats.failures), "examples": sorted(set(stats.failures))[:10]}
