@@ -390,20 +390,26 @@ def _build_everything(path: Path) -> str | None:
 # -- the systematic sweep: every leaf of every example, each set to each edge of its kind ------
 
 
-def sweep_cases(seed: int = 13) -> list[str]:
-    """One mutation per case on a valid base, in a shuffled but fixed order."""
-    import random
+class Sweep:
+    """One mutation per case on a valid base, in a shuffled but fixed order (texts made lazily)."""
 
-    cases = []
-    for base in EXAMPLES:
-        for path in _paths(base):
-            parent = _parent(base, path)
-            current = parent[path[-1]]
-            if isinstance(current, dict | list) and current and not isinstance(current, list):
-                continue
-            for edge in _edges(current):
-                data = copy.deepcopy(base)
-                _parent(data, path)[path[-1]] = edge
-                cases.append(to_toml(data))
-    random.Random(seed).shuffle(cases)
-    return cases
+    def __init__(self, seed: int = 13) -> None:
+        import random
+
+        self.combos: list[tuple[int, tuple[Any, ...], Any]] = []
+        for n, base in enumerate(EXAMPLES):
+            for path in _paths(base):
+                current = _parent(base, path)[path[-1]]
+                if isinstance(current, dict) and current:
+                    continue
+                self.combos.extend((n, path, edge) for edge in _edges(current))
+        random.Random(seed).shuffle(self.combos)
+
+    def __len__(self) -> int:
+        return len(self.combos)
+
+    def __iter__(self) -> Any:
+        for n, path, edge in self.combos:
+            data = copy.deepcopy(EXAMPLES[n])
+            _parent(data, path)[path[-1]] = edge
+            yield to_toml(data)
