@@ -63,6 +63,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     worst = EXIT_OK
     from gateway.config_build import load_checked  # builds what `outpost run` builds, without I/O
 
+    if args.schema:
+        from gateway.config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
     for path in paths:
         res = load_checked(path, secrets=args.secrets)
         if not res.ok or res.config is None:
@@ -77,6 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{s['points']} point(s), uplinks: {uplinks}, {s['mappings']} Kafka mapping(s), "
             f"{s['inbound']} inbound mapping(s)"
         )
+        for f in res.files[1:]:
+            print(f"{path}: merged drop-in {f}")
         for w in res.warnings:
             print(f"{path}: warning: {w}")
     return worst
@@ -260,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(c)
     c.add_argument("paths", nargs="*", help="files to check (default: --config or the default path)")
     c.add_argument("--secrets", action="store_true", help="also resolve ${ENV} and *_file secrets")
+    c.add_argument("--schema", action="store_true", help="print the JSON Schema of the file (for editors) and exit")
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser("run", help="run the gateway")

@@ -463,11 +463,15 @@ class _LineIndex:
             pass
 
     def find(self, parts: list[str | int]) -> int | None:
+        return self.find_depth(parts)[1]
+
+    def find_depth(self, parts: list[str | int]) -> tuple[int, int | None]:
+        """(how many leading steps of `parts` were found, the line of the deepest one)."""
         for n in range(len(parts), 0, -1):
             line = self.lines.get(tuple(parts[:n]))
             if line is not None:
-                return line
-        return None
+                return n, line
+        return 0, None
 
     # -- scanner ----------------------------------------------------------------------------
 
@@ -845,7 +849,112 @@ def parse_config(text: str, path: str = "<config>") -> OutpostConfig:
 
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> OutpostConfig:
-    return parse_config(read_config_text(path), str(path))
+    """The main file merged with its drop-ins (conf.d/*.toml beside it), validated."""
+    src = read_sources(path)
+    return parse_data(src.data, src.locate, src.path)
+
+
+# ---------------------------------------------------------------------------------------
+# Drop-ins: conf.d/*.toml next to the main file, merged in name order
+
+
+def dropin_paths(path: str | os.PathLike[str]) -> list[Path]:
+    return sorted((Path(path).parent / "conf.d").glob("*.toml"))
+
+
+@dataclass
+class ConfigSource:
+    """The main file and its drop-ins merged: the data to validate and where each key came from."""
+
+    path: str
+    files: list[str]
+    texts: list[str]
+    data: dict[str, Any]
+    locate: Locate
+
+
+def _parse_text(text: str, path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"{path}: not valid TOML: {e}"]) from None
+    except RecursionError:
+        raise _too_deep(path) from None
+
+
+def _is_table_array(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def read_sources(path: str | os.PathLike[str]) -> ConfigSource:
+    """Read the main file and its drop-ins. Tables merge, arrays of tables ([[devices]]) are
+    appended in file order; any other key set in two files is a problem naming both places."""
+    main = str(path)
+    files = [main, *(str(p) for p in dropin_paths(path))]
+    texts = [read_config_text(f) for f in files]
+    docs = [_parse_text(t, f) for f, t in zip(files, texts, strict=True)]
+    indexes = [_LineIndex(t) for t in texts]
+    # merged list path -> [(first merged index, file number)]
+    segments: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    owner: dict[tuple[Any, ...], int] = {}
+    conflicts: list[tuple[tuple[Any, ...], int]] = []
+
+    def merge(dst: dict[str, Any], src: dict[str, Any], at: tuple[Any, ...], fno: int) -> None:
+        for k, v in src.items():
+            p = (*at, k)
+            if k not in dst:
+                dst[k] = v
+                owner[p] = fno
+                if _is_table_array(v):
+                    segments[p] = [(0, fno)]
+            elif isinstance(dst[k], dict) and isinstance(v, dict):
+                merge(dst[k], v, p, fno)
+            elif _is_table_array(dst[k]) and _is_table_array(v):
+                segments.setdefault(p, [(0, owner.get(p, 0))]).append((len(dst[k]), fno))
+                dst[k] = [*dst[k], *v]
+            else:
+                conflicts.append((p, fno))
+
+    data: dict[str, Any] = {}
+    for fno, doc in enumerate(docs):
+        merge(data, doc, (), fno)
+
+    def local(parts: list[str | int], fno: int) -> list[str | int] | None:
+        out: list[str | int] = []
+        prefix: tuple[Any, ...] = ()
+        for step in parts:
+            if isinstance(step, int) and prefix in segments:
+                start, seg_file = next((s, f) for s, f in reversed(segments[prefix]) if s <= step)
+                if seg_file != fno:
+                    return None
+                out.append(step - start)
+            else:
+                out.append(step)
+            prefix = (*prefix, step)
+        return out
+
+    def locate(parts: list[str | int]) -> str:
+        best: tuple[int, int, int | None] = (0, 0, None)
+        for fno, index in enumerate(indexes):
+            mine = local(parts, fno)
+            if mine is None:
+                continue
+            depth, line = index.find_depth(mine)
+            if line is not None and depth > best[0]:
+                best = (depth, fno, line)
+        return f"{files[best[1]]}:{best[2]}" if best[2] is not None else main
+
+    problems = []
+    for p, fno in conflicts:
+        first = owner.get(p, 0)
+        line_a, line_b = indexes[first].find(list(p)), indexes[fno].find(list(p))
+        problems.append(
+            f"{files[fno]}:{line_b}: {_path_text(list(p))}: also set in {files[first]}:{line_a}; drop-ins may add "
+            "tables and [[arrays]] of tables, but a key is set in one file only"
+        )
+    if problems:
+        raise ConfigError(main, problems)
+    return ConfigSource(main, files, texts, data, locate if len(files) > 1 else _locator(main, indexes[0]))
 
 
 def read_config_text(path: str | os.PathLike[str]) -> str:
@@ -889,11 +998,18 @@ def _resolve_one(value: str | None, file: str | None, key: str, env: dict[str, s
 
 
 def resolve_secrets(
-    cfg: OutpostConfig, env: dict[str, str] | None = None, path: str = "<config>", *, text: str | None = None
+    cfg: OutpostConfig,
+    env: dict[str, str] | None = None,
+    path: str = "<config>",
+    *,
+    text: str | None = None,
+    locate: Locate | None = None,
 ) -> Secrets:
-    """`${VAR}` and `*_file` secrets; raises ConfigError naming the key (and its line, given the text)."""
+    """`${VAR}` and `*_file` secrets; raises ConfigError naming the key (and its line, given the
+    text or a locator)."""
     env = dict(os.environ) if env is None else env
-    locate = _locator(path, _LineIndex(text)) if text is not None else (lambda parts: path)
+    if locate is None:
+        locate = _locator(path, _LineIndex(text)) if text is not None else (lambda parts: path)
     problems: list[str] = []
     mqtt_pw = kafka_pw = None
     if cfg.mqtt is not None:
@@ -966,3 +1082,54 @@ def cleartext_warnings(cfg: OutpostConfig) -> list[str]:
                 f'(the {k.sasl_mechanism} password itself is not sent); use "SASL_SSL"'
             )
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# JSON Schema of the file, for editors (`outpost check --schema`)
+
+
+def _models_under(model: type[BaseModel], seen: dict[str, type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    if model.__name__ not in seen:
+        seen[model.__name__] = model
+        for f in model.model_fields.values():
+            for m in _unwrap_models(f.annotation):
+                _models_under(m, seen)
+    return seen
+
+
+_DURATION_SCHEMA = {
+    "type": "string",
+    "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|min|m|h|d)\s*$",
+    "examples": ["800ms", "30s", "5m", "7d"],
+}
+
+
+def _is_duration(f: Any) -> bool:
+    meta = list(f.metadata)
+    for arg in get_args(f.annotation):  # Duration | None keeps its metadata inside the union
+        meta.extend(getattr(arg, "__metadata__", ()))
+    return any(getattr(getattr(m, "func", None), "__name__", "") == "parse_duration" for m in meta)
+
+
+def json_schema() -> dict[str, Any]:
+    """The pydantic JSON Schema, with durations written as the file writes them ("800ms")."""
+    from drivers.units import format_duration
+
+    schema = OutpostConfig.model_json_schema()
+    schema["title"] = "Outpost configuration (outpost.toml)"
+    defs = schema.get("$defs", {})
+    for name, model in _models_under(OutpostConfig, {}).items():
+        props = (schema if model is OutpostConfig else defs.get(name, {})).get("properties", {})
+        for fname, f in model.model_fields.items():
+            prop = props.get(fname)
+            if prop is None or not _is_duration(f):
+                continue
+            kept = {k: v for k, v in prop.items() if k in ("title", "description")}
+            if isinstance(prop.get("default"), int | float):
+                kept["default"] = format_duration(prop["default"])
+            if "anyOf" in prop:  # Optional[Duration]
+                kept["anyOf"] = [_DURATION_SCHEMA if s.get("type") == "number" else s for s in prop["anyOf"]]
+            else:
+                kept.update(_DURATION_SCHEMA)
+            props[fname] = kept
+    return schema

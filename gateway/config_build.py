@@ -25,7 +25,7 @@ from typing import Any
 # -- the runtime classes that `outpost run` builds from the file --------------------------
 from buffer import BufferSettings
 from drivers.registry import build_drivers
-from gateway.config import OutpostConfig, Secrets, _LineIndex, _locator, parse_config, read_config_text
+from gateway.config import OutpostConfig, Secrets, parse_data, read_sources
 from gateway.config import resolve_secrets as _resolve_secrets
 from gateway.config import warnings as _warnings
 from gateway.errors import ConfigError
@@ -130,6 +130,7 @@ class LoadResult:
     runtime: Runtime | None = None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the main file, then its drop-ins in merge order
 
     @property
     def ok(self) -> bool:
@@ -148,15 +149,16 @@ def load_checked(
     res = LoadResult(p)
     env = dict(os.environ) if env is None else env
     try:
-        text = read_config_text(p)
-        cfg = parse_config(text, p)
-        locate = _locator(p, _LineIndex(text))
+        src = read_sources(p)  # the file and its conf.d/*.toml drop-ins
+        cfg = parse_data(src.data, src.locate, p)
+        locate = src.locate
+        res.files = src.files
         try:
             res.runtime = build_runtime(cfg)
         except RuntimeBuildError as exc:
             res.problems = [f"{locate(parts)}: {_text(parts)}: cannot be built: {msg}" for parts, msg in exc.problems]
             return res
-        res.secrets = _resolve_secrets(cfg, env, p, text=text) if secrets else Secrets()
+        res.secrets = _resolve_secrets(cfg, env, p, locate=locate) if secrets else Secrets()
         res.warnings = _warnings(cfg, env)
         res.config = cfg
     except ConfigError as exc:

@@ -324,3 +324,59 @@ sasl_password = "${PW}"
 
 def _outpost(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+# -- optional: conf.d drop-ins and the JSON Schema ------------------------------------------------
+
+
+def _site(tmp_path: Path) -> Path:
+    main = tmp_path / "outpost.toml"
+    main.write_text(MODBUS + 'points = [{name = "p", address = 1}]\n')
+    (tmp_path / "conf.d").mkdir()
+    return main
+
+
+def test_dropins_add_tables_and_devices_in_name_order(tmp_path: Path) -> None:
+    main = _site(tmp_path)
+    (tmp_path / "conf.d" / "20-meter.toml").write_text(
+        '[[devices]]\nname = "m2"\nbus = "a"\npoints = [{name = "v", address = 2}]\n')
+    (tmp_path / "conf.d" / "10-mqtt.toml").write_text('[mqtt]\nservers = ["mqtts://b:8883"]\n')
+    (tmp_path / "conf.d" / "README").write_text("not a drop-in")
+    res = load_checked(main, secrets=False)
+    assert res.ok, res.problems
+    assert [d.name for d in res.config.devices] == ["d", "m2"]
+    assert res.config.mqtt is not None
+    dropins = tmp_path / "conf.d"
+    assert res.files == [str(main), str(dropins / "10-mqtt.toml"), str(dropins / "20-meter.toml")]
+    out = _outpost("check", str(main))
+    assert out.returncode == 0 and "merged drop-in" in out.stdout and "20-meter.toml" in out.stdout
+
+
+def test_a_problem_in_a_dropin_names_that_file_its_line_and_the_merged_path(tmp_path: Path) -> None:
+    main = _site(tmp_path)
+    (tmp_path / "conf.d" / "20-meter.toml").write_text(
+        '# second meter\n[[devices]]\nname = "m2"\nbus = "a"\nunit_id = "7"\npoints = [{name = "v", address = 2}]\n')
+    res = load_checked(main)
+    assert res.problems == [f"{tmp_path / 'conf.d' / '20-meter.toml'}:5: devices[1].unit_id: Input should be a "
+                            "valid integer (write it without quotes) (got '7')"]
+
+
+def test_a_key_set_in_two_files_is_refused_naming_both(tmp_path: Path) -> None:
+    main = _site(tmp_path)
+    (tmp_path / "conf.d" / "10-id.toml").write_text('[gateway]\nedge_node_id = "other"\n')
+    res = load_checked(main)
+    assert len(res.problems) == 1
+    assert res.problems[0].startswith(f"{tmp_path / 'conf.d' / '10-id.toml'}:2: gateway.edge_node_id: also set in "
+                                      f"{main}:3")
+
+
+def test_schema_is_json_with_durations_as_the_file_writes_them() -> None:
+    import json
+
+    out = _outpost("check", "--schema")
+    assert out.returncode == 0
+    schema = json.loads(out.stdout)
+    assert schema["required"] == ["gateway"]
+    max_age = schema["$defs"]["BufferSection"]["properties"]["max_age"]
+    assert max_age["type"] == "string" and max_age["default"] == "7d"
+    assert schema["$defs"]["BufferSection"]["additionalProperties"] is False
