@@ -168,3 +168,15 @@ def load_checked(
     except Exception as exc:  # a bug here must not take a running gateway down on reload
         res.problems = [f"{p}: unexpected {type(exc).__name__} while checking: {exc}"]
     return res
+
+
+def reload_report(res: LoadResult, at: float) -> dict[str, Any]:
+    """What `outpost status` shows about the last reload (`at`: wall-clock seconds)."""
+    return {
+        "ok": res.ok,
+        "at": at,
+        "path": res.path,
+        "files": list(res.files),
+        "problems": list(res.problems),
+        "kept_running_configuration": not res.ok,
+    }
