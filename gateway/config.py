@@ -73,7 +73,7 @@ def _host_port(value: str) -> str:
 class GatewaySection(_Section):
     group_id: str = Field(description="Sparkplug group id")
     edge_node_id: str = Field(description="Sparkplug edge node id")
-    data_dir: str = Field("/var/lib/outpost", description="buffer, bdSeq and state files")
+    data_dir: str = Field("/var/lib/outpost", min_length=1, description="buffer, bdSeq and state files")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = Field("kv", description="key=value lines for journald, or JSON lines")
 
@@ -133,7 +133,9 @@ class MqttSection(_Section):
     reconnect_min: Duration = Field(1.0, gt=0, description="first reconnect delay; doubles with jitter")
     reconnect_max: Duration = Field(60.0, gt=0, description="reconnect delay cap")
 
-    _client_id = field_validator("client_id")(lambda v: _non_empty(v))
+    _client_id = field_validator("client_id", "password_file", "ca_file", "cert_file", "key_file")(
+        lambda v: _non_empty(v)
+    )
     _host_id = field_validator("primary_host_id")(lambda v: v if v is None else _sparkplug_id(v))
 
 
@@ -182,6 +184,14 @@ class KafkaInbound(_Section):
     _name = field_validator("name")(lambda v: _non_empty(v))
 
 
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @field_validator("mqtt_topic_template")
     @classmethod
     def _template_syntax(cls, t: str | None) -> str | None:
@@ -226,7 +236,9 @@ class KafkaSection(_Section):
     reconnect_min: Duration = Field(1.0, gt=0)
     reconnect_max: Duration = Field(60.0, gt=0)
 
-    _client_id = field_validator("client_id")(lambda v: _non_empty(v))
+    _client_id = field_validator("client_id", "sasl_password_file", "ca_file", "cert_file", "key_file")(
+        lambda v: _non_empty(v)
+    )
     mappings: list[KafkaMapping] = Field(default_factory=list)
     inbound: list[KafkaInbound] = Field(default_factory=list)
 
@@ -252,8 +264,8 @@ class KafkaSection(_Section):
 
 
 class DiagnosticsSection(_Section):
-    socket_path: str = Field("/run/outpost/outpost.sock", description="Unix socket for status and tail")
-    socket_group: str = Field("outpost", description="group allowed to use the socket")
+    socket_path: str = Field("/run/outpost/outpost.sock", min_length=1, description="Unix socket for status and tail")
+    socket_group: str = Field("outpost", min_length=1, description="group allowed to use the socket")
     metrics_listen: str | None = Field(None, description='e.g. "127.0.0.1:9108"; off when unset')
 
     @field_validator("metrics_listen")

@@ -64,6 +64,14 @@ class RtuBusConfig(_BusBase):
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
 
+    @field_validator("stopbits", "bytesize", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @property
     def endpoint(self) -> str:
         return self.port
@@ -119,6 +127,14 @@ class ModbusPointConfig(BaseModel):
     min: float | None = None
     max: float | None = None
     read_back: bool = False
+
+    @field_validator("write_function", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
 
     @field_validator("encoding")
     @classmethod
@@ -238,6 +254,14 @@ class ModbusDeviceConfig(BaseModel):
     probe_backoff_max: Duration = Field(default=60.0, gt=0, description="cap of the offline probe backoff")
     interval: Duration = Field(default=1.0, gt=0, description="poll interval of points without one")
     points: list[ModbusPointConfig] = Field(min_length=1)
+
+    @field_validator("address_base", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_points(self) -> ModbusDeviceConfig:

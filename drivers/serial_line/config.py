@@ -110,6 +110,14 @@ class SerialLineDeviceConfig(BaseModel):
     reconnect_max: Duration = Field(default=30.0, gt=0)
     points: list[SerialPointConfig] = Field(min_length=1)
 
+    @field_validator("stopbits", "bytesize", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:

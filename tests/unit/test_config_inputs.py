@@ -380,3 +380,17 @@ def test_schema_is_json_with_durations_as_the_file_writes_them() -> None:
     max_age = schema["$defs"]["BufferSection"]["properties"]["max_age"]
     assert max_age["type"] == "string" and max_age["default"] == "7d"
     assert schema["$defs"]["BufferSection"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    (BASE + KAFKA + '[[kafka.inbound]]\nkafka_topics = ["a"]\ngroup_id = "x"\naction = "device_command"\nqos = true\n',
+     "kafka.inbound[0].qos"),
+    (BASE + '[[buses]]\nname = "b"\ntransport = "rtu"\nport = "/dev/x"\nstopbits = 1.0\n', "buses[0].stopbits"),
+    (MODBUS + 'address_base = true\npoints = [{name = "p", address = 1}]\n', "devices[0].address_base"),
+    (BASE + '[gateway.x]\n', "gateway.x"),
+    (BASE.replace('edge_node_id = "e"', 'edge_node_id = "e"\ndata_dir = ""'), "gateway.data_dir"),
+    (BASE + MQTT + 'ca_file = ""\n', "mqtt.ca_file"),
+])
+def test_integer_choices_take_no_booleans_or_floats_and_paths_are_not_empty(text: str, path: str) -> None:
+    problem = only_problem(text)
+    assert f": {path}: " in problem, problem
