@@ -1,11 +1,16 @@
 """The Outpost configuration: one TOML file, validated in full before any I/O.
 
-`load_config(path)` reads the file with tomllib, validates it with the pydantic models below
-(unknown keys are errors) and raises `ConfigError` listing *every* problem, each naming the
-file, the key path (`devices[2].points[5].type`), the line where it can be found, the bad
-value and what was expected. Validation is pure: no sockets, no serial ports, no secrets.
-Secrets (`${ENV_VAR}` references and `*_file` keys) are resolved by `resolve_secrets()`, a
-separate step that the runtime and `outpost check` run after validation.
+`load_config(path)` reads the file and its `conf.d/*.toml` drop-ins with tomllib, validates
+them with the pydantic models below and raises `ConfigError` listing *every* problem, each
+naming the file, the key path (`devices[2].points[5].type`), the line where it can be found
+(inside inline tables too), the bad value and what was expected. The models are strict
+("1" is not 1, "yes" is not true, nan and inf are no number) and carry every limit the
+runtime enforces, so that what validates also starts (gateway/config_build.py builds it to
+make sure). Unknown keys are errors with the nearest known key as a hint.
+
+Validation is pure: no sockets, no serial ports, no secrets. Secrets (`${ENV_VAR}`
+references in the two password keys, and `*_file` keys) are resolved by `resolve_secrets()`,
+a separate step; a `${...}` anywhere else is a validation error, never a literal.
 
 Driver-specific models (buses, devices, points) live with their drivers in `drivers/`; this
 module composes them and checks what crosses sections (a device naming an unknown bus,
