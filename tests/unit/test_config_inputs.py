@@ -394,3 +394,16 @@ def test_schema_is_json_with_durations_as_the_file_writes_them() -> None:
 def test_integer_choices_take_no_booleans_or_floats_and_paths_are_not_empty(text: str, path: str) -> None:
     problem = only_problem(text)
     assert f": {path}: " in problem, problem
+
+
+def test_the_file_a_reload_reads_is_refused_before_anything_stops(tmp_path: Path) -> None:
+    # Gateway.reload() calls load_config (or load_checked) before it stops the pipeline: the
+    # SIGHUP that once killed the gateway with batch_max_bytes = 100 is now a refused reload.
+    from gateway.config import load_config
+
+    f = tmp_path / "outpost.toml"
+    f.write_text(BASE + KAFKA + "batch_max_bytes = 100\n")
+    with pytest.raises(ConfigError, match=r"kafka\.batch_max_bytes"):
+        load_config(f)
+    res = load_checked(f)
+    assert not res.ok and res.config is None and "kafka.batch_max_bytes" in res.problems[0]
