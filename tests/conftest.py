@@ -83,7 +83,9 @@ def kafka(_outpost_stack: Stack) -> KafkaService | ExternalKafka:
 def _outpost_kafka_cluster(_outpost_stack: Stack) -> Iterator[KafkaCluster]:
     # Started the first time a test asks for `kafka_cluster`, shared by every test of the
     # session (three brokers take ~10-30 s to start on a shared 2-core machine).
-    cluster = KafkaCluster(_outpost_stack.run, _outpost_stack.toxiproxy).start()
+    # Four client listeners: the shortened fleet scenario gives each gateway its own link.
+    cluster = KafkaCluster(_outpost_stack.run, _outpost_stack.toxiproxy,
+                           client_listeners=4).start()
     try:
         yield cluster
     finally:

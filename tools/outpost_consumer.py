@@ -293,27 +293,26 @@ async def consume(
     read began (a snapshot of the topic). `on_new(record)` is called for each new record
     (a de-duplicated stream for a downstream job). No consumer group, nothing committed.
     """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
+    # Subscribed without a group: the consumer takes every partition of the topics itself.
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+        *topics, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
         auto_offset_reset="earliest", **(consumer_options or {}),
     )
     await consumer.start()
     try:
         parts: list[Any] = []
-        for topic in topics:
-            ids = None
-            for _ in range(50):  # metadata for a topic may take a moment to appear
-                ids = consumer.partitions_for_topic(topic)
-                if ids:
-                    break
-                await consumer.topics()  # a metadata request for every topic
-                await asyncio.sleep(0.1)
-            if not ids:
-                raise RuntimeError(f"kafka {bootstrap}: topic {topic!r} has no partitions")
-            parts += [TopicPartition(topic, p) for p in sorted(ids)]
-        consumer.assign(parts)
+        for _ in range(200):  # metadata for the topics may take a moment
+            parts = sorted(consumer.assignment())
+            counts = {t: len(consumer.partitions_for_topic(t) or ()) for t in topics}
+            got = {t: sum(1 for tp in parts if tp.topic == t) for t in topics}
+            if all(counts[t] and got[t] == counts[t] for t in topics):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"kafka {bootstrap}: no partitions assigned for {topics} "
+                               f"(does every topic exist?)")
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
         pending = {tp for tp in parts if end[tp] > 0}

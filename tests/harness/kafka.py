@@ -492,11 +492,19 @@ class ClusterNode:
         self.node_id = node_id
         self.broker = broker
         self.host = cluster.host
-        self.internal_port, self.external_port, self.controller_port = free_ports(3)
+        n_clients = cluster.client_listeners if broker else 0
+        ports = free_ports(3 + n_clients)
+        self.internal_port, self.external_port, self.controller_port = ports[:3]
+        self.client_ports = ports[3:]
         self.proxy: Proxy | None = None
+        self.client_proxies: list[Proxy] = []
         if broker:
             self.proxy = cluster.toxiproxy.create(
                 f"{cluster.name}-{node_id}", upstream=f"{self.host}:{self.external_port}")
+            self.client_proxies = [
+                cluster.toxiproxy.create(f"{cluster.name}-{node_id}-c{i}",
+                                         upstream=f"{self.host}:{port}")
+                for i, port in enumerate(self.client_ports)]
         self.folder = cluster.run.sub(cluster.name, f"node{node_id}")
         self.data_dir = self.folder / "data"
         self.config_path = self.folder / "server.properties"
@@ -542,15 +550,23 @@ class ClusterNode:
         }
         if self.broker:
             assert self.proxy is not None
+            clients = [(f"C{i}", port, proxy) for i, (port, proxy)
+                       in enumerate(zip(self.client_ports, self.client_proxies, strict=True))]
             props.update({
                 "process.roles": "broker,controller",
-                "listeners": (f"INTERNAL://{h}:{self.internal_port},"
-                              f"EXTERNAL://{h}:{self.external_port},"
-                              f"CONTROLLER://{h}:{self.controller_port}"),
-                "advertised.listeners": (f"INTERNAL://{h}:{self.internal_port},"
-                                         f"EXTERNAL://{h}:{self.proxy.port}"),
-                "listener.security.protocol.map": ("INTERNAL:PLAINTEXT,EXTERNAL:PLAINTEXT,"
-                                                   "CONTROLLER:PLAINTEXT"),
+                "listeners": ",".join(
+                    [f"INTERNAL://{h}:{self.internal_port}", f"EXTERNAL://{h}:{self.external_port}",
+                     f"CONTROLLER://{h}:{self.controller_port}"]
+                    + [f"{name}://{h}:{port}" for name, port, _ in clients]),
+                "advertised.listeners": ",".join(
+                    [f"INTERNAL://{h}:{self.internal_port}", f"EXTERNAL://{h}:{self.proxy.port}"]
+                    + [f"{name}://{h}:{proxy.port}" for name, _, proxy in clients]),
+                "listener.security.protocol.map": ",".join(
+                    ["INTERNAL:PLAINTEXT", "EXTERNAL:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+                    + [f"{name}:PLAINTEXT" for name, _, _ in clients]),
+                # Each listener gets this many network threads; many client listeners
+                # (one per fleet gateway) at one each keep a broker's thread count sane.
+                "num.network.threads": "1" if clients else "2",
                 "inter.broker.listener.name": "INTERNAL",
                 "num.partitions": "3",
                 "default.replication.factor": str(c.replication_factor),
@@ -625,14 +641,21 @@ class KafkaCluster:
     `.stop()`, `.start()`); `.broker(node_id)`; `.partition(topic, p)` -> leader/replicas/isr;
     `.leader_of(topic, p)`; `.wait_isr(topic, size)`; `.wait_brokers(n)`; `.create_topic()`;
     `.heal()` (every node running, all brokers registered); `.stop()`.
+
+    `client_listeners=N` adds N more PLAINTEXT listeners per broker, each advertised at a
+    proxy of its own: client i bootstraps at `.client_bootstrap(i)` and reaches every broker
+    only through `.client_proxies(i)` (one per broker), so one client's link can be cut
+    while the others keep theirs (a fleet of gateways, each on its own cellular link).
     """
 
     def __init__(self, run: RunDir, toxiproxy: ToxiproxyServer, *, name: str = "kcluster",
                  brokers: int = 3, extra_controllers: int = 2, replication_factor: int = 3,
-                 min_insync_replicas: int = 2, detached: bool = False) -> None:
+                 min_insync_replicas: int = 2, client_listeners: int = 0,
+                 detached: bool = False) -> None:
         self.run = run
         self.toxiproxy = toxiproxy
         self.name = name
+        self.client_listeners = client_listeners
         self.host = "127.0.0.1"
         self.replication_factor = replication_factor
         self.min_insync_replicas = min_insync_replicas
@@ -655,6 +678,16 @@ class KafkaCluster:
     @property
     def proxied_bootstrap(self) -> str:
         return ",".join(b.proxied for b in self.brokers)
+
+    def client_proxies(self, client: int) -> list[Proxy]:
+        """The proxies (one per broker) of client listener `client` (0-based)."""
+        if not 0 <= client < self.client_listeners:
+            raise HarnessError(f"{self.name}: client listener {client} not configured "
+                               f"(client_listeners={self.client_listeners})")
+        return [b.client_proxies[client] for b in self.brokers]
+
+    def client_bootstrap(self, client: int) -> str:
+        return ",".join(f"{p.host}:{p.port}" for p in self.client_proxies(client))
 
     def broker(self, node_id: int) -> ClusterNode:
         for b in self.brokers:
