@@ -487,24 +487,35 @@ def _cluster_jvm(heap: str, log4j: Path) -> list[str]:
 class ClusterNode:
     """One KRaft node of `KafkaCluster`: a controller+broker, or a controller only."""
 
-    def __init__(self, cluster: KafkaCluster, node_id: int, *, broker: bool) -> None:
+    @staticmethod
+    def ports_needed(cluster: KafkaCluster, broker: bool) -> int:
+        # internal, external, controller; per client listener its port and its proxy's
+        return 3 + (1 + 2 * cluster.client_listeners if broker else 0)
+
+    def __init__(self, cluster: KafkaCluster, node_id: int, *, broker: bool,
+                 ports: list[int]) -> None:
+        # `ports`: chosen for the whole cluster in one go, so no two of its listeners and
+        # proxies can be handed the same free port (proxies on port 0 could collide).
         self.cluster = cluster
         self.node_id = node_id
         self.broker = broker
         self.host = cluster.host
         n_clients = cluster.client_listeners if broker else 0
-        ports = free_ports(3 + n_clients)
         self.internal_port, self.external_port, self.controller_port = ports[:3]
-        self.client_ports = ports[3:]
+        self.client_ports = ports[3:3 + n_clients]
         self.proxy: Proxy | None = None
         self.client_proxies: list[Proxy] = []
         if broker:
+            proxy_ports = ports[3 + n_clients:]
             self.proxy = cluster.toxiproxy.create(
-                f"{cluster.name}-{node_id}", upstream=f"{self.host}:{self.external_port}")
+                f"{cluster.name}-{node_id}", upstream=f"{self.host}:{self.external_port}",
+                listen=f"{self.host}:{proxy_ports[0]}")
             self.client_proxies = [
                 cluster.toxiproxy.create(f"{cluster.name}-{node_id}-c{i}",
-                                         upstream=f"{self.host}:{port}")
-                for i, port in enumerate(self.client_ports)]
+                                         upstream=f"{self.host}:{port}",
+                                         listen=f"{self.host}:{proxy_port}")
+                for i, (port, proxy_port) in enumerate(
+                    zip(self.client_ports, proxy_ports[1:], strict=True))]
         self.folder = cluster.run.sub(cluster.name, f"node{node_id}")
         self.data_dir = self.folder / "data"
         self.config_path = self.folder / "server.properties"
@@ -661,8 +672,13 @@ class KafkaCluster:
         self.min_insync_replicas = min_insync_replicas
         self.detached = detached
         self.log4j_path = run.sub(name) / "log4j.properties"
-        self.nodes = [ClusterNode(self, i + 1, broker=i < brokers)
-                      for i in range(brokers + extra_controllers)]
+        roles = [i < brokers for i in range(brokers + extra_controllers)]
+        pool = free_ports(sum(ClusterNode.ports_needed(self, b) for b in roles))
+        self.nodes = []
+        for i, broker in enumerate(roles):
+            n = ClusterNode.ports_needed(self, broker)
+            self.nodes.append(ClusterNode(self, i + 1, broker=broker, ports=pool[:n]))
+            pool = pool[n:]
         self.brokers = [n for n in self.nodes if n.broker]
         self.cluster_id = _cluster_id()
         self.start_s: float | None = None  # how long the first start took (all nodes ready)
