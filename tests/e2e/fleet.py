@@ -5,11 +5,14 @@ three-broker KRaft cluster (tests/harness KafkaCluster: RF 3, min.insync.replica
 one client listener per gateway, so that each gateway reaches every broker only through
 proxies of its own (its cellular link). It then runs N `outpost run` processes, each its own
 `edge_node_id` with simulator devices (`counter` points, so every poll is a new reading),
-all writing one topic. During the run, at random: one gateway's link is cut for a few
-seconds (all its proxies disabled), or one gateway is killed with SIGKILL and started again
-on the same buffer. Then every link is restored, each gateway is stopped once Kafka caught
-up with it, and the reference consumer (tools/outpost_consumer.py) reads the whole topic
-from the brokers' direct listeners and de-duplicates it.
+all writing one topic. During the run, at random: one gateway's link fails for a few
+seconds, either cut (all its proxies disabled: connections closed) or with its answers lost
+(a Toxiproxy `timeout` toxic downstream: produce requests reach the brokers and are
+appended, no acknowledgement comes back, so the resend makes duplicates), or one gateway is
+killed with SIGKILL and started again on the same buffer. Then every link is restored,
+each gateway is stopped once Kafka caught up with it, and the reference consumer
+(tools/outpost_consumer.py) reads the whole topic from the brokers' direct listeners and
+de-duplicates it.
 
 Figures per gateway: `produced` (records its buffer acknowledged as delivered to Kafka:
 the buffer's kafka cursor, read from the file after the stop), `stored` (the buffer's last
@@ -58,6 +61,7 @@ class FleetParams:
     batch_max_records: int = 200
     cut_every_s: float = 6.0   # mean time between link cuts (exponential)
     cut_s: tuple[float, float] = (2.0, 10.0)
+    acks_lost_min_s: float = 8.0
     kill_every_s: float = 20.0  # mean time between gateway kill -9s
     restart_after_s: tuple[float, float] = (0.5, 3.0)
     drain_timeout_s: float = 240.0
@@ -119,14 +123,22 @@ class FleetGateway:
         except Exception:
             return None
 
-    def set_link(self, up: bool) -> None:
+    def set_link(self, up: bool, kind: str = "cut") -> None:
         for proxy in self.proxies:
-            proxy.restore() if up else proxy.cut()
+            if up:
+                proxy.restore()
+            elif kind == "cut":
+                proxy.cut()  # connections closed, new ones refused
+            else:
+                # "acks_lost": requests still reach the brokers (and are appended), their
+                # answers never come back: the resend that follows makes duplicates.
+                proxy.add_toxic("timeout", {"timeout": 0}, stream="downstream",
+                                name="acks_lost")
 
-    async def cut(self, seconds: float) -> None:
+    async def cut(self, seconds: float, kind: str = "cut") -> None:
         self.busy = True
         try:
-            await asyncio.to_thread(self.set_link, False)
+            await asyncio.to_thread(self.set_link, False, kind)
             self.cuts += 1
             self.cut_s += seconds
             await asyncio.sleep(seconds)
@@ -168,8 +180,17 @@ async def _chaos(fleet: list[FleetGateway], p: FleetParams, rng: random.Random,
             if now >= next_cut and idle:
                 g = rng.choice(idle)
                 secs = round(rng.uniform(*p.cut_s), 1)
-                events.append({"t": round(now, 1), "cut": g.edge, "s": secs})
-                t = asyncio.create_task(g.cut(secs), name=f"cut-{g.edge}")
+                n_link = sum(1 for e in events if "kill9" not in e)
+                if force and n_link < 2:
+                    kind = ("cut", "acks_lost")[n_link]  # the shortened run sees both
+                else:
+                    kind = "cut" if rng.random() < 0.5 else "acks_lost"
+                if kind == "acks_lost":
+                    # Longer than the delivery deadline (2 x request_timeout), or the held
+                    # answers arrive when the toxic goes and nothing is resent.
+                    secs = max(secs, p.acks_lost_min_s)
+                events.append({"t": round(now, 1), kind: g.edge, "s": secs})
+                t = asyncio.create_task(g.cut(secs, kind), name=f"{kind}-{g.edge}")
                 running.add(t)
                 t.add_done_callback(running.discard)
                 g.busy = True
@@ -292,6 +313,7 @@ async def run_fleet(cluster: Any, kcat: str | None, base: Path, p: FleetParams,
             "gateways_with_loss": sorted(e for e, g in per_gateway.items() if g["lost"]),
             "kills": sum(g["kills"] for g in per_gateway.values()),
             "cuts": sum(g["cuts"] for g in per_gateway.values()),
+            "link_faults": {k: sum(1 for e in events if k in e) for k in ("cut", "acks_lost")},
             "run_s": round(run_s, 1),
             "chaos_s": round(chaos_end - t0, 1),
             "samples_delivered": samples,
