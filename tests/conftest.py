@@ -93,15 +93,31 @@ def _outpost_kafka_cluster(_outpost_stack: Stack) -> Iterator[KafkaCluster]:
 
 
 @pytest.fixture
-def kafka_cluster(_outpost_kafka_cluster: KafkaCluster) -> Iterator[KafkaCluster]:
+def kafka_cluster(request: pytest.FixtureRequest,
+                  _outpost_kafka_cluster: KafkaCluster) -> Iterator[KafkaCluster]:
     """The three-broker cluster (tests/harness/kafka.py KafkaCluster), whole before and after.
 
     Before the test every node runs and every broker is registered; after it, nodes the test
-    killed or stopped are started again (proxies are reset by the autouse heal).
+    killed or stopped are started again (proxies are reset by the autouse heal), or, when the
+    next test does not use the cluster, every node is stopped until a test asks again.
     """
     _outpost_kafka_cluster.heal()
     yield _outpost_kafka_cluster
-    _outpost_kafka_cluster.heal()
+    if _next_test_uses(request, "kafka_cluster"):
+        _outpost_kafka_cluster.heal()
+    else:
+        # Five idle JVMs cost the rest of the run CPU and memory: stop them (data kept) and
+        # let the next test that asks start them again.
+        _outpost_kafka_cluster.stop()
+
+
+def _next_test_uses(request: pytest.FixtureRequest, fixture: str) -> bool:
+    items = request.session.items
+    try:
+        i = items.index(request.node)
+    except ValueError:
+        return True
+    return i + 1 < len(items) and fixture in getattr(items[i + 1], "fixturenames", ())
 
 
 @pytest.fixture

@@ -765,11 +765,15 @@ class KafkaCluster:
         return "\n".join(log_tail(n.log_path, 25) for n in self.nodes)
 
     def stop(self, timeout_s: float = 60) -> None:
-        # Brokers first (controlled shutdown needs the quorum), then the controllers.
-        for n in self.brokers:
-            n.stop(timeout_s)
-        for n in self.nodes:
-            n.stop(timeout_s)
+        """Stop every node (data and ports kept; `heal()` or `start()` bring them back)."""
+        # Brokers first, together (controlled shutdown needs the quorum), then controllers.
+        for group in (self.brokers, [n for n in self.nodes if not n.broker]):
+            threads = [threading.Thread(target=n.stop, args=(timeout_s,),
+                                        name=f"stop-node{n.node_id}") for n in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
 
     def heal(self, timeout_s: float = 180) -> None:
         """Start every node a test stopped or killed; wait until every broker is registered."""
