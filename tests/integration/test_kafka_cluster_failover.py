@@ -52,6 +52,8 @@ async def _finish(gw: ClusterGateway, kafka_cluster, kcat: str, topic: str, faul
     acked, last = await gw.drain_and_stop()
     messages = await asyncio.to_thread(kcat_read, kcat, kafka_cluster.bootstrap, topic)
     result = audit(messages, {gw.gateway_id: (acked, last)})
+    print(f"{gw.edge}: acked {acked}, stored {last}, messages {result.messages}, "
+          f"duplicates {result.duplicates}")
     result.check(max_duplicates=faults * RESEND_LIMIT)
     assert acked > 100, f"only {acked} records acknowledged: the test streamed too little"
     return result
