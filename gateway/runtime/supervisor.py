@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from buffer import AsyncBuffer, BufferCorrupt, BufferError, BufferSettings
-from common.logs import RepeatFilter, StateLog, fields, setup_logging
+from common.logs import RepeatFilter, StateLog, fields, install_handler_filter, setup_logging
 from drivers.base import DeviceEvent, DeviceState, Driver, DriverError, Quality, Sample, WriteRejected
 from drivers.registry import build_drivers
 from gateway.clock import ClockGuard
@@ -523,9 +523,10 @@ def tune_gc() -> None:
 
 
 def _quiet_client_libraries(level: str) -> None:
+    # On the handler, not on the libraries' loggers: a logger's filter never sees what its
+    # child loggers (aiokafka.producer.sender, gmqtt.mqtt.handler) log.
     if level != "debug":
-        for name in ("aiokafka", "gmqtt"):
-            logging.getLogger(name).addFilter(RepeatFilter())
+        install_handler_filter(RepeatFilter(prefixes=("aiokafka", "gmqtt", "outpost.mqtt.gmqtt")))
 
 
 async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str = "") -> int:
