@@ -542,7 +542,8 @@ class Buffer:
         """Inside the append transaction: apply max age and the size cap to `st`."""
         s = self.settings
         now = time.monotonic()
-        if now >= self._next_age_check and (st.count > 0 or st.quarantined > 0):
+        if (now >= self._next_age_check and (st.count > 0 or st.quarantined > 0)
+                and math.isfinite(s.max_age_s)):
             cutoff = self._wall_ns() // 1_000_000 - int(s.max_age_s * 1000)
             deltas = self._clock_deltas()
             upto = self._expired_upto(conn, st, cutoff, deltas)
