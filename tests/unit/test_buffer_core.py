@@ -21,8 +21,8 @@ from buffer import (
     NewRecord,
     UnknownCursor,
     diagnostics,
+    schema,
 )
-from buffer import schema
 
 NOW = time.time_ns() // 1_000_000
 
