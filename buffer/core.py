@@ -1372,13 +1372,50 @@ class Buffer:
         """Salvage every file moved aside next to this one that was not salvaged yet (or
         whose salvage a crash interrupted: it resumes where its last commit got)."""
         conn = self._db()
+        pending = [src for src in corrupt_copies(self.path)
+                   if not os.path.exists(src + _SALVAGED_MARK)]
+        if not pending:
+            return
+        # A file moved aside may itself hold records salvaged from older files: what its
+        # `salvaged` table says was copied into it comes back with it, so those older
+        # files resume after that point instead of being copied twice.
+        carried: dict[str, tuple[int, int]] = {}
+        holds: dict[str, set[str]] = {}         # copy -> older copies salvaged into it
+        for src in pending:
+            found = _SalvageSource.open(src)
+            if found is not None:
+                holds[src] = {os.path.join(os.path.dirname(src), n) for n in found.salvaged}
+                for name, (upto, done) in found.salvaged.items():
+                    old = carried.get(name, (0, 0))
+                    carried[name] = (max(old[0], upto), max(old[1], done))
+                found.close()
+        # Oldest records first: a copy holding the first part of an older copy goes
+        # before the rest of that older copy.
+        ordered: list[str] = []
+        while len(ordered) < len(pending):
+            left = [p for p in pending if p not in ordered]
+            free = [p for p in left
+                    if not any(p in holds.get(q, ()) for q in left if q != p)]
+            ordered.append((free or left)[0])
+        pending = ordered
+        if carried:
+            def carry(conn: sqlite3.Connection, st: _State) -> None:
+                conn.executemany(
+                    "INSERT INTO salvaged(name, upto_seq, done, records, lost) "
+                    "VALUES (?, ?, ?, 0, 0) ON CONFLICT(name) DO UPDATE SET "
+                    "upto_seq = max(upto_seq, excluded.upto_seq), "
+                    "done = max(done, excluded.done)",
+                    [(name, upto, done) for name, (upto, done) in carried.items()])
+
+            self._write("salvage", carry)
         known = {name: (upto, done) for name, upto, done in
                  conn.execute("SELECT name, upto_seq, done FROM salvaged")}
-        for src in corrupt_copies(self.path):
+        for src in pending:
             name = os.path.basename(src)
             upto, done = known.get(name, (None, 0))
             if not done:
                 self._salvage(src, name, upto)
+            _mark_salvaged(src)
 
     def _salvage(self, src: str, name: str, resume_after: int | None) -> None:
         """Copy the readable records of `src` (a corrupt buffer moved aside) into this
@@ -1511,7 +1548,19 @@ def corrupt_copies(path: str) -> list[str]:
     except OSError:
         return []
     return sorted(os.path.join(directory, n) for n in names
-                  if n.startswith(prefix) and not n.endswith(("-wal", "-shm")))
+                  if n.startswith(prefix) and not n.endswith(("-wal", "-shm", _SALVAGED_MARK)))
+
+
+_SALVAGED_MARK = ".salvaged"
+
+
+def _mark_salvaged(src: str) -> None:
+    """An empty `<copy>.salvaged` next to a copy whose salvage is committed: the mark
+    survives this buffer being moved aside in turn (its `salvaged` table goes with it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(src + _SALVAGED_MARK, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        _fsync_dir(src)
 
 
 def _acquire_lock(path: str) -> int:
@@ -1625,6 +1674,9 @@ class _SalvageSource:
         self.header_sets: dict[int, dict[str, str]] = _try(
             lambda: {hid: dict(tuple(p) for p in json.loads(enc))
                      for hid, enc in conn.execute("SELECT id, encoded FROM header_sets")}, {})
+        self.salvaged: dict[str, tuple[int, int]] = _try(
+            lambda: {name: (upto, done) for name, upto, done in
+                     conn.execute("SELECT name, upto_seq, done FROM salvaged")}, {})
         lo = _try(lambda: conn.execute("SELECT min(seq) FROM records").fetchone()[0], None)
         hi = _try(lambda: conn.execute("SELECT max(seq) FROM records").fetchone()[0], None)
         if hi is None and meta.get("last_seq"):

@@ -202,3 +202,29 @@ def test_removing_a_caught_up_uplink_drops_nothing(path):
         assert buf.unregister_cursor("kafka") == 0
         assert [r.seq for r in buf.read("mqtt")] == list(range(1, 11))
         assert buf.stats()["dropped"]["uplink_removed"] == 0
+
+
+def test_a_buffer_holding_a_partial_salvage_is_itself_salvaged_without_duplicates(
+        path, monkeypatch):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("mqtt")
+        buf.append(recs(3500))
+    damage_index_page(path)                     # file X: every record readable
+    real = Buffer._salvage_commit
+    calls = []
+
+    def crash_on_second(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Buffer, "_salvage_commit", crash_on_second)
+    with pytest.raises(RuntimeError):
+        Buffer.open(path, settings())           # file Y got the first 1000 of X
+    monkeypatch.setattr(Buffer, "_salvage_commit", real)
+    damage_index_page(path)                     # now Y is corrupt too
+    with Buffer.open(path, settings()) as buf:  # file Z: Y's records, then the rest of X
+        got = ids(buf.read("mqtt", 10_000))
+        assert buf.stats()["corrupt_files_moved"] == 2
+    assert sorted(got) == list(range(3500)) and got == sorted(got)
