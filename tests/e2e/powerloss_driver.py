@@ -79,8 +79,8 @@ async def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     path = os.path.join(args.dir, "buffer.db")
     s = settings(args.mode, args.scenario)
-    if args.scenario == "recovery" and os.path.exists(path):
-        damage_index(path)
+    if args.scenario == "recovery" and await asyncio.to_thread(os.path.exists, path):
+        await asyncio.to_thread(damage_index, path)
         say("RB")
     buf = await AsyncBuffer.open(path, s)
     if buf._buf.moved_aside:
