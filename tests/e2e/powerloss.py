@@ -440,6 +440,9 @@ class Suite:
                     res.fail("bdseq_backwards", f"bdSeq file {value}, {bdseq_done} persisted")
                 bdseq_done = value
         self.bdseq = bdseq_done
+        # A commit can be in the file but unreported (the cut fell between the commit and
+        # the report): never hand out its ids again.
+        self.next_id = max([self.next_id, *(i + 1 for i in ids)])
         self.present = now_present
         self.dropped_total = dropped_now
         self.acked = acked_db if acked_db is not None else 0
@@ -457,15 +460,18 @@ class Suite:
 
 
 def run_mode(mode: str, cycles: int, seed: int, scenarios: tuple[str, ...] = SCENARIOS,
-             work: Path | None = None, progress: bool = False) -> dict[str, Any]:
+             work: Path | None = None, progress: bool = False,
+             keep: bool = False) -> dict[str, Any]:
     own = work is None
     work = Path(tempfile.mkdtemp(prefix=f"opl-{mode[0]}-")) if own else work
     suite = Suite(mode, work, seed)
     suite.mount()
+    failed = False
     try:
         for n in range(cycles):
             # The first cycle has nothing to recover from: start with random.
             scenario = "random" if n == 0 else scenarios[n % len(scenarios)]
+            seen = len(suite.res.failures)
             suite.cycle(scenario)
             if progress:
                 r = suite.res
@@ -473,12 +479,17 @@ def run_mode(mode: str, cycles: int, seed: int, scenarios: tuple[str, ...] = SCE
                       f"integrity={r.integrity_failures} lost={r.committed_lost} "
                       f"window={r.lost_inside_window} restart={r.restart_failures}",
                       file=sys.stderr, flush=True)
+                for text in r.failures[seen:]:
+                    print(f"[powerloss {mode}]   {text}", file=sys.stderr, flush=True)
+            failed = failed or len(suite.res.failures) > seen
         suite.final_restart()
     finally:
         with contextlib.suppress(Exception):
             suite.umount()
-        if own:
+        if own and not (keep and failed):
             shutil.rmtree(work, ignore_errors=True)
+        elif progress:
+            print(f"[powerloss {mode}] files kept in {work}", file=sys.stderr)
     out = suite.res.as_dict()
     out["window"] = ({"seconds": suite.window_s - WINDOW_GRACE_S, "grace_s": WINDOW_GRACE_S,
                       "records": suite.window_records} if mode == "normal" else None)
@@ -494,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", action="append", choices=SCENARIOS,
                     help="only these scenarios (repeatable; default: all, in turn)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the files after a failure")
     args = ap.parse_args(argv)
     modes = ("full", "normal") if args.mode == "both" else (args.mode,)
     scenarios = tuple(args.scenario) if args.scenario else SCENARIOS
@@ -502,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                               "scenarios": list(scenarios), "modes": {}}
     for mode in modes:
         report["modes"][mode] = run_mode(mode, args.cycles, args.seed, scenarios,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, keep=args.keep)
     report["seconds"] = round(time.monotonic() - t0, 1)
     bad = any(m["integrity_failures"] or m["committed_lost"] or m["restart_failures"]
               or m["cursor_ahead"] or m["bdseq_backwards"] or m["driver_errors"] for m in report["modes"].values())
