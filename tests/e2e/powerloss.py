@@ -16,7 +16,8 @@ on command it drops everything not fsynced: a power cut. One cycle:
    append drops records for size and age; `ack` as an ack or a quarantine starts;
    `recovery` while the buffer moves a corrupt file aside and salvages it; `torn`: LazyFS
    tears the next write to the WAL or the main file (only some parts reach the disk) and
-   dies, with everything unsynced;
+   dies, with everything unsynced; `slow` after 3-8 s of appending at the gateway's pace
+   (25 records/s), where no checkpoint syncs the WAL and only the normal-mode timer does;
 3. unmount, remount (power back), check offline, then the next cycle's driver is the
    restart (it must open the buffer and append).
 
@@ -58,7 +59,7 @@ from typing import Any
 from buffer import BufferSettings
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("random", "checkpoint", "trim", "ack", "recovery", "torn")
+SCENARIOS = ("random", "checkpoint", "trim", "ack", "recovery", "torn", "slow")
 WINDOW_GRACE_S = 0.5
 READY_TIMEOUT_S = 60.0
 
@@ -234,6 +235,7 @@ class Suite:
                 proc.kill()
             proc.wait()
             pump.join(10)
+            err_pump.join(10)
             self.umount()
         self.mount()                            # power back on
         self._check(scenario, reports.snapshot())
@@ -315,6 +317,11 @@ class Suite:
                 self._cut(proc, f"torn_not_triggered:{target}")   # no write came: a plain cut
             else:
                 self._cut(proc, f"torn:{target}")
+        elif scenario == "slow":
+            # The gateway's own pace (5 records every 200 ms): seconds without a checkpoint,
+            # so only the WAL sync bounds what synchronous="normal" loses.
+            time.sleep(rng.uniform(3.0, 8.0))
+            self._cut(proc, "slow")
         else:
             time.sleep(run_s)
             self._cut(proc, "random")

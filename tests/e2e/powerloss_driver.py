@@ -18,8 +18,9 @@ returned, so that the parent knows what was reported committed before the cut:
 Each record's payload starts with its id (a counter the parent hands over, continued from
 cycle to cycle), so the parent can check contents, not only counts.
 
-Scenarios (--scenario): random, checkpoint, trim, ack, recovery, torn. They only change
-what the loop stresses; the parent decides when to cut.
+Scenarios (--scenario): random, checkpoint, trim, ack, recovery, torn, slow (5 records
+every 200 ms, the gateway's pace). They only change what the loop stresses; the parent
+decides when to cut.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def settings(mode: str, scenario: str) -> BufferSettings:
         # trim: records are stamped ~max_age old, so age drops run too.
         max_age_s=(30.0 if scenario == "trim" else 7 * 86400.0),
         synchronous=mode,
-        checkpoint_wal_bytes=256 * 1024,    # checkpoints every few hundred records
+        # Checkpoints every few hundred records; at the gateway's pace (slow) the default
+        # 4 MiB, i.e. no checkpoint (no WAL sync by one) within a cycle.
+        checkpoint_wal_bytes=(4 * 1024 * 1024 if scenario == "slow" else 256 * 1024),
         vacuum_slack_bytes=256 * 1024,
         reserve_bytes=0,
     )
@@ -94,7 +97,7 @@ async def run(args: argparse.Namespace) -> None:
     i = 0
     while True:
         i += 1
-        n = rng.randint(1, 40)
+        n = 5 if args.scenario == "slow" else rng.randint(1, 40)
         if args.scenario == "trim":
             ts = time.time_ns() // 1_000_000 - int(s.max_age_s * 1000) + rng.randint(0, 3000)
         else:
@@ -132,7 +135,7 @@ async def run(args: argparse.Namespace) -> None:
         if i % 7 == 0:
             value = await asyncio.to_thread(bdseq.next)
             say(f"B {value}")
-        await asyncio.sleep(rng.uniform(0.0, 0.01))
+        await asyncio.sleep(0.2 if args.scenario == "slow" else rng.uniform(0.0, 0.01))
 
 
 def main(argv: list[str] | None = None) -> int:
