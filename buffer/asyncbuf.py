@@ -226,6 +226,11 @@ class AsyncBuffer:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None
+        if self._sync_task is not None:
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        if self._sync_timer is not None:    # re-armed by that task: close() syncs anyway
+            self._sync_timer.cancel()
+            self._sync_timer = None
         try:
             await loop.run_in_executor(self._executor, self._buf.close)
         finally:
