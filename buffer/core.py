@@ -1415,6 +1415,9 @@ class Buffer:
             upto, done = known.get(name, (None, 0))
             if not done:
                 self._salvage(src, name, upto)
+            # Durable before the mark (synchronous="normal" does not sync each commit):
+            # a power cut after the mark must not take the salvaged records with it.
+            self.sync()
             _mark_salvaged(src)
 
     def _salvage(self, src: str, name: str, resume_after: int | None) -> None:
