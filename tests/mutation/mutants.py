@@ -125,7 +125,8 @@ class _Walker:
                 self.sites.append(Mutant(
                     id=k, line=getattr(node, "lineno", 0), operator=operator, before=_src(node),
                     after=_src(replacement) if replacement is not None else "(removed)",
-                    text_only=bool(message_arg) or self._text_only(node, ctx), end_line=getattr(node, "end_lineno", 0) or 0,
+                    text_only=bool(message_arg) or self._text_only(node, ctx),
+                    end_line=getattr(node, "end_lineno", 0) or 0,
                 ))
             elif k == self.target:
                 self.applied = True
@@ -177,7 +178,7 @@ class _Walker:
             return False
         if ctx.in_fstring:
             return True
-        return isinstance(node, ast.Constant) and isinstance(node.value, str) or isinstance(node, ast.JoinedStr)
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or isinstance(node, ast.JoinedStr)
 
     # -- operators ---------------------------------------------------------------------
     def _candidates(self, node: ast.AST, ctx: _Ctx) -> Iterator[tuple]:
@@ -237,7 +238,7 @@ class _Walker:
         sink = _is_exception_ctor(node) or _is_log_call(node)
 
         def message(arg: ast.AST) -> tuple:
-            is_text = isinstance(arg, ast.JoinedStr) or isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            is_text = isinstance(arg, ast.JoinedStr) or (isinstance(arg, ast.Constant) and isinstance(arg.value, str))
             return (True,) if sink and is_text else ()
 
         if isinstance(f, ast.Attribute) and f.attr in _METHOD_SWAP:

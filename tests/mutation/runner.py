@@ -134,7 +134,7 @@ def _fork(fn, timeout: float | None, log_path: str) -> tuple[str, int | None]:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             code = fn()
-        except BaseException:  # noqa: BLE001 - any failure is reported through the exit code
+        except BaseException:
             import traceback
             traceback.print_exc()
         finally:
