@@ -51,6 +51,12 @@ class Mutant:
     after: str
     text_only: bool
     end_line: int
+    stmt_lines: tuple[int, int] = (0, 0)   # the enclosing statement's header: what the tracer sees
+
+    def lines(self) -> range:
+        """Lines whose execution means the mutated code ran (for choosing the tests)."""
+        lo = min(self.line, self.stmt_lines[0] or self.line)
+        return range(lo, max(self.end_line, self.line, self.stmt_lines[1]) + 1)
 
     def describe(self) -> str:
         return f"{self.before} -> {self.after}"
@@ -104,6 +110,7 @@ class _Walker:
         self.count = 0
         self.sites: list[Mutant] = []
         self.applied = False
+        self._stmt: list[tuple[int, int]] = [(0, 0)]
 
     def run(self, tree: ast.Module) -> ast.Module:
         self._docstrings = _docstring_ids(tree)
@@ -115,7 +122,16 @@ class _Walker:
         if self.applied:
             return node
         ctx = self._ctx_for(node, ctx)
-        self._visit_children(node, ctx)
+        is_stmt = isinstance(node, ast.stmt)
+        if is_stmt:
+            body = getattr(node, "body", None)
+            header_end = body[0].lineno - 1 if isinstance(body, list) and body else node.end_lineno
+            self._stmt.append((node.lineno, max(node.lineno, header_end or node.lineno)))
+        try:
+            self._visit_children(node, ctx)
+        finally:
+            if is_stmt:
+                self._stmt.pop()
         if self.applied or ctx.skip:
             return node
         for replacement, operator, *message_arg in self._candidates(node, ctx):
@@ -127,6 +143,7 @@ class _Walker:
                     after=_src(replacement) if replacement is not None else "(removed)",
                     text_only=bool(message_arg) or self._text_only(node, ctx),
                     end_line=getattr(node, "end_lineno", 0) or 0,
+                    stmt_lines=self._stmt[-1] if not is_stmt else (node.lineno, node.lineno),
                 ))
             elif k == self.target:
                 self.applied = True
@@ -226,7 +243,7 @@ class _Walker:
         v = node.value
         if isinstance(v, bool):
             yield ast.copy_location(ast.Constant(not v), node), "bool"
-        elif isinstance(v, int | float) and not isinstance(v, complex):
+        elif isinstance(v, int | float) and v + 1 != v:
             yield ast.copy_location(ast.Constant(v + 1), node), "number"
         elif isinstance(v, str):
             yield ast.copy_location(ast.Constant(f"XX{v}XX"), node), "string"

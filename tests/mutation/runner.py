@@ -208,7 +208,7 @@ def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, id
 
         for n, m in enumerate(scored, 1):
             selected: set[str] = set()
-            for line in range(m.line, max(m.line, m.end_line) + 1):
+            for line in m.lines():
                 selected |= lines.get(line, set())
             if not selected:
                 report.survived += 1

@@ -119,7 +119,8 @@ def test_decode_all_offers_every_view():
     ("int16", 1), ("uint16", 1), ("int32", 2), ("uint32", 2), ("float32", 2),
     ("int64", 4), ("uint64", 4), ("float64", 4), ("bool", 1)])
 def test_register_count_of_every_type(value_type, count):
-    assert codec.register_count(value_type) == count
+    got = codec.register_count(value_type)
+    assert got == count and type(got) is int
 
 
 def test_register_count_of_strings_and_unknown_types():
@@ -151,6 +152,7 @@ def test_strings_need_a_str_and_strip_only_padding():
     assert codec.decode("string", [0x4120, 0x4200]) == "A B"
     assert codec.decode("string", [0xC3A9], encoding="utf-8") == "é"
     assert codec.decode("string", [0xFF41]) == "\ufffdA"  # undecodable bytes are replaced
+    assert codec.decode("string", codec.encode("string", "XAX", length=2)) == "XAX"
 
 
 @pytest.mark.parametrize("value_type", sorted(INT_RANGES))
@@ -230,6 +232,9 @@ def test_integer_points_are_rounded_not_truncated():
     assert got == 124 and isinstance(got, int)
     assert codec.unscale_value(-12.36, "int32", 0.1, 0) == -124
     assert codec.unscale_value(7, "uint16", 1.0, 0.0) == 7
+    # identity scaling keeps integers exact beyond a float's 53 bits
+    assert codec.unscale_value(2**64 - 1, "uint64", 1.0, 0.0) == 2**64 - 1
+    assert codec.unscale_value(2**63 - 1, "int64", 1.0, 0.0) == 2**63 - 1
     # floats are not rounded
     assert codec.unscale_value(12.36, "float32", 0.1, 0) == pytest.approx(123.6)
     assert codec.unscale_value(0.25, "float64", 1.0, 0.0) == 0.25
@@ -271,3 +276,5 @@ def test_decode_all_views_of_each_offset():
     assert "int32_ABCD" in rows[3] and "int32_ABCD" not in rows[4]
     assert "int64_DCBA" in rows[1] and "int64_DCBA" not in rows[2]
     assert set(rows[4]) == {"offset", "hex", "uint16", "int16", "ascii"}
+    assert rows[4]["int16"] == 1
+    assert [r["int16"] for r in codec.decode_all([0x8000, 0x7FFF, 0xFFFF])] == [-32768, 32767, -1]
