@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import signal
 import sys
 
 from tests.mutation import DEFAULT_SEED, TARGETS
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ids", help="run only these mutant ids (comma separated)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
+    # A SIGTERM unwinds like Ctrl-C, so the running child (own process group) is killed too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     modules = args.module or list(TARGETS)
     for m in modules:
@@ -49,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (ROOT / m).is_file():
             ap.error(f"{m} does not exist (moved?); update TARGETS in tests/mutation/__init__.py")
     ids = [int(x) for x in args.ids.split(",")] if args.ids else None
-    progress = None if args.quiet or not sys.stderr.isatty() else (
-        lambda s: print(f"\r{s}   ", end="", file=sys.stderr, flush=True))
+    progress = None
+    if not args.quiet:
+        tty = sys.stderr.isatty()
+        progress = lambda s: print(f"\r{s}   " if tty else s, end="" if tty else "\n",  # noqa: E731
+                                   file=sys.stderr, flush=True)
 
     reports = []
     for m in modules:
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = args.sample if args.sample is not None else target.get("sample")
         report = run_module(m, tests, sample=sample, seed=args.seed, ids=ids, progress=progress)
         if progress:
-            print(file=sys.stderr)
+            progress(f"{m}: done, score {report.score}%\n")
         reports.append(report)
         if not args.json:
             _print_text(report)

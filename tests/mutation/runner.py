@@ -84,9 +84,10 @@ def _child_pytest(args: list[str], basetemp: str, plugins: list[Any]) -> int:
     import pytest
 
     # Same examples in the baseline and in every mutant run, no example database, no deadline
-    # (a slower mutant is not a killed one).
-    hypothesis.settings.register_profile("mutation", derandomize=True, database=None, deadline=None,
-                                         print_blob=False)
+    # (a slower mutant is not a killed one), no shrinking (a failure is all we need to know).
+    hypothesis.settings.register_profile(
+        "mutation", derandomize=True, database=None, deadline=None, print_blob=False,
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate])
     hypothesis.settings.load_profile("mutation")
     os.chdir(ROOT)
     return int(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly",
@@ -142,19 +143,24 @@ def _fork(fn, timeout: float | None, log_path: str) -> tuple[str, int | None]:
             sys.stderr.flush()
             os._exit(code)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return "exit", os.waitstatus_to_exitcode(status)
-        if deadline is not None and time.monotonic() > deadline:
+    finished = False
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                finished = True
+                return "exit", os.waitstatus_to_exitcode(status)
+            if deadline is not None and time.monotonic() > deadline:
+                return "timeout", None
+            time.sleep(0.02)
+    finally:
+        if not finished:  # timeout, or the runner itself is being stopped: take the child along
             for target in (-pid, pid):
                 try:
                     os.kill(target, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             os.waitpid(pid, 0)
-            return "timeout", None
-        time.sleep(0.02)
 
 
 def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, ids: list[int] | None = None,
