@@ -12,12 +12,12 @@ from __future__ import annotations
 
 TARGETS: dict[str, dict] = {
     "buffer/core.py": {"tests": ["tests/unit/test_buffer_core.py", "tests/unit/test_buffer_model.py",
-                                 "tests/unit/test_buffer_async.py"], "sample": 300},
+                                 "tests/unit/test_buffer_async.py"], "sample": 120},
     "drivers/modbus/codec.py": {"tests": ["tests/unit/test_modbus_codec*.py"]},
     "drivers/modbus/planner.py": {"tests": ["tests/unit/test_modbus_planner*.py"]},
     "drivers/serial_line/codec.py": {"tests": ["tests/unit/test_serial_codec*.py"]},
     "gateway/mappings.py": {"tests": ["tests/unit/test_mappings_*.py"]},
-    "gateway/sparkplug/payload.py": {"tests": ["tests/unit/test_sparkplug_payload*.py"]},
+    "gateway/sparkplug/payload.py": {"tests": ["tests/unit/test_sparkplug_payload*.py"], "sample": 300},
     "gateway/sparkplug/edge.py": {"tests": ["tests/unit/test_sparkplug_edge*.py"]},
     "gateway/kafka_format.py": {"tests": ["tests/unit/test_kafka_format*.py"]},
 }

@@ -34,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[2]
 _PRELOAD = ("pytest", "hypothesis", "hypothesis.strategies", "pydantic", "google.protobuf.message",
             "sqlite3", "asyncio", "struct", "json")
 _IMPORT_TIME = "<import>"
+_SETUP_FAILED = 99
+# pytest exit codes: 1 tests failed, 2 interrupted (a collection error), 3 internal error: the
+# mutant broke something, it is killed. 4 (usage) and 5 (no tests ran) are the runner's fault.
+_KILLED_CODES = {1, 2, 3}
 
 
 @dataclass
@@ -128,12 +132,13 @@ def _fork(fn, timeout: float | None, log_path: str) -> tuple[str, int | None]:
     """Run fn() in a forked child (stdout/stderr to log_path); ("exit", code) or ("timeout", None)."""
     pid = os.fork()
     if pid == 0:  # child
-        code = 3
+        code = _SETUP_FAILED
         try:
             os.setpgid(0, 0)
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
+            code = 3
             code = fn()
         except BaseException:
             import traceback
@@ -241,9 +246,13 @@ def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, id
             elif code == 0:
                 report.survived += 1
                 report.survivors.append(_survivor(path, m, covered=True))
-            else:
+            elif code in _KILLED_CODES or code < 0:  # a failing test, or the mutant crashed the run
                 report.killed += 1
                 report.killed_ids.append(m.id)
+            else:
+                log_text = Path(run_dir, "mutant.log").read_text()[-2000:] if Path(run_dir, "mutant.log").exists() \
+                    else ""
+                raise RuntimeError(f"mutant {m.id} of {path}: the run itself failed (exit {code}):\n{log_text}")
             shutil.rmtree(os.path.join(run_dir, f"tmp-{m.id}"), ignore_errors=True)
             if progress:
                 progress(f"{path}: {n}/{len(scored)} killed={report.killed} survived={report.survived}")
