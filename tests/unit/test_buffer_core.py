@@ -448,3 +448,103 @@ def test_no_read_transaction_is_held_between_calls(path):
         finally:
             other.close()
         assert busy == 0 and frames == done
+
+
+# -- the exact cap, read(limit=0), the disk-full path -------------------------------------------------
+def test_the_size_cap_is_exact(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(50))
+        used = buf.stats()["used_bytes"]
+        # The look-ahead reserves payload + 40 bytes a record: a batch that needs exactly
+        # the room left is stored without a drop ...
+        buf.settings = settings(max_size_bytes=used + 10 + 40)
+        buf.append(recs(1, size=10))
+        st = buf.stats()
+        assert st["dropped"]["size"] == 0 and st["records"] == 51
+        assert st["used_bytes"] <= used + 50
+        # ... and one byte less makes room first, from the oldest end.
+        used = st["used_bytes"]
+        buf.settings = settings(max_size_bytes=used + 10 + 40 - 1)
+        buf.append(recs(1, size=10))
+        st = buf.stats()
+        assert st["dropped"]["size"] >= 1 and st["used_bytes"] <= used + 49
+        assert buf.read("c", 1)[0].seq == st["dropped"]["size"] + 1
+        assert st["limit_bytes"] == used + 49 and st["limit_reason"] == "size"
+
+
+def test_read_limits_at_zero_and_the_first_record_beyond_max_bytes(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(3, size=100))
+        assert buf.read("c", 0) == [] and buf.read("c", -1) == []
+        assert [r.seq for r in buf.read("c", 10, max_bytes=50)] == [1]     # the first always comes
+        assert [r.seq for r in buf.read("c", 10, max_bytes=200)] == [1, 2]
+        assert [r.seq for r in buf.read("c", 10, max_bytes=199)] == [1]
+        assert [r.seq for r in buf.read("c", 10, max_bytes=0)] == [1]
+        assert buf.read("c", 10, stream="no/such/stream") == []
+        assert [r.seq for r in buf.read("c", 10, after_seq=2)] == [3]
+        buf.ack("c", 2)
+        assert [r.seq for r in buf.read("c", 10, after_seq=1)] == [3]      # the cursor is further
+        assert buf.has_records("c") and not buf.has_records("c", after_seq=3)
+
+
+def _limit_file(buf: Buffer, extra_pages: int) -> None:
+    """Let SQLite grow the file by only `extra_pages` more pages: a real SQLITE_FULL."""
+    pages = buf._conn.execute("PRAGMA page_count").fetchone()[0]
+    buf._conn.execute(f"PRAGMA max_page_count = {pages + extra_pages}")
+
+
+def test_disk_full_drops_the_oldest_and_the_append_succeeds(path, caplog):
+    caplog.set_level(logging.INFO, logger="outpost.buffer")
+    with Buffer.open(path, settings(reserve_bytes=64 * 1024)) as buf:
+        assert os.path.getsize(path + ".reserve") == 64 * 1024
+        buf.register_cursor("c")
+        for i in range(10):
+            buf.append(recs(20, start=i * 20, size=400))
+        _limit_file(buf, 2)
+        seqs = buf.append(recs(40, start=200, size=400))      # does not fit in 2 more pages
+        assert seqs == list(range(201, 241))
+        st = buf.stats()
+        dropped = st["dropped"]["disk_full"]
+        assert dropped > 0 and st["dropped"]["size"] == 0
+        assert st["records"] == 240 - dropped
+        assert [r.seq for r in buf.read("c", 1)] == [dropped + 1]   # the oldest went, in order
+        assert st["limit_reason"] == "disk_full" and st["limit_bytes"] < buf.settings.max_size_bytes
+        assert st["cursors"]["c"]["records"] == st["records"]
+        assert not os.path.exists(path + ".reserve")           # released for SQLite's own work
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("buffer disk full" in m for m in messages) == 1
+        assert any("released its disk reserve" in m for m in messages)
+        assert any("dropping oldest records" in m and "reason=disk_full" in m for m in messages)
+    # What was committed is intact after a reopen.
+    with Buffer.open(path, settings(reserve_bytes=0)) as buf:
+        got = buf.read("c", 1000)
+        assert [r.seq for r in got] == list(range(dropped + 1, 241))
+        assert got[-1].payload.startswith(b"00000239")
+
+
+def test_disk_full_under_block_refuses_and_keeps_everything(path):
+    with Buffer.open(path, settings(when_full="block", reserve_bytes=0)) as buf:
+        buf.register_cursor("c")
+        for i in range(10):
+            buf.append(recs(20, start=i * 20, size=400))
+        _limit_file(buf, 2)
+        with pytest.raises(BufferFull) as exc:
+            buf.append(recs(40, size=400))
+        assert exc.value.reason == "disk_full" and exc.value.retriable
+        st = buf.stats()
+        assert st["records"] == 200 and st["dropped"]["disk_full"] == 0 and st["blocked"] == "disk_full"
+        assert [r.seq for r in buf.read("c", 1000)] == list(range(1, 201))
+
+
+def test_disk_full_with_nothing_to_drop_is_a_retriable_io_error(path):
+    from buffer import BufferIOError
+
+    with Buffer.open(path, settings(reserve_bytes=0)) as buf:
+        buf.register_cursor("c")
+        _limit_file(buf, 1)
+        with pytest.raises(BufferIOError, match="disk full and nothing left to drop") as exc:
+            buf.append(recs(60, size=400))
+        assert exc.value.retriable
+        assert buf.stats()["records"] == 0 and buf.stats()["last_seq"] == 0
