@@ -11,8 +11,7 @@ and the sample size used by default for modules with thousands of mutants.
 from __future__ import annotations
 
 TARGETS: dict[str, dict] = {
-    "buffer/core.py": {"tests": ["tests/unit/test_buffer_core.py", "tests/unit/test_buffer_model.py",
-                                 "tests/unit/test_buffer_async.py"], "sample": 120},
+    "buffer/core.py": {"tests": ["tests/unit/test_buffer_*.py"], "sample": 120},
     "drivers/modbus/codec.py": {"tests": ["tests/unit/test_modbus_codec*.py"]},
     "drivers/modbus/planner.py": {"tests": ["tests/unit/test_modbus_planner*.py"]},
     "drivers/serial_line/codec.py": {"tests": ["tests/unit/test_serial_codec*.py"]},

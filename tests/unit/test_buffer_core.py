@@ -548,3 +548,157 @@ def test_disk_full_with_nothing_to_drop_is_a_retriable_io_error(path):
             buf.append(recs(60, size=400))
         assert exc.value.retriable
         assert buf.stats()["records"] == 0 and buf.stats()["last_seq"] == 0
+
+
+# -- settings, cursors, acks, purge and stats at their edges -------------------------------------------
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"max_size_bytes": 0}, "max_size_bytes must be a positive integer, got 0"),
+    ({"max_size_bytes": 1.5}, "max_size_bytes must be a positive integer"),
+    ({"max_age_s": 0.0}, "max_age_s must be positive seconds, got 0.0"),
+    ({"when_full": "wait"}, "when_full must be one of"),
+    ({"synchronous": "off"}, "synchronous must be one of"),
+    ({"check_on_open": "full"}, "check_on_open must be 'quick' or 'none'"),
+    ({"reserve_bytes": -1}, "reserve_bytes must be >= 0, got -1"),
+])
+def test_settings_are_checked(kw, fragment):
+    with pytest.raises(ValueError) as err:
+        settings(**kw)
+    assert fragment in str(err.value)
+    s = settings(max_size_bytes=1, max_age_s=0.001, reserve_bytes=0)
+    assert (s.when_full, s.synchronous, s.check_on_open) == ("drop_oldest", "full", "quick")
+
+
+def test_cursor_registration_edges(path):
+    with Buffer.open(path, settings()) as buf:
+        for bad in ("", None, 5):
+            with pytest.raises(BufferError, match="cursor name must be a non-empty string"):
+                buf.register_cursor(bad)  # type: ignore[arg-type]
+        buf.register_cursor("b")
+        buf.register_cursor("a")
+        buf.append(recs(3))
+        buf.ack("a", 2)
+        buf.register_cursor("a")                     # idempotent: keeps its position
+        assert buf.cursors() == ["a", "b"]
+        assert [r.seq for r in buf.read("a")] == [3]
+        with pytest.raises(UnknownCursor, match=r"unknown cursor 'c' \(registered: \['a', 'b'\]\)"):
+            buf.unregister_cursor("c")
+        buf.ack("a", 1)                              # behind the cursor: nothing happens
+        assert buf.stats()["cursors"]["a"] == {"acked_seq": 2, "records": 1, "bytes": 200}
+        buf.unregister_cursor("b")                   # a now alone: what it passed goes
+        st = buf.stats()
+        assert st["records"] == 1 and st["first_seq"] == 3 and st["bytes"] == 200
+        assert not any(st["dropped"].values())       # acked away, not dropped
+        buf.unregister_cursor("a")
+        assert buf.cursors() == [] and buf.stats()["records"] == 1   # no cursor: nothing is deleted
+
+
+def test_acks_move_bytes_and_delete_only_below_the_slowest(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("fast")
+        buf.register_cursor("slow")
+        buf.append(recs(4, size=100) + recs(2, size=300))
+        buf.ack("fast", 5)
+        st = buf.stats()
+        assert st["cursors"]["fast"] == {"acked_seq": 5, "records": 1, "bytes": 300}
+        assert st["records"] == 6 and st["bytes"] == 1000
+        buf.ack("slow", 3)
+        st = buf.stats()
+        assert st["records"] == 3 and st["first_seq"] == 4 and st["bytes"] == 700
+        assert st["cursors"]["slow"] == {"acked_seq": 3, "records": 3, "bytes": 700}
+        buf.ack("slow", 6)
+        st = buf.stats()
+        assert st["records"] == 1 and st["bytes"] == 300 and st["cursors"]["slow"]["bytes"] == 0
+        with pytest.raises(BufferError, match="cursor 'fast' acked seq 7, beyond the last stored seq 6"):
+            buf.ack("fast", 7)
+
+
+def test_purge_of_one_cursor_counts_what_it_had_not_passed(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.register_cursor("b")
+        buf.append(recs(5))
+        buf.ack("a", 2)
+        assert buf.purge("a") == 3
+        st = buf.stats()
+        assert st["cursors"]["a"] == {"acked_seq": 5, "records": 0, "bytes": 0}
+        assert st["records"] == 5 and st["dropped"]["purged"] == 3     # b still holds them
+        assert buf.purge("b") == 5
+        st = buf.stats()
+        assert st["records"] == 0 and st["dropped"]["purged"] == 8 and st["bytes"] == 0
+        assert buf.purge() == 0
+        buf.append(recs(2))
+        assert buf.purge() == 2 and buf.stats()["dropped"]["purged"] == 10
+        with pytest.raises(UnknownCursor):
+            buf.purge("zz")
+
+
+def test_append_accepts_byte_views_and_refuses_other_payloads_and_streams(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        assert buf.append([]) == []
+        assert buf.append([NewRecord("s", bytearray(b"ab"), NOW, {}),
+                           NewRecord("s", memoryview(b"cd"), NOW, {})]) == [1, 2]
+        with pytest.raises(BufferError, match=r"payload must be bytes, got str \(stream 'x/y'\)"):
+            buf.append([NewRecord("x/y", "text", NOW, {})])  # type: ignore[arg-type]
+        with pytest.raises(BufferError, match="record stream must be a string, got 7"):
+            buf.append([NewRecord(7, b"x", NOW, {})])  # type: ignore[arg-type]
+        assert buf.stats()["last_seq"] == 2                  # refused batches take no seq
+        shared = {"type": "DDATA", "topic": "t"}
+        buf.append([NewRecord("s", b"1", NOW, shared), NewRecord("s2", b"2", NOW + 1, shared),
+                    NewRecord("s", b"3", NOW, {"topic": "t", "type": "DDATA"})])
+        got = buf.read("c")
+        assert [(r.seq, r.stream, bytes(r.payload)) for r in got] == [
+            (1, "s", b"ab"), (2, "s", b"cd"), (3, "s", b"1"), (4, "s2", b"2"), (5, "s", b"3")]
+        assert got[2].headers == got[4].headers == shared and got[3].ts_ms == NOW + 1
+    with Buffer.open(path, settings()) as buf:          # names and headers come back from the file
+        got = buf.read("c", after_seq=2)
+        assert [(r.stream, dict(r.headers)) for r in got] == [("s", shared), ("s2", shared), ("s", shared)]
+        assert buf.append([NewRecord("s3", b"4", NOW, shared)]) == [6]
+        assert buf.read("c", stream="s3")[0].seq == 6
+
+
+def test_checkpoint_modes_and_closed_buffer(path):
+    buf = Buffer.open(path, settings())
+    buf.register_cursor("c")
+    buf.append(recs(10))
+    with pytest.raises(BufferError, match="unknown checkpoint mode 'NOW'"):
+        buf.checkpoint("NOW")
+    info = buf.checkpoint("TRUNCATE")
+    assert info["mode"] == "TRUNCATE" and info["busy"] is False
+    assert buf.stats()["last_checkpoint"]["mode"] == "TRUNCATE"
+    assert buf.stats()["wal_size_bytes"] == 0
+    buf.close()
+    buf.close()                                            # idempotent
+    from buffer import BufferClosed
+    for call in (lambda: buf.append(recs(1)), lambda: buf.read("c"), buf.stats, buf.checkpoint):
+        with pytest.raises(BufferClosed, match="buffer is closed"):
+            call()
+    assert not os.path.exists(path + "-wal") or os.path.getsize(path + "-wal") == 0
+
+
+def test_stats_while_dropping_and_blocked(path):
+    cap = 128 * 1024
+    with Buffer.open(path, settings(max_size_bytes=cap, reserve_bytes=0)) as buf:
+        buf.register_cursor("c")
+        for i in range(30):
+            buf.append(recs(20, start=i * 20))
+        st = buf.stats()
+        assert st["dropping"] == ["size"] and st["blocked"] is None
+        assert st["limit_bytes"] == cap and st["limit_reason"] == "size"
+        assert st["file_size_bytes"] > 0 and st["used_bytes"] > 0 and st["free_pages"] >= 0
+    with Buffer.open(path, settings(max_size_bytes=cap, when_full="block", reserve_bytes=0)) as buf:
+        with pytest.raises(BufferFull):
+            for i in range(30):
+                buf.append(recs(20, start=i * 20))
+        assert buf.stats()["blocked"] == "size" and buf.stats()["dropping"] == []
+
+
+def test_corrupt_copies_lists_main_files_oldest_first(tmp_path):
+    from buffer.core import corrupt_copies
+
+    base = tmp_path / "b.db"
+    for name in ("b.db.corrupt-2", "b.db.corrupt-1", "b.db.corrupt-1-wal", "b.db.corrupt-1-shm",
+                 "other.db.corrupt-1", "b.db"):
+        (tmp_path / name).write_text("x")
+    assert corrupt_copies(str(base)) == [str(tmp_path / "b.db.corrupt-1"), str(tmp_path / "b.db.corrupt-2")]
+    assert corrupt_copies(str(tmp_path / "missing" / "b.db")) == []
