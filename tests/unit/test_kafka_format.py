@@ -230,9 +230,9 @@ def test_message_factory_cache_is_per_mapping_stream_topic_and_type_and_bounded(
     assert factory.parts(b, "s1", "top1", "DDATA")[:2] == ("tb", b"top1")
     assert factory.parts(a, "s2", "top1", "DDATA")[1] == b"s2"
     assert factory.parts(a, "s1", "top1", "NDATA")[5] == (H_TYPE, b"NDATA")
-    for i in range(MessageFactory._CACHE_MAX - 4):
+    for i in range(4096 - 4):                   # the bound: 4096 (mapping, stream, topic, type)
         factory.parts(a, f"x{i}", "t", "")
-    assert len(factory._cache) == MessageFactory._CACHE_MAX
+    assert len(factory._cache) == 4096
     factory.parts(a, "one-more", "t", "")
     assert len(factory._cache) == 1           # a full cache starts over
     assert factory.parts(a, "s1", "top1", "DDATA") == pa
