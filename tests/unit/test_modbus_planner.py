@@ -2,7 +2,7 @@
 
 import itertools
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.modbus.planner import (
@@ -105,6 +105,7 @@ def assert_as_large_as_allowed(blocks, *, cap, gap, holes):
         assert too_long or too_far or refused, (left, right)
 
 
+@settings(deadline=None)
 @given(
     spec=st.lists(st.tuples(st.integers(0, 200), st.sampled_from([1, 2, 4])), min_size=1, max_size=40),
     holes=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 6)), max_size=4),
