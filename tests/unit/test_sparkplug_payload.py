@@ -471,3 +471,13 @@ def test_property_set_wire_shape_and_errors() -> None:
     bm.properties.values.add().type = DataType.Int8
     with pytest.raises(PayloadError, match="PropertySet has 2 keys, 1 values"):
         decode_payload(bad.SerializeToString())
+
+
+def test_quality_of_unknown_and_null_codes() -> None:
+    assert Metric("m", DataType.Int8, 1, properties={"Quality": PropertyValue(DataType.Int32, 77)}).quality \
+        is Quality.BAD
+    assert Metric("m", DataType.Int8, 1, properties={"Quality": PropertyValue(DataType.Int32, None)}).quality \
+        is Quality.GOOD
+    assert Metric("m", DataType.Int8, 1, properties={"other": PropertyValue(DataType.Int32, 0)}).quality \
+        is Quality.GOOD
+    assert quality_properties(Quality.GOOD) == {"Quality": PropertyValue(DataType.Int32, 192)}
