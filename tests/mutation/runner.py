@@ -38,6 +38,7 @@ _SETUP_FAILED = 99
 # pytest exit codes: 1 tests failed, 2 interrupted (a collection error), 3 internal error: the
 # mutant broke something, it is killed. 4 (usage) and 5 (no tests ran) are the runner's fault.
 _KILLED_CODES = {1, 2, 3}
+_CHECK_CODES = {4, 5}
 
 
 @dataclass
@@ -217,6 +218,11 @@ def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, id
         lines = {int(k): set(v) for k, v in cov["lines"].items()}
         durations: dict[str, float] = cov["durations"]
 
+        def _clean_run_passes(args: list[str]) -> bool:
+            how, code = _fork(lambda: _child_pytest(args, os.path.join(run_dir, "tmp-clean"), []),
+                              None, os.path.join(run_dir, "clean.log"))
+            return how == "exit" and code == 0
+
         for n, m in enumerate(scored, 1):
             selected: set[str] = set()
             for line in m.lines():
@@ -246,7 +252,10 @@ def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, id
             elif code == 0:
                 report.survived += 1
                 report.survivors.append(_survivor(path, m, covered=True))
-            elif code in _KILLED_CODES or code < 0:  # a failing test, or the mutant crashed the run
+            elif code in _KILLED_CODES or code < 0 or (code in _CHECK_CODES and _clean_run_passes(args)):
+                # A failing test or a crash; or pytest found no such test, which the mutant
+                # caused (an import error, or parametrize ids built from mutated constants)
+                # when the same selection passes on the unmutated module.
                 report.killed += 1
                 report.killed_ids.append(m.id)
             else:
