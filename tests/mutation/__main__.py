@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run_module(m, tests, sample=sample, seed=args.seed, ids=ids, progress=progress)
         if progress:
             progress(f"{m}: done, score {report.score}%\n")
+            if args.json:  # the survivors as soon as a module is done, not only at the end
+                for s in report.survivors:
+                    progress(f"  survivor {s['where']}: {s['mutation']}{'' if s['covered'] else '  [not covered]'}")
         reports.append(report)
         if not args.json:
             _print_text(report)
