@@ -8,8 +8,10 @@ mirrored string methods, a lambda's body -> None). Docstrings and annotations ar
 mutated, nor decorators (as mutmut), nor a line marked `# pragma: no mutate`.
 
 A mutant that can only change the text of a log line or of an error message (a string in a
-`raise`, in an exception's constructor, in an `assert` message, or anything inside a logging
-call) is marked `text_only`: it is counted apart and does not enter the score.
+`raise`, in an exception's constructor, in an `assert` message, anything inside a logging
+call, or an error-location label: a variable named `where`/`w` passed on, or an f-string that
+starts with one, such as f"{where} row {r}") is marked `text_only`: it is counted apart and
+does not enter the score.
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ _METHOD_SWAP = {
 _LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "log"}
 _LOG_OBJECTS = {"log", "logger", "_log", "logging", "LOG", "_logger", "warnings"}
 _NO_MUTATE = "pragma: no mutate"
+# Names the codebase uses for the "where did it happen" label of error messages only.
+_LABEL_NAMES = {"where", "w"}
+
+
+def _assigns_label(node: ast.AST) -> bool:
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return bool(targets) and all(isinstance(t, ast.Name) and t.id in _LABEL_NAMES for t in targets)
+
+
+def _is_label(node: ast.AST) -> bool:
+    """An error-location label: `where`, or an f-string that starts with `{where}`."""
+    if isinstance(node, ast.Name):
+        return node.id in _LABEL_NAMES
+    if isinstance(node, ast.JoinedStr) and node.values:
+        first = node.values[0]
+        return isinstance(first, ast.FormattedValue) and _is_label(first.value)
+    return False
 
 
 @dataclass(frozen=True)
@@ -185,7 +204,9 @@ class _Walker:
         if isinstance(node, ast.ImportFrom | ast.Import | ast.Global | ast.Nonlocal):
             return _Ctx(skip=True)
         if isinstance(node, ast.JoinedStr):
-            return _Ctx(ctx.skip, ctx.message, ctx.log_call, True)
+            return _Ctx(ctx.skip, ctx.message or _is_label(node), ctx.log_call, True)
+        if isinstance(node, ast.Assign) and _assigns_label(node):
+            return _Ctx(ctx.skip, True, ctx.log_call, ctx.in_fstring)
         return ctx
 
     def _text_only(self, node: ast.AST, ctx: _Ctx) -> bool:
@@ -230,7 +251,7 @@ class _Walker:
             if not (isinstance(node.value, ast.Constant) and node.value.value is None):
                 new = copy.copy(node)
                 new.value = ast.copy_location(ast.Constant(None), node.value)
-                yield new, "assign-none"
+                yield (new, "assign-none", *((True,) if _assigns_label(node) else ()))
         elif isinstance(node, ast.Call):
             yield from self._call(node)
         elif isinstance(node, ast.Lambda):
@@ -256,7 +277,7 @@ class _Walker:
 
         def message(arg: ast.AST) -> tuple:
             is_text = isinstance(arg, ast.JoinedStr) or (isinstance(arg, ast.Constant) and isinstance(arg.value, str))
-            return (True,) if sink and is_text else ()
+            return (True,) if (sink and is_text) or _is_label(arg) else ()
 
         if isinstance(f, ast.Attribute) and f.attr in _METHOD_SWAP:
             new = copy.copy(node)
