@@ -51,6 +51,22 @@ def f(x: int = 3) -> int:
     assert {"x > 1 -> x >= 1", "x - 1 -> x + 1", "3 -> 4"} <= scored
 
 
+def test_error_location_labels_are_text() -> None:
+    source = (
+        "def g(a, where):\n"
+        "    w = f'{where} item {a}'\n"
+        "    check(a + 1, w)\n"
+        "    return check(a, f'{where} row {a}')\n"
+    )
+    mutants = list_mutants(source)
+    text = {m.describe() for m in mutants if m.text_only}
+    assert "w = f'{where} item {a}' -> w = None" in text
+    assert "check(a + 1, w) -> check(a + 1, None)" in text
+    assert "' row ' -> 'XX row XX'" in text
+    scored = {m.describe() for m in mutants if not m.text_only}
+    assert "a + 1 -> a - 1" in scored and "check(a + 1, w) -> check(None, w)" in scored
+
+
 def test_every_target_module_and_test_file_exists() -> None:
     for module, target in TARGETS.items():
         assert (ROOT / module).is_file(), f"{module}: update TARGETS in tests/mutation/__init__.py"

@@ -302,6 +302,10 @@ def test_string_and_boolean_arrays_decode_exactly() -> None:
     assert roundtrip(DataType.BooleanArray, mixed) == mixed
     assert unpack_array(DataType.BooleanArray, b"\x08\x00\x00\x00\x81") == [True] + [False] * 6 + [True]
     assert pack_array(DataType.BooleanArray, []) == b"\x00\x00\x00\x00"
+    assert unpack_array(DataType.BooleanArray, b"\x00\x00\x00\x00") == []      # just the count
+    # bit 0 of a byte is the 8th value, never the 1st
+    assert unpack_array(DataType.BooleanArray, b"\x01\x00\x00\x00\x01") == [False]
+    assert unpack_array(DataType.BooleanArray, b"\x08\x00\x00\x00\x01") == [False] * 7 + [True]
     with pytest.raises(PayloadError, match="shorter than its 4-byte count"):
         unpack_array(DataType.BooleanArray, b"\x01\x00\x00")
     with pytest.raises(PayloadError, match="announces 9 values"):
