@@ -405,7 +405,8 @@ async def test_a_refused_topic_is_held_in_order_while_the_others_flow(buf, level
     seqs = await buf.append([fresh("valve" if i % 3 == 0 else "m1", i) for i in range(30)])
     task = asyncio.create_task(uplink.run())
     try:
-        await until(lambda: (uplink.state.extra["acked_seq"] or 0) >= seqs[-1], 10, "all acked", interval_s=0.01)
+        await until(lambda: (uplink.state.extra["acked_seq"] or 0) >= seqs[-1] and uplink.state.up, 10,
+                    "all acked, link up", interval_s=0.01)
         # The healthy mapping got everything; the refused topic got nothing; the link is up.
         events = [v for t, _p, _k, v, _h in world.log if t == "plant.events"]
         assert events == []
