@@ -713,10 +713,16 @@ class SparkplugUplink:
                     self._host_changed.set()
             except PayloadError as exc:
                 log.warning("bad STATE message", extra=_fields(reason=str(exc)))
-        elif t.message_type is MessageType.NCMD:
-            self._on_ncmd(payload)
-        elif t.message_type is MessageType.DCMD and t.device_id is not None:
-            self._on_dcmd(t.device_id, payload)
+        else:
+            try:
+                if t.message_type is MessageType.NCMD:
+                    self._on_ncmd(payload)
+                elif t.message_type is MessageType.DCMD and t.device_id is not None:
+                    self._on_dcmd(t.device_id, payload)
+            except Exception as exc:  # no command can take the session down (DESIGN rule 7)
+                self.state.count("commands_rejected")
+                self.state.error(f"command:{type(exc).__name__}", "command could not be handled",
+                                 topic=topic, reason=f"{type(exc).__name__}: {exc}")
         return 0
 
     def _on_ncmd(self, payload: bytes) -> None:
