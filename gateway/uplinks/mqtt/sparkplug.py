@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gmqtt import Message
@@ -51,6 +53,7 @@ from gateway.sparkplug.node import (
     parse_ncmd,
 )
 from gateway.sparkplug.topics import MessageType, TopicError, parse_topic, state_topic
+from gateway.statefile import read_text, write_atomic
 from gateway.uplinks.core import Outcome, UplinkState
 from gateway.uplinks.mqtt.client import (
     RC_SUCCESS,
@@ -133,6 +136,7 @@ class _Refused(UplinkError):
 COUNTERS = ("published", "historical", "held", "quarantined", "births", "rebirths", "connects",
             "commands", "commands_rejected", "writes_failed", "refused", "skipped")
 HELD_PREFIX = "held:"
+DELIVERED_FILE = "mqtt-delivered.json"
 
 
 @dataclass(slots=True)
@@ -183,6 +187,8 @@ class SparkplugUplink:
         self._watermarks: dict[str, int] = {}  # stream -> last buffer seq before its birth
         self._node_watermark = 0
         self._delivered: list[tuple[int, int]] = []
+        self._saved_delivered: list[tuple[int, int]] = []
+        self._delivered_path = Path(settings.data_dir) / DELIVERED_FILE
         self._rebirth_requested = False
         self._last_rebirth = 0.0
         self._next_server = False
@@ -236,6 +242,7 @@ class SparkplugUplink:
         """Connect, birth, publish; reconnects with backoff until cancelled or stopped."""
         await self.buffer.register_cursor(CURSOR)
         await self._load_held()
+        await self._load_delivered()
         self._running = True
         self._finished.clear()
         try:
@@ -413,6 +420,8 @@ class SparkplugUplink:
                 refused = await self._publish_batch(client, todo)
                 live_after = live[-1].seq if refused is None else refused - 1
                 progressed = True
+                if backlog:
+                    await self._save_delivered()
                 if refused is not None:
                     await self._hold_refused(client)
             if self._held and await self._serve_held(client):
@@ -437,6 +446,7 @@ class SparkplugUplink:
                         if upto >= batch[0].seq:
                             await self.buffer.ack(CURSOR, upto)
                             self._forget_delivered(upto)
+                            await self._save_delivered()
                         progressed = True
                         if refused is not None:
                             await self._hold_refused(client)
@@ -445,6 +455,8 @@ class SparkplugUplink:
                 await self.buffer.ack(CURSOR, live_after)
                 self._forget_delivered(live_after)
                 acked = live_after
+                if self._saved_delivered:
+                    await self._save_delivered()
             if not progressed:
                 if backlog:  # wait for the next backlog token, or for live records
                     await self._conn_until(self.buffer.wait_for_records(
@@ -627,6 +639,33 @@ class SparkplugUplink:
             if lo <= after + 1 <= hi + 1:
                 return hi
         return after
+
+    # During a backlog flush the cursor stays at the backlog's position while live records
+    # are delivered beyond it; their ranges are kept in a small state file, so that a crash
+    # in the middle of a long flush re-sends at most the batch in flight, not every live
+    # record delivered since the flush began (DESIGN guarantee 3).
+
+    async def _save_delivered(self) -> None:
+        if self._delivered == self._saved_delivered:
+            return
+        doc = json.dumps({"cursor": CURSOR, "delivered": self._delivered})
+        await asyncio.to_thread(write_atomic, self._delivered_path, doc)
+        self._saved_delivered = list(self._delivered)
+
+    async def _load_delivered(self) -> None:
+        text = await asyncio.to_thread(read_text, self._delivered_path)
+        if not text:
+            return
+        try:
+            ranges = [(int(lo), int(hi)) for lo, hi in json.loads(text)["delivered"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("delivered-ranges file ignored", extra=_fields(path=str(self._delivered_path),
+                                                                        reason=str(exc)))
+            return
+        acked = ((await self.buffer.stats()).get("cursors", {}).get(CURSOR) or {}).get("acked_seq") or 0
+        self._delivered = sorted(ranges)
+        self._forget_delivered(int(acked))
+        self._saved_delivered = list(self._delivered)
 
     def _forget_delivered(self, acked: int) -> None:
         self._delivered = [(max(lo, acked + 1), hi) for lo, hi in self._delivered if hi > acked]
