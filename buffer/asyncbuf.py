@@ -212,6 +212,9 @@ class AsyncBuffer:
                               seqs: Sequence[int] | None = None) -> int:
         return await self._run(self._buf.quarantine_drop, cursor, reason, seqs=seqs)
 
+    async def quarantine_delivered(self, cursor: str, seqs: Sequence[int]) -> int:
+        return await self._run(self._buf.quarantine_delivered, cursor, seqs)
+
     async def sync(self) -> None:
         await self._run(self._buf.sync)
 

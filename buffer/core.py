@@ -295,7 +295,7 @@ class Buffer:
                    conn.execute("SELECT name, acked_seq, pending_bytes FROM cursors")}
         dropped = {r: meta.get(f"dropped.{r}", 0) for r in DROP_REASONS}
         counters = {k: v for k, v in meta.items()
-                    if k.startswith("quarantined.") or k == "salvaged"}
+                    if k.startswith("quarantined.") or k in ("salvaged", "quarantine_delivered")}
         for sid, name in conn.execute("SELECT id, name FROM streams"):
             self._streams[name] = sid
             self._stream_names[sid] = name
@@ -1119,6 +1119,24 @@ class Buffer:
                         "path=%s", n[0], cursor or "*", reason or "*", self.path)
         return n[0]
 
+    def quarantine_delivered(self, cursor: str, seqs: Sequence[int]) -> int:
+        """Remove quarantined records that their uplink has now delivered (a held destination
+        that accepts again, drained oldest first). Not a drop: counted under
+        `quarantine_delivered`. Returns how many rows went."""
+        if not seqs:
+            return 0
+        where, args = self._q_where(cursor, None, seqs)
+        n = [0]
+
+        def body(conn: sqlite3.Connection, st: _State) -> None:
+            n[0] = conn.execute(f"DELETE FROM quarantine WHERE {where}", args).rowcount
+            if n[0]:
+                st.quarantined -= n[0]
+                self._count(conn, st.counters, "quarantine_delivered", "quarantine_delivered", n[0])
+
+        self._write("quarantine_delivered", body)
+        return n[0]
+
     def quarantine_stats(self) -> dict[str, Any]:
         conn = self._db()
         try:
@@ -1785,15 +1803,18 @@ def _quarantine_summary(rows: Sequence[tuple[str, str, int, int]],
     cursor) and how many were ever quarantined per reason."""
     by_reason: dict[str, int] = {}
     by_cursor: dict[str, int] = {}
+    by_cursor_reason: dict[str, dict[str, int]] = {}
     records = size = 0
     for cursor, reason, n, b in rows:
         by_reason[reason] = by_reason.get(reason, 0) + n
         by_cursor[cursor] = by_cursor.get(cursor, 0) + n
+        by_cursor_reason.setdefault(cursor, {})[reason] = n
         records += n
         size += b
     total = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("quarantined.")}
     return {"records": records, "bytes": size, "by_reason": by_reason, "by_cursor": by_cursor,
-            "total_by_reason": total}
+            "by_cursor_reason": by_cursor_reason, "total_by_reason": total,
+            "delivered": counters.get("quarantine_delivered", 0)}
 
 
 def _open_checked(path: str, settings: BufferSettings, *,
