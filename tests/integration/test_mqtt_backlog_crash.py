@@ -61,8 +61,10 @@ async def test_kill_9_during_a_backlog_flush_resends_at_most_one_batch(tmp_path)
     broker = RefusingMosquitto(RunDir(tmp_path / "run"), "crash-broker", "topic readwrite #\n")
     cfg = tmp_path / "outpost.toml"
     cfg.write_text(_config(tmp_path, broker.url))
-    seen: Counter[tuple[str, int]] = Counter()     # readings
-    messages: Counter[tuple[str, tuple[int, ...]]] = Counter()  # records, as DDATA messages
+    # A reading is (device, value, timestamp): the simulator's counter starts again at 0
+    # when the gateway restarts, its timestamps do not.
+    seen: Counter[tuple[str, int, int]] = Counter()
+    messages: Counter[tuple[str, tuple[tuple[int, int], ...]]] = Counter()  # records (DDATA)
     gateway = GatewayProcess(cfg, tmp_path / "gateway.log")
     gateway.start()  # the broker is not there yet: a backlog builds
     await asyncio.sleep(15)  # ~600 records (8 devices, one record each per 200 ms flush)
@@ -72,10 +74,10 @@ async def test_kill_9_during_a_backlog_flush_resends_at_most_one_batch(tmp_path)
     def on_message(_c, topic, payload, _qos, _props) -> int:
         if "/DDATA/" in topic:
             device = topic.rsplit("/", 1)[1]
-            values = tuple(int(m.value) for m in decode_payload(payload).metrics)
-            messages[(device, values)] += 1
-            for v in values:
-                seen[(device, v)] += 1
+            readings = tuple((int(m.value), int(m.timestamp or 0)) for m in decode_payload(payload).metrics)
+            messages[(device, readings)] += 1
+            for v, ts in readings:
+                seen[(device, v, ts)] += 1
         return 0
 
     sub.on_message = on_message
@@ -84,12 +86,14 @@ async def test_kill_9_during_a_backlog_flush_resends_at_most_one_batch(tmp_path)
     try:
         # Halfway through the paced flush (historical_max_per_s = 40), with live records
         # delivered beside it: kill -9.
-        # 8 s into it: ~320 live records delivered beside ~320 of the backlog. Before the
-        # ranges were kept, all those live ones came again after the restart.
-        await until(lambda: len(messages) > 640, 60, "flush under way", interval_s=0.1)
+        # ~12 s into it: ~500 live records delivered beside ~500 of the backlog, which is not
+        # flushed yet. Before the ranges were kept, all those live ones came again after the
+        # restart (as history).
+        await until(lambda: len(messages) > 1000, 60, "flush under way", interval_s=0.1)
         dup_before_kill = sum(n - 1 for n in messages.values() if n > 1)
         await gateway.kill9()
-        state_at_kill = (tmp_path / "data" / "mqtt-delivered.json").read_text() if (tmp_path / "data" / "mqtt-delivered.json").exists() else None
+        ranges_file = tmp_path / "data" / "mqtt-delivered.json"
+        state_at_kill = ranges_file.read_text() if ranges_file.exists() else None
         await asyncio.sleep(1)
         before = len(messages)
         gateway.start()
@@ -101,8 +105,12 @@ async def test_kill_9_during_a_backlog_flush_resends_at_most_one_batch(tmp_path)
         broker.stop()
     duplicates = sum(n - 1 for n in messages.values() if n > 1)
     dd = sorted((k for k, n in messages.items() if n > 1), key=lambda k: (k[0], k[1]))
-    assert duplicates <= BATCH, f"{duplicates} records received twice ({dup_before_kill} before the kill) {state_at_kill} {dd[:3]} {dd[-3:]}"
-    # And nothing missing: each device's counter arrived 0..max without a gap.
+    assert duplicates <= BATCH, (f"{duplicates} records received twice ({dup_before_kill} before the "
+                                 f"kill); ranges at the kill {state_at_kill}; {dd[:3]} .. {dd[-3:]}")
+    # And nothing missing: each device's counter of the first run arrived 0..n without a gap
+    # (the second run counts from 0 again, with later timestamps).
     for d in range(DEVICES):
-        values = sorted(v for dev, v in seen if dev == f"sim{d}")
-        assert values[: len(values) // 2] == list(range(len(values) // 2)), f"sim{d}"
+        first_run = sorted((ts, v) for dev, v, ts in seen if dev == f"sim{d}")
+        values = [v for _ts, v in first_run]
+        restart = next((i for i in range(1, len(values)) if values[i] < values[i - 1]), len(values))
+        assert values[:restart] == list(range(restart)) and restart > 100, f"sim{d}: {values[:restart][-5:]}"
