@@ -17,7 +17,11 @@ import pytest
 
 from tests.tck import QOS1_DEVIATION, ModeResult, TckMissing, prepare, run_mode, tck_dir, verdict
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # PHASE 2 of issue 12: passes only with the runtime changes (data_qos, DISCONNECT 0x04, server walk).
+    pytest.mark.xfail(run=False, strict=True, reason="needs the Sparkplug runtime changes of issue 12"),
+]
 TESTS = ["SessionEstablishmentTest", "SessionTerminationTest", "SendDataTest", "SendComplexDataTest",
          "ReceiveCommandTest", "PrimaryHostTest", "MultipleBrokerTest"]
 
