@@ -56,7 +56,7 @@ services-down: venv
 	@$(PY) -m tests.harness down
 
 demo: venv
-	$(PY) -m gateway.demo
+	$(PY) -m gateway.cli.demo
 
 clean-services: services-down
 	rm -rf .services

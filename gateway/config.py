@@ -33,8 +33,8 @@ from pydantic import (
 from drivers.registry import DRIVERS, DeviceConfig, ModbusBusConfig
 from drivers.units import Duration, SizeBytes
 from gateway.errors import ConfigError
-from gateway.mappings import MappingError
-from gateway.mappings import validate_topic_filter as _validate_mapping_filter
+from gateway.mqtt_topics import MappingError
+from gateway.mqtt_topics import validate_topic_filter as _validate_mapping_filter
 
 DEFAULT_CONFIG_PATH = "/etc/outpost/outpost.toml"
 

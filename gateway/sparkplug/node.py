@@ -1,7 +1,7 @@
 """Edge node session state that outlives a connection: bdSeq, seq, Primary Host STATE, commands.
 
 `BdSeqStore` does blocking file I/O (call it from a thread); everything else is pure and
-is driven by gateway.uplinks.mqtt.
+is driven by gateway.uplinks.mqtt.sparkplug.
 """
 
 from __future__ import annotations

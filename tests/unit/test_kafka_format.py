@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.kafka_format import (
+from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.uplinks.kafka.format import (
     H_GATEWAY,
     H_SEQ,
     H_STREAM,
@@ -19,8 +20,7 @@ from gateway.kafka_format import (
     estimate_size,
     format_record,
 )
-from gateway.mappings import Mapping
-from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.uplinks.kafka.mappings import Mapping
 
 
 @dataclass

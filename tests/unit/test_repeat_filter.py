@@ -2,7 +2,7 @@
 
 import logging
 
-from gateway.supervisor import RepeatFilter
+from common.logs import RepeatFilter
 
 
 def _rec(msg: str) -> logging.LogRecord:

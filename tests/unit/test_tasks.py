@@ -2,7 +2,7 @@
 
 import asyncio
 
-from gateway.tasks import TaskOwner
+from gateway.runtime.tasks import TaskOwner
 
 
 async def test_crashing_task_restarts_and_others_keep_running() -> None:

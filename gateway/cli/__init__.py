@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from gateway.config import DEFAULT_CONFIG_PATH, load_config, resolve_secrets, warnings
@@ -31,10 +30,9 @@ EXIT_CONFIG = 2
 
 
 def outpost_version() -> str:
-    try:
-        return version("outpost")
-    except PackageNotFoundError:
-        return "0+unknown"
+    from gateway.version import __version__
+
+    return __version__
 
 
 def _default_config() -> str:
@@ -92,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_CONFIG
-    from gateway.supervisor import run_gateway
+    from gateway.runtime.supervisor import run_gateway
 
     return asyncio.run(run_gateway(cfg, secrets, config_path=path))
 
@@ -286,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     try:
-        from gateway import probe_cli
+        from gateway.cli import probe as probe_cli
     except ImportError:  # the probe arrives with the drivers
         probe_cli = None  # type: ignore[assignment]
     if probe_cli is not None:
@@ -312,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "probe":
-        from gateway import probe_cli
+        from gateway.cli import probe as probe_cli
 
         return asyncio.run(probe_cli.run(args))
     return args.func(args)
