@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from drivers.base import DATATYPES, PointInfo, Quality, Sample
+from gateway.pipeline.report import ReportByException
 from gateway.sparkplug.edge import (
     AliasTable,
     NodeIdentity,
-    ReportByException,
     build_dbirth,
     build_ddeath,
     build_nbirth,
