@@ -512,6 +512,61 @@ async def test_waits_for_primary_host_and_leaves_when_it_goes_offline(
     assert host.of_type("NDEATH")[0].metric("bdSeq").value == 0
 
 
+async def test_primary_host_state_is_reset_on_every_connection(broker: Broker, tmp_path: Path) -> None:
+    host = await TestHost(broker.host, broker.port, host_id="scada-7").start(online=True)
+    rig = await Rig(broker, tmp_path, primary_host_id="scada-7").open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+        # The host's retained STATE goes away (a broker restart would do the same) and the
+        # connection drops: after the reconnect nothing says the host is online.
+        host.client.publish(host.state_topic, b"", qos=1, retain=True)
+        await asyncio.sleep(0.3)
+        connects = rig.uplink.counters["connects"]
+        assert rig.uplink._conn is not None
+        rig.uplink._conn.abort()
+        await host.wait_for(lambda: rig.uplink.counters["connects"] > connects, what="reconnect")
+        await asyncio.sleep(1.5)
+        assert len(host.of_type("NBIRTH")) == 1, "births on the previous connection's STATE"
+        host.publish_state(True)
+        await host.wait_for(lambda: len(host.of_type("NBIRTH")) >= 2, what="births after STATE online")
+    finally:
+        await rig.close()
+        await host.stop()
+    assert [n.metric("bdSeq").value for n in host.of_type("NBIRTH")] == [0, 1]
+
+
+async def test_stop_while_waiting_for_the_host_publishes_no_ndeath(broker: Broker, tmp_path: Path) -> None:
+    host = await TestHost(broker.host, broker.port, host_id="scada-8").start(online=None)
+    rig = await Rig(broker, tmp_path, primary_host_id="scada-8").open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: rig.uplink.counters["connects"] >= 1, what="connected")
+        await asyncio.sleep(0.5)
+    finally:
+        await rig.close()
+    await asyncio.sleep(1.0)  # time for a Will, had the broker published one
+    await host.stop()
+    assert not node_msgs(host), "an NDEATH (or anything) without an NBIRTH in the session"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_disconnect_after_ndeath_carries_reason_0x04(broker: Broker, host: TestHost, tmp_path: Path,
+                                                            protocol: str) -> None:
+    """MQTT 5: DISCONNECT with reason 0x04 (Disconnect with Will Message) after the published
+    NDEATH, so the broker delivers the Will too; MQTT 3.1.1 has no reason code (Will discarded)."""
+    rig = await Rig(broker, tmp_path, protocol=protocol).open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+    finally:
+        await rig.close()
+    await host.wait_for(lambda: host.of_type("NDEATH"), what="NDEATH")
+    await asyncio.sleep(1.0)
+    deaths = [m.metric("bdSeq").value for m in host.of_type("NDEATH")]
+    assert deaths == ([0, 0] if protocol == "5" else [0])
+
+
 KILL_SCRIPT = """
 import asyncio, sys
 from buffer import AsyncBuffer, BufferSettings
