@@ -30,6 +30,7 @@ from gateway.sparkplug.edge import (
     build_ndeath,
     stamp_data,
 )
+from gateway.sparkplug.node_metrics import NodeMetricsReporter, build_ndata, node_metric_defs
 from gateway.sparkplug.payload import (
     DataSet,
     DataType,
@@ -244,8 +245,13 @@ def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
     records = rbe.drain()
     assert [r.stream for r in records] == ["plant-7/pump-3/meter1", "plant-7/pump-3/meter2"]
 
+    reporter = NodeMetricsReporter(node_metric_defs(["mqtt"]))
+    node_values = {"Outpost/Uptime": 5, "Outpost/Link/mqtt": True, "Outpost/System/CPU Temperature": None}
+    born_node = reporter.birth(node_values)
+    ndata = build_ndata(reporter.changes({"Outpost/Uptime": 100, "Outpost/Link/mqtt": False}), TS + 13, 6)
     msgs: list[tuple[str, bytes]] = [
-        (node.topic(MessageType.NBIRTH), build_nbirth(7, TS, seq=0, software="outpost-test")),
+        (node.topic(MessageType.NBIRTH), build_nbirth(7, TS, seq=0, software="outpost-test",
+                                                      node_metrics=born_node)),
         (node.topic(MessageType.DBIRTH, "meter1"),
          build_dbirth("meter1", points["meter1"], rbe.snapshot("meter1"), aliases, TS, 1)),
         (node.topic(MessageType.DBIRTH, "meter2"),
@@ -257,11 +263,12 @@ def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
          stamp_data(records[1].payload, seq=4, ts_ms=TS + 11, device="meter2", aliases=aliases,
                     historical=False, clock_unsynced=True)),
         (node.topic(MessageType.DDEATH, "meter2"), build_ddeath(TS + 12, 5)),
+        (node.topic(MessageType.NDATA), ndata),
         (node.topic(MessageType.NDEATH), build_ndeath(7)),
     ]
     out = run_node(node_modules, {"op": "session", "messages": [
         {"topic": t, "b64": base64.b64encode(b).decode()} for t, b in msgs]})["messages"]
-    nbirth, dbirth1, dbirth2, ddata1, ddata2, ddeath, ndeath = (m["tahu"] for m in out)
+    nbirth, dbirth1, dbirth2, ddata1, ddata2, ddeath, ndata, ndeath = (m["tahu"] for m in out)
 
     assert nbirth["seq"] == "0" and nbirth["timestamp"] == str(TS)
     nb = {m["name"]: m for m in nbirth["metrics"]}
@@ -269,6 +276,10 @@ def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
     assert nb["Node Control/Rebirth"] == {"name": "Node Control/Rebirth", "type": "Boolean", "value": False,
                                           "timestamp": str(TS)}  # no alias
     assert nb["Properties/Software"]["value"] == "outpost-test"
+    assert nb["Outpost/Uptime"]["type"] == "UInt64" and nb["Outpost/Uptime"]["value"] == "5"
+    temp = nb["Outpost/System/CPU Temperature"]
+    assert temp["type"] == "Float" and temp["value"] is None
+    assert nb["Outpost/Link/mqtt"]["value"] is True and "alias" not in nb["Outpost/Link/mqtt"]
 
     assert dbirth1["seq"] == "1" and dbirth2["seq"] == "2"
     born = {m["name"]: m for m in dbirth1["metrics"]}
@@ -300,5 +311,8 @@ def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
     assert bad["properties"]["clock_unsynced"] == {"type": "Boolean", "value": True}
 
     assert ddeath["seq"] == "5" and ddeath["metrics"] == []
+    assert out[6]["filled"] == 2 and ndata["seq"] == "6"   # node metrics: datatype by name from NBIRTH
+    assert {m["name"]: (m["type"], m["value"]) for m in ndata["metrics"]} == {
+        "Outpost/Uptime": ("UInt64", "100"), "Outpost/Link/mqtt": ("Boolean", False)}
     assert "seq" not in ndeath and [(m["name"], m["type"], m["value"]) for m in ndeath["metrics"]] == [
         ("bdSeq", "Int64", "7")]

@@ -123,8 +123,9 @@ function session(messages) {
     const raw = Payload.decode(Buffer.from(msg.b64, "base64"));
     let filled = 0;
     raw.metrics.forEach((m) => {
-      const hasType = m.datatype !== undefined && m.datatype !== null && m.datatype !== 0;
-      const alias = m.alias !== undefined && m.alias !== null ? Long.fromValue(m.alias).toString() : null;
+      // proto2 optional fields: protobufjs puts defaults on the prototype, so ask for own ones.
+      const hasType = Object.prototype.hasOwnProperty.call(m, "datatype") && m.datatype !== 0;
+      const alias = Object.prototype.hasOwnProperty.call(m, "alias") ? Long.fromValue(m.alias).toString() : null;
       if (type === "NBIRTH" || type === "DBIRTH") {
         if (alias !== null) byAlias.set(alias, m.datatype);
         if (m.name) byName.set(type === "DBIRTH" ? msg.topic.split("/")[4] + "/" + m.name : m.name, m.datatype);
