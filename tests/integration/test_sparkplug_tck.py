@@ -10,6 +10,9 @@ topic trace, every assertion) are named in the failure message.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,17 +26,22 @@ TESTS = ["SessionEstablishmentTest", "SessionTerminationTest", "SendDataTest", "
 
 
 @pytest.fixture(scope="module")
-def tck_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModeResult]:
+def tck_runs() -> Iterator[dict[str, ModeResult]]:
     try:
         tck_dir()
     except TckMissing as exc:
         pytest.fail(str(exc))
     prepare()
-    base: Path = tmp_path_factory.mktemp("sparkplug-tck")
+    # Not pytest's tmp_path: it keeps only the last few runs of the whole machine, and a failure's
+    # logs must outlive them. Removed again when both modes are as expected (~50 MB: brokers).
+    base = Path(tempfile.mkdtemp(prefix="outpost-sparkplug-tck-"))
     with ThreadPoolExecutor(2) as ex:
         strict = ex.submit(run_mode, 0, base / "qos-0", tests=TESTS)
         default = ex.submit(run_mode, None, base / "qos-default", tests=TESTS)
-        return {"qos0": strict.result(), "default": default.result()}
+        runs = {"qos0": strict.result(), "default": default.result()}
+    yield runs
+    if not any(verdict(r, TESTS) for r in runs.values()):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.timeout(1200)
