@@ -221,7 +221,7 @@ class Rig:
         self.writes: list[tuple[str, str, Any]] = []
         self.task: asyncio.Task[None] | None = None
 
-    async def open(self) -> Rig:
+    async def open(self, node_status: Any = None) -> Rig:
         self.buf = await AsyncBuffer.open(self.data_dir / "buffer.db",
                                           BufferSettings(10_000_000, 86400.0))
         await self.buf.register_cursor("mqtt")
@@ -230,7 +230,7 @@ class Rig:
             self.writes.append((device, point, value))
 
         self.uplink = SparkplugUplink(settings(self.broker, self.data_dir, **self.kw), self.buf,
-                                      POINTS, write, snapshot=self.rbe.snapshot)
+                                      POINTS, write, snapshot=self.rbe.snapshot, node_status=node_status)
         return self
 
     def start(self) -> None:
@@ -565,6 +565,46 @@ async def test_disconnect_after_ndeath_carries_reason_0x04(broker: Broker, host:
     await asyncio.sleep(1.0)
     deaths = [m.metric("bdSeq").value for m in host.of_type("NDEATH")]
     assert deaths == ([0, 0] if protocol == "5" else [0])
+
+
+async def test_node_metrics_in_nbirth_then_ndata_by_exception(broker: Broker, host: TestHost,
+                                                              tmp_path: Path) -> None:
+    clock = {"synced": False, "holdover": False, "jumps": 0}
+    rig = Rig(broker, tmp_path, node_metrics_interval=0.2)
+
+    async def status() -> dict[str, Any]:
+        return {"version": "9.9.9", "uptime_s": 3.0, "clock": dict(clock),
+                "links": {"mqtt": {"up": True}}, "buffer": await rig.buf.stats()}
+
+    await rig.open(node_status=status)
+    await rig.sample("meter1", "voltage", 1.0, time.time_ns() // 1_000_000 - 90_000)  # a backlog record
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+        await asyncio.sleep(1.0)
+        clock["synced"] = True          # NTP synchronised: reported once
+        await host.wait_for(lambda: {m.name for d in host.of_type("NDATA") for m in d.payload.metrics}
+                            >= {"Outpost/Clock/State", "Outpost/Buffer/mqtt/Oldest Age"}, what="NDATA")
+        await asyncio.sleep(1.0)
+    finally:
+        await rig.close()
+    nbirth = host.of_type("NBIRTH")[0]
+    assert nbirth.metric("Properties/Version").value == "9.9.9"
+    assert nbirth.metric("Outpost/Clock/State").value == "unsynced"
+    assert nbirth.metric("Outpost/Link/mqtt").value is True
+    assert nbirth.metric("Outpost/Buffer/mqtt/Depth").value == 1
+    assert 85 < nbirth.metric("Outpost/Buffer/mqtt/Oldest Age").value < 200   # that record's age
+    assert nbirth.metric("Outpost/Buffer/mqtt/Depth").datatype is DataType.UInt64
+    ndata = host.of_type("NDATA")
+    # The backlog record was delivered (oldest age 90 s -> 0: beyond its 60 s deadband; depth
+    # 1 -> 0: within its deadband) and the clock synchronised. Each change once, nothing else
+    # (Outpost/System/* are this machine's own temperature and free disk, which may move).
+    reported = [(m.name, m.value) for d in ndata for m in d.payload.metrics
+                if not m.name.startswith("Outpost/System/")]
+    assert sorted(reported) == [("Outpost/Buffer/mqtt/Oldest Age", 0.0), ("Outpost/Clock/State", "synced")]
+    assert all(d.qos == 0 and not d.retain for d in ndata)
+    body = [m for m in node_msgs(host) if m.type != "NDEATH"]
+    assert seqs(body) == list(range(len(body)))
 
 
 KILL_SCRIPT = """

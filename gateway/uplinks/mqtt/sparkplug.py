@@ -566,10 +566,26 @@ class SparkplugUplink:
         try:
             status = dict(await self.node_status())
             status["system"] = await asyncio.to_thread(read_system, self.settings.data_dir)
+            await self._oldest_per_uplink(status)
         except Exception as exc:  # node metrics never stop the session
             self.state.error("node_status", "node metrics unavailable", reason=repr(exc))
             return None
         return values_from_status(status, self._uplinks)
+
+    async def _oldest_per_uplink(self, status: dict[str, Any]) -> None:
+        """Set `oldest_age_s` of each uplink cursor: the age of its oldest undelivered record."""
+        buffer = status.get("buffer")
+        cursors = buffer.get("cursors") if isinstance(buffer, dict) else None
+        if not isinstance(cursors, dict):
+            return
+        now = now_ms()
+        for name in self._uplinks:
+            c = cursors.get(name)
+            if not isinstance(c, dict):
+                continue
+            c = cursors[name] = dict(c)
+            oldest = await self.buffer.read(name, limit=1) if c.get("records") else []
+            c["oldest_age_s"] = max(0.0, (now - oldest[0].ts_ms) / 1000) if oldest else 0.0
 
     async def _node_data(self, client: MqttConnection) -> None:
         """NDATA with the node metrics that changed (by exception), always at QoS 0."""
