@@ -176,7 +176,9 @@ class SparkplugUplink:
         # The Primary Host's STATE, per server (timestamps on one server say nothing about
         # another); `_host` is the current server's, reset to offline on every connection.
         self._hosts: dict[str, PrimaryHostState] = {}
-        self._host: PrimaryHostState | None = None
+        self._host: PrimaryHostState | None = (
+            self._hosts.setdefault(self._servers.current, PrimaryHostState(settings.primary_host_id))
+            if settings.primary_host_id else None)
         self._offlines_at_birth = 0
         self._session_born = False             # an NBIRTH went out on this connection
         self._quiet_until = 0.0
