@@ -273,14 +273,24 @@ class RepeatFilter(logging.Filter):
     with its reason (a SASL failure only aiokafka reports), is kept. StateLog's bookkeeping.
     """
 
-    def __init__(self, window_s: float = 600.0) -> None:
+    def __init__(self, window_s: float = 600.0, *, prefixes: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.window_s = window_s
+        self.prefixes = prefixes  # on a handler: only these loggers (and their children)
         self._seen = StateLog(logging.getLogger(__name__))
         self.suppressed = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if self.prefixes and not record.name.startswith(self.prefixes):
+            return True
         if self._seen.first_in(f"{record.name}:{record.levelno}:{record.getMessage()}", self.window_s):
             return True
         self.suppressed += 1
         return False
+
+
+def install_handler_filter(flt: logging.Filter) -> None:
+    """Add `flt` to the handler setup_logging() installed (it sees every logger's records)."""
+    for h in logging.getLogger().handlers:
+        if getattr(h, _HANDLER_MARK, False):
+            h.addFilter(flt)

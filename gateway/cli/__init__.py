@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.config import DEFAULT_CONFIG_PATH, load_config, resolve_secrets, warnings
+from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import ConfigError
 
 EXIT_OK = 0
@@ -59,14 +59,20 @@ def _socket_path(args: argparse.Namespace) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     paths = args.paths or [args.config or _default_config()]
     worst = EXIT_OK
+    from gateway.config_build import load_checked  # builds what `outpost run` builds, without I/O
+
+    if args.schema:
+        from gateway.config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
     for path in paths:
-        try:
-            cfg = load_config(path)
-            resolve_secrets(cfg, path=path) if args.secrets else None
-        except ConfigError as e:
-            print(str(e), file=sys.stderr)
+        res = load_checked(path, secrets=args.secrets)
+        if not res.ok or res.config is None:
+            print(str(ConfigError(path, res.problems)), file=sys.stderr)
             worst = EXIT_CONFIG
             continue
+        cfg = res.config
         s = cfg.summary()
         uplinks = ", ".join(s["uplinks"]) or "none (buffering only)"
         print(
@@ -74,7 +80,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{s['points']} point(s), uplinks: {uplinks}, {s['mappings']} Kafka mapping(s), "
             f"{s['inbound']} inbound mapping(s)"
         )
-        for w in warnings(cfg):
+        for f in res.files[1:]:
+            print(f"{path}: merged drop-in {f}")
+        for w in res.warnings:
             print(f"{path}: warning: {w}")
     return worst
 
@@ -84,15 +92,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = args.config or _default_config()
-    try:
-        cfg = load_config(path)
-        secrets = resolve_secrets(cfg, path=path)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    from gateway.config_build import load_checked
+
+    # The same gate as `outpost check`: a file it accepts is a file that starts.
+    res = load_checked(path)
+    if not res.ok:
+        print(f"{path}: {len(res.problems)} problem(s) in the configuration", file=sys.stderr)
+        for problem in res.problems:
+            print(f"  - {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    assert res.config is not None and res.secrets is not None
     from gateway.runtime.supervisor import run_gateway
 
-    return asyncio.run(run_gateway(cfg, secrets, config_path=path))
+    return asyncio.run(run_gateway(res.config, res.secrets, config_path=path))
 
 
 # --- status / tail -----------------------------------------------------------------------
@@ -257,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(c)
     c.add_argument("paths", nargs="*", help="files to check (default: --config or the default path)")
     c.add_argument("--secrets", action="store_true", help="also resolve ${ENV} and *_file secrets")
+    c.add_argument("--schema", action="store_true", help="print the JSON Schema of the file (for editors) and exit")
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser("run", help="run the gateway")

@@ -21,7 +21,6 @@ gateway put into service must not replay a topic's history of commands to its de
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import string
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,7 @@ from gateway.errors import OutpostError, UplinkError
 from gateway.uplinks.core import UplinkState
 from gateway.uplinks.kafka.adapter import client_kwargs, new_consumer
 from gateway.uplinks.kafka.settings import KafkaSettings
+from gateway.writes import CommandJsonError, Specs, check_write, loads_command_json
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def parse_command(raw: bytes | None, where: str = "") -> Command:
     if raw is None:
         raise CommandError(f"{prefix}empty message (no value)")
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(f"{prefix}not JSON ({exc})") from None
+        doc = loads_command_json(raw)  # NaN, Infinity and 5000-digit numbers are refused
+    except CommandJsonError as exc:
+        raise CommandError(f"{prefix}{exc}") from None
     if not isinstance(doc, dict):
         raise CommandError(f"{prefix}expected a JSON object, got {type(doc).__name__}")
     missing = [k for k in ("device", "point", "value") if k not in doc]
@@ -156,6 +156,7 @@ class KafkaInbound:
         auto_offset_reset: str = "latest",
         write_attempts: int = 3,
         consumer_factory: Callable[..., Any] | None = None,
+        specs: Specs | None = None,
     ) -> None:
         if mapping.action == "mqtt_publish" and publish is None:
             raise InboundError(f"kafka inbound {mapping.name!r}: mqtt_publish needs an MQTT link")
@@ -165,6 +166,7 @@ class KafkaInbound:
         self.mapping = mapping
         self._publish = publish
         self._write = write
+        self._specs = specs  # gateway.writes: the check DCMD applies, before any attempt
         self._auto_offset_reset = auto_offset_reset
         self._write_attempts = max(1, write_attempts)
         self._consumer_factory = consumer_factory or new_consumer
@@ -281,11 +283,12 @@ class KafkaInbound:
         backoff = Backoff(0.5, 5.0)
         for attempt in range(self._write_attempts):
             try:
-                await self._write(cmd.device, cmd.point, cmd.value)
+                value = cmd.value if self._specs is None else check_write(self._specs, cmd.device, cmd.point, cmd.value)
+                await self._write(cmd.device, cmd.point, value)
                 self.state.count("written")
                 log.info("kafka command written", extra=fields(
                     inbound=self.mapping.name, where=where, device=cmd.device, point=cmd.point,
-                    value=cmd.value))
+                    value=value))
                 return
             except WriteRejected as exc:
                 self.state.count("rejected")
@@ -315,6 +318,7 @@ def inbound_from_config(
     *,
     publish: PublishFn | None,
     write: WriteFn | None,
+    specs: Specs | None = None,
 ) -> list[KafkaInbound]:
     """One KafkaInbound per `[[kafka.inbound]]` entry of the lead's KafkaSection."""
     return [
@@ -323,6 +327,7 @@ def inbound_from_config(
             InboundMapping.from_config(s, default_name=f"inbound[{i}]"),
             publish=publish,
             write=write,
+            specs=specs,
         )
         for i, s in enumerate(section.inbound)
     ]

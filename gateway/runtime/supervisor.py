@@ -26,17 +26,18 @@ import time
 from typing import Any
 
 from buffer import AsyncBuffer, BufferCorrupt, BufferError, BufferSettings
-from common.logs import RepeatFilter, StateLog, fields, setup_logging
+from common.logs import RepeatFilter, StateLog, fields, install_handler_filter, setup_logging
 from drivers.base import DeviceEvent, DeviceState, Driver, DriverError, Quality, Sample, WriteRejected
 from drivers.registry import build_drivers
 from gateway.clock import ClockGuard
-from gateway.config import OutpostConfig, Secrets, load_config, resolve_secrets
-from gateway.errors import ConfigError
+from gateway.config import OutpostConfig, Secrets
+from gateway.config_build import load_checked, reload_report
 from gateway.pipeline.report import ReportByException
 from gateway.pipeline.writer import RecordWriter
 from gateway.runtime.systemd import Notifier, Watchdog, watchdog_interval_s
 from gateway.runtime.tasks import TaskOwner
 from gateway.sparkplug.edge import NodeIdentity
+from gateway.writes import Specs, check_write, specs_from_config
 
 log = logging.getLogger("outpost.gateway")
 
@@ -120,6 +121,8 @@ class Gateway:
             "buffer_recoveries": 0,
         }
         self.last_reload_error: str | None = None
+        self.last_reload: dict[str, Any] | None = None  # gateway.config_build.reload_report
+        self.write_specs: Specs = {}
         self.notifier: Any = None  # systemd Notifier, set by run_gateway
 
     # -- lifecycle --------------------------------------------------------------------
@@ -169,6 +172,7 @@ class Gateway:
             self._device_metrics = {
                 name: (m.samples_read.labels(device=name), m.errors.labels(device=name)) for name in infos
             }
+        self.write_specs = specs_from_config(cfg)
         node = NodeIdentity(cfg.gateway.group_id, cfg.gateway.edge_node_id)
         self.rbe = ReportByException(node, infos)
         self.writer = RecordWriter(
@@ -220,6 +224,7 @@ class Gateway:
                     mapping,
                     publish=self.bridge.publish if self.bridge is not None else None,
                     write=self.write,
+                    specs=self.write_specs,
                 )
                 inbound.state.bind_metrics(self.metrics)
                 self.inbound.append(inbound)
@@ -311,27 +316,44 @@ class Gateway:
         log.error("buffer recovered", extra=fields(recoveries=self.counters["buffer_recoveries"]))
 
     async def reload(self, path: str) -> bool:
-        """Apply a new configuration file; an invalid one leaves everything as it runs."""
-        try:
-            cfg = load_config(path)
-            secrets = resolve_secrets(cfg, path=path)
-        except ConfigError as e:
-            self.counters["reload_failures"] += 1
-            self.last_reload_error = f"{len(e.problems)} problem(s): " + "; ".join(e.problems)
-            log.error("reload rejected: the running configuration stays",
-                      extra=fields(path=path, problems=len(e.problems), detail="; ".join(e.problems)))
-            return False
+        """Apply a new configuration file; one that fails for any reason leaves everything as
+        it runs, and says why in the log and in `outpost status`."""
+        res = await asyncio.to_thread(load_checked, path)
+        self.last_reload = reload_report(res, time.time())
+        if not res.ok:
+            return self._reload_failed(path, res.problems)
+        cfg, secrets = res.config, res.secrets
+        assert cfg is not None and secrets is not None
         if cfg.gateway.data_dir != self.cfg.gateway.data_dir or cfg.buffer != self.cfg.buffer:
             log.warning("reload: gateway.data_dir and [buffer] changes need a restart")
             cfg = cfg.model_copy(update={"buffer": self.cfg.buffer, "gateway": self.cfg.gateway})
         log.info("reload", extra=fields(path=path))
+        old = (self.cfg, self.secrets)
         await self._stop_pipeline()
         self.cfg, self.secrets = cfg, secrets
-        await self._start_pipeline()
+        try:
+            await self._start_pipeline()
+        except Exception as e:  # the new file checked out but does not start: back to the old one
+            log.error("reload failed to start: going back to the running configuration",
+                      extra=fields(path=path, reason=f"{type(e).__name__}: {e}"))
+            await self._stop_pipeline()
+            self.cfg, self.secrets = old
+            await self._start_pipeline()
+            self.last_reload = {**self.last_reload, "ok": False, "kept_running_configuration": True,
+                                "problems": [f"{type(e).__name__}: {e}"]}
+            return self._reload_failed(path, [f"could not start: {type(e).__name__}: {e}"], logged=True)
         self.counters["reloads"] += 1
         self.last_reload_error = None
         log.info("reload done", extra=fields(devices=len(cfg.devices)))
         return True
+
+    def _reload_failed(self, path: str, problems: list[str], *, logged: bool = False) -> bool:
+        self.counters["reload_failures"] += 1
+        self.last_reload_error = f"{len(problems)} problem(s): " + "; ".join(problems)
+        if not logged:
+            log.error("reload rejected: the running configuration stays",
+                      extra=fields(path=path, problems=len(problems), detail="; ".join(problems)))
+        return False
 
     # -- data path ----------------------------------------------------------------------
 
@@ -389,6 +411,8 @@ class Gateway:
         drv = self.driver_by_device.get(device)
         if drv is None:
             raise WriteRejected(f"write {device}/{point}: no such device")
+        # The one write check (gateway.writes) for every path: DCMD, Kafka commands, any later.
+        value = check_write(self.write_specs, device, point, value)
         log.info("write", extra=fields(device=device, point=point, value=value))
         await drv.write(device, point, value)
 
@@ -484,6 +508,7 @@ class Gateway:
             "tasks": self.owner.status(),
             "counters": dict(self.counters),
             "reload_error": self.last_reload_error,
+            "reload": self.last_reload,
         }
 
 
@@ -499,9 +524,10 @@ def tune_gc() -> None:
 
 
 def _quiet_client_libraries(level: str) -> None:
+    # On the handler, not on the libraries' loggers: a logger's filter never sees what its
+    # child loggers (aiokafka.producer.sender, gmqtt.mqtt.handler) log.
     if level != "debug":
-        for name in ("aiokafka", "gmqtt"):
-            logging.getLogger(name).addFilter(RepeatFilter())
+        install_handler_filter(RepeatFilter(prefixes=("aiokafka", "gmqtt", "outpost.mqtt.gmqtt")))
 
 
 async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str = "") -> int:

@@ -127,8 +127,11 @@ class UplinkState:
         self._set_link("stopped")
 
     def error(self, key: str, message: str, **kv: Any) -> bool:
-        """A problem that does not take the link down, logged once per `key`."""
-        self.last_error = message
+        """A problem that does not take the link down, logged once per `key`.
+
+        `last_error` becomes its `reason` (the precise words) when one is given.
+        """
+        self.last_error = str(kv["reason"]) if kv.get("reason") else message
         self.last_error_ms = int(time.time() * 1000)
         return self._states.once(
             f"error:{key}", message, uplink=self.name, **kv)
