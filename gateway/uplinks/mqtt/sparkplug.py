@@ -134,7 +134,7 @@ class MqttUplinkSettings:
         return self.client_id or f"outpost-{self.group_id}-{self.edge_node_id}"
 
 
-_HELD = object()  # _publish_record: the record waits for its device's DBIRTH
+_WAIT = object()  # _publish_record: the record waits for its device's DBIRTH
 
 
 class _SessionEnded(Exception):
@@ -147,9 +147,25 @@ class _Refused(UplinkError):
     retriable = True
 
 
-COUNTERS = ("published", "historical", "births", "rebirths", "connects", "commands",
-            "commands_rejected", "writes_failed", "refused", "skipped", "dropped_unconfigured",
-            "node_data")
+COUNTERS = ("published", "historical", "held", "quarantined", "births", "rebirths", "connects",
+            "commands", "commands_rejected", "writes_failed", "refused", "skipped",
+            "dropped_unconfigured", "node_data")
+HELD_PREFIX = "held:"
+
+
+@dataclass(slots=True)
+class _Held:
+    """A topic the broker refuses (not authorised, quota): its records wait in the buffer's
+    quarantine, in order, until a probe is accepted; then they are drained oldest first."""
+
+    topic: str
+    backoff: Backoff
+    draining: bool = False
+    next_probe: float = 0.0
+
+    @property
+    def reason_key(self) -> str:
+        return (HELD_PREFIX + self.topic)[:200]
 
 
 class SparkplugUplink:
@@ -198,7 +214,7 @@ class SparkplugUplink:
         self._next_server = False
         # Records of devices without a DBIRTH in this session: device -> the lowest buffer seq
         # waiting. The cursor never passes them; they go out as history after the DBIRTH.
-        self._held: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
         self._unconfigured: set[str] = set()   # streams of removed devices, logged once each
         self._live_after = 0
         self._backlog_pos: int | None = None
@@ -216,6 +232,7 @@ class SparkplugUplink:
         self.state.on_render = self._note_session
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._refusal_backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._held: dict[str, _Held] = {}   # topics the broker refuses (see _serve_held)
 
     # -- what the runtime calls ----------------------------------------------------------
 
@@ -256,6 +273,7 @@ class SparkplugUplink:
     async def run(self) -> None:
         """Connect, birth, publish; reconnects with backoff until cancelled or stopped."""
         await self.buffer.register_cursor(CURSOR)
+        await self._load_held()
         self._running = True
         self._finished.clear()
         try:
@@ -364,7 +382,7 @@ class SparkplugUplink:
         node_metrics = await self._node_values()
         self._node_watermark = int(stats.get("last_seq") or 0)
         self._watermarks.clear()
-        self._held.clear()  # the backlog lane starts again from the cursor, before all of them
+        self._waiting.clear()  # the backlog lane starts again from the cursor, before all of them
         # From here to the NBIRTH nothing awaits: a rebirth request that arrived until now is
         # answered by this NBIRTH; one that arrives after it gets births of its own.
         self._rebirth_requested = False
@@ -422,7 +440,7 @@ class SparkplugUplink:
                 self._watermarks[self.node.stream(ev.device)] = int(stats.get("last_seq") or 0)
                 self._dbirth(client, ev.device, self.devices[ev.device])
                 log.info("DBIRTH", extra=_fields(device=ev.device))
-                await self._flush_held(client, ev.device)
+                await self._flush_waiting(client, ev.device)
 
     def _host_gone(self) -> bool:
         """The Primary Host went offline since the births (even if it is back already)."""
@@ -486,6 +504,8 @@ class SparkplugUplink:
                 progressed = True
                 if refused:
                     await self._hold_refused(client)
+            if self._held and not self._stop_data() and await self._serve_held(client):
+                progressed = True
 
             if self._backlog_active and not self._stop_data():
                 now = time.monotonic()
@@ -528,16 +548,16 @@ class SparkplugUplink:
             frontier = self._live_after
         if frontier is None:
             return None
-        if self._held:
-            frontier = min(frontier, min(self._held.values()) - 1)
+        if self._waiting:
+            frontier = min(frontier, min(self._waiting.values()) - 1)
         return frontier
 
-    async def _flush_held(self, client: MqttConnection, device: str) -> None:
+    async def _flush_waiting(self, client: MqttConnection, device: str) -> None:
         """Right after a device's DBIRTH: its waiting records, as history, oldest first.
 
         Only records the lanes have already passed over; the rest they publish themselves.
         """
-        first = self._held.get(device)
+        first = self._waiting.get(device)
         if first is None:
             return
         stream = self.node.stream(device)
@@ -552,9 +572,9 @@ class SparkplugUplink:
                     and not self._backlog_will_read(r.seq)]
             stop, _refused = await self._publish_batch(client, todo)
             if stop is not None:
-                self._held[device] = stop  # the rest waits for the next pass or session
+                self._waiting[device] = stop  # the rest waits for the next pass or session
                 return
-        self._held.pop(device, None)
+        self._waiting.pop(device, None)
 
     def _backlog_will_read(self, seq: int) -> bool:
         if not self._backlog_active or seq > self._node_watermark:
@@ -607,18 +627,31 @@ class SparkplugUplink:
                              records: Sequence[Any]) -> tuple[int | None, bool]:
         """Publish within the broker's Receive Maximum and wait for every PUBACK (QoS 1).
 
-        Each record PUBACKed with a success code (or sent at QoS 0, or skipped as not for
-        MQTT) is noted as delivered; a record of a device without DBIRTH is held. Returns
-        (the seq of the first record not handled, or None when all were; whether the broker
-        refused one), so that the caller moves its position only up to it. A refusal is never
-        an ack. DATA stops before the next record as soon as _stop_data() says so.
+        Every outcome is classified (DESIGN rule 6). Delivered (or sent at QoS 0), or skipped
+        as not for MQTT: noted as delivered. Refused for this record (too large for the broker,
+        payload format): quarantined in the buffer, so the cursor moves past it. Refused for
+        its topic (not authorised, quota, bad topic): quarantined as held for that topic, which
+        is then held (its later records go aside too, in order) and probed until it accepts. A
+        record of a held topic goes aside without being sent. A record of a device without
+        DBIRTH in this session waits (see _publish_record). DATA stops before the next record
+        as soon as _stop_data() says so. Returns (the seq of the first record not handled:
+        stopped there, or retriable such as packet id in use; None when all were handled,
+        whether one was retriable), so the caller moves its position only up to it. A
+        refusal is never an ack.
         """
         timeout = max(30.0, 3 * self.settings.keepalive)
         window = asyncio.Semaphore(client.inflight_limit())
         pending: list[tuple[Any, str, asyncio.Future[int]]] = []
-        refused: list[tuple[Any, str, str]] = []
+        aside: list[tuple[Any, str, str]] = []  # (record, quarantine reason, log detail)
         stopped_at: int | None = None
         for rec in records:
+            if self._stop_data():
+                stopped_at = rec.seq
+                break
+            topic = self._topic_of(rec)
+            if topic is not None and topic in self._held:
+                aside.append((rec, self._held[topic].reason_key, "topic held"))
+                continue
             await self._conn_until(window.acquire(), timeout)
             if self._stop_data():
                 window.release()
@@ -628,44 +661,149 @@ class SparkplugUplink:
                 sent = self._publish_record(client, rec, self._is_historical(rec))
             except PacketTooLarge as exc:
                 window.release()
-                refused.append((rec, exc.topic, str(exc)))
+                aside.append((rec, "too_large", str(exc)))
                 continue
-            if sent is None or sent is _HELD:
+            if sent is None or sent is _WAIT:
                 window.release()
                 if sent is None:
                     self._note_delivered(rec.seq, rec.seq)
                 continue
+            assert isinstance(sent, tuple)
             topic, fut = sent
             fut.add_done_callback(lambda _f: window.release())
             pending.append((rec, topic, fut))
         if pending:
             await self._conn_until(asyncio.gather(*(f for _, _, f in pending)), timeout)
         delivered = historical = 0
+        retry_from: int | None = None
         for rec, topic, fut in pending:
             code = fut.result()
-            if puback_outcome(code) is Outcome.DELIVERED:
+            outcome = puback_outcome(code)
+            if outcome is Outcome.DELIVERED:
                 self._note_delivered(rec.seq, rec.seq)
                 delivered += 1
                 historical += self._is_historical(rec)
-                if self.state.refused:
-                    self.state.accept(topic)
+            elif outcome is Outcome.REFUSED_DESTINATION:
+                self._hold(topic, f"PUBACK {reason_text(code)}")
+                aside.append((rec, self._held[topic].reason_key, f"PUBACK {reason_text(code)}"))
+            elif outcome is Outcome.REFUSED_RECORD:
+                aside.append((rec, f"refused_0x{code:02x}", f"PUBACK {reason_text(code)}"))
             else:
-                refused.append((rec, topic, f"PUBACK {reason_text(code)}"))
+                self.state.count("refused")
+                retry_from = rec.seq if retry_from is None else min(retry_from, rec.seq)
         self.state.count("published", delivered)
         self.state.count("historical", historical)
-        if not refused:
-            return stopped_at, False
-        self.state.count("refused", len(refused))
-        for _rec, topic, reason in refused:
-            self.state.refuse(topic, reason)
-        first = min(rec.seq for rec, _, _ in refused)
-        return (first if stopped_at is None else min(first, stopped_at)), True
+        for rec, reason, detail in sorted(aside, key=lambda a: a[0].seq):
+            if retry_from is not None and rec.seq > retry_from:
+                continue  # offered again with the retriable one, in order
+            await self.buffer.quarantine(CURSOR, rec.seq, reason)
+            self._note_delivered(rec.seq, rec.seq)  # handled: the cursor may pass it
+            if reason.startswith(HELD_PREFIX):
+                self.state.count("held")
+            else:
+                self.state.count("quarantined")
+                self.state.error(f"quarantine:{reason}", "record quarantined: the broker refuses it",
+                                 seq=rec.seq, stream=rec.stream, reason=detail)
+        firsts = [x for x in (stopped_at, retry_from) if x is not None]
+        return (min(firsts) if firsts else None), retry_from is not None
 
     async def _hold_refused(self, client: MqttConnection) -> None:
         """A refusal is not a link failure: keep the session, wait, then offer the records again."""
         delay = self._refusal_backoff.next()
         with contextlib.suppress(TimeoutError):
             await self._conn_until(self._stop_event.wait(), delay)
+
+    def _topic_of(self, rec: Any) -> str | None:
+        """The MQTT topic a record is published on (None: not for MQTT, or not this node's)."""
+        mtype = rec.headers.get(H_TYPE, "")
+        if mtype not in SPARKPLUG_DATA_TYPES:
+            return None
+        try:
+            device = self.node.device_of_stream(rec.stream)
+        except PayloadError:
+            return None
+        return self.node.topic(MessageType(mtype), device)
+
+    # -- held destinations: refused topics, probed until they accept --------------------------
+
+    def _hold(self, topic: str, reason: str) -> None:
+        if topic not in self._held:
+            st = self.settings
+            self._held[topic] = _Held(topic, Backoff(st.reconnect_min, st.reconnect_max))
+        held = self._held[topic]
+        held.draining = False
+        held.next_probe = time.monotonic() + held.backoff.next()
+        self.state.refuse(topic, reason)
+
+    async def _load_held(self) -> None:
+        """After a restart: topics with records held in the buffer are probed first."""
+        stats = await self.buffer.stats()
+        reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(CURSOR, {})
+        st = self.settings
+        for reason in reasons:
+            if reason.startswith(HELD_PREFIX):
+                topic = reason[len(HELD_PREFIX):]
+                self._held.setdefault(topic, _Held(topic, Backoff(st.reconnect_min, st.reconnect_max)))
+
+    async def _serve_held(self, client: MqttConnection) -> bool:
+        """Probe each held topic with its oldest record; drain a topic that accepts again.
+
+        Records of a held topic read meanwhile keep going aside behind the older ones, so the
+        drain delivers them all oldest first; the topic flows directly again only once
+        nothing of it is held. Returns True when something was sent.
+        """
+        sent = False
+        now = time.monotonic()
+        for topic, held in list(self._held.items()):
+            if not held.draining and now < held.next_probe:
+                continue
+            parts = topic.split("/")
+            device = parts[4] if len(parts) > 4 else None
+            if device is not None and device not in self._born:
+                continue  # its device has no DBIRTH in this session: no DATA for it yet
+            if self._stop_data():
+                break
+            limit = self.settings.batch_max_records if held.draining else 1
+            batch = await self.buffer.quarantine_list(CURSOR, held.reason_key, limit=limit)
+            if not batch:
+                del self._held[topic]
+                self.state.accept(topic)
+                log.info("held topic flows again", extra=_fields(topic=topic))
+                continue
+            delivered: list[int] = []
+            refused = ""
+            futures = []
+            for rec in batch:
+                try:
+                    out = self._publish_record(client, rec, True)
+                except PacketTooLarge as exc:
+                    refused = str(exc)  # it stays held; the operator decides (outpost buffer quarantine)
+                    break
+                if out is None:
+                    delivered.append(rec.seq)  # skipped (not encodable): counted by _skip
+                elif isinstance(out, tuple):
+                    futures.append((rec, out[1]))
+            if futures:
+                await self._conn_until(asyncio.gather(*(f for _, f in futures)),
+                                       max(30.0, 3 * self.settings.keepalive))
+            for rec, fut in futures:
+                code = fut.result()
+                if puback_outcome(code) is Outcome.DELIVERED:
+                    delivered.append(rec.seq)
+                elif not refused:
+                    refused = f"PUBACK {reason_text(code)}"
+            if delivered:
+                await self.buffer.quarantine_delivered(CURSOR, delivered)
+                n = len(futures) - (1 if refused and futures else 0)
+                self.state.count("published", max(0, min(n, len(delivered))))
+                self.state.count("historical", max(0, min(n, len(delivered))))
+                sent = True
+            if refused:
+                self._hold(topic, refused)
+            else:
+                held.draining = True
+                held.backoff.reset()
+        return sent
 
     # Records PUBACKed but not yet passed by the cursor (live data sent during a backlog).
     # Kept across reconnects and rebirths of this process so they are not sent twice.
@@ -695,7 +833,7 @@ class SparkplugUplink:
     def _publish_record(self, client: MqttConnection, rec: Any,
                         historical: bool) -> tuple[str, asyncio.Future[int]] | object | None:
         """Stamp and publish one record: (topic, PUBACK future); None if it is not for MQTT
-        (or skipped, or dropped); _HELD if its device has no DBIRTH in this session."""
+        (or skipped, or dropped); _WAIT if its device has no DBIRTH in this session."""
         mtype = rec.headers.get(H_TYPE, "")
         if mtype not in SPARKPLUG_DATA_TYPES:
             return None  # bridged MQTT messages are for the Kafka uplink only
@@ -715,9 +853,9 @@ class SparkplugUplink:
                 return None
             # No DBIRTH in this session (dead, or offline since boot): no host could read its
             # DATA. It waits, and goes out as history right after the device's DBIRTH.
-            if rec.seq < self._held.get(device, rec.seq + 1):
-                self._held[device] = rec.seq
-            return _HELD
+            if rec.seq < self._waiting.get(device, rec.seq + 1):
+                self._waiting[device] = rec.seq
+            return _WAIT
         fix = clock_fix(self.clock, rec.headers)
         try:
             # seq is taken only once the record stamped: a skipped record leaves no gap.
