@@ -120,7 +120,7 @@ async def test_a_device_without_dbirth_gets_no_data_its_records_wait(tmp_path: P
     stop, _ = await up._publish_batch(conn, batch)  # type: ignore[arg-type]
     assert stop is None
     assert [t for t, _, _ in conn.published] == ["spBv1.0/g/DDATA/e/m1"]
-    assert up._held == {"m2": 1}                 # the lowest waiting seq: the cursor stops before it
+    assert up._waiting == {"m2": 1}                 # the lowest waiting seq: the cursor stops before it
     assert not up._is_delivered(1) and not up._is_delivered(4) and up._is_delivered(3)
     up._backlog_active, up._live_after = False, 4
     assert up._ack_frontier() == 0
@@ -131,7 +131,7 @@ async def test_records_of_a_removed_device_are_counted_and_stepped_past(tmp_path
     gone = Rec(1, "g/e/old-meter", records("m1", 1)[0].payload)
     stop, _ = await up._publish_batch(conn, [gone, *records("m1", 1, first_seq=2)])  # type: ignore[arg-type]
     assert stop is None and len(conn.published) == 1
-    assert up.counters["dropped_unconfigured"] == 1 and up._is_delivered(1) and not up._held
+    assert up.counters["dropped_unconfigured"] == 1 and up._is_delivered(1) and not up._waiting
 
 
 async def test_data_qos_0_publishes_at_qos_0_and_counts_it_delivered(tmp_path: Path) -> None:
