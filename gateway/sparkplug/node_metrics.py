@@ -20,13 +20,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from buffer.core import DROP_REASONS
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.payload import DataType, set_metric_value
 
 PREFIX = "Outpost"
-# The buffer's retention reasons (buffer/core.py) and the quarantine total: fixed, so that the
-# NBIRTH can declare them before any drop happened.
-DROP_REASONS = ("age", "size", "disk_full", "purged")
+# The buffer's drop reasons and classes of quarantine reasons: fixed, so that the NBIRTH can
+# declare them before any drop happened. A quarantine reason is "held:<topic>" (the broker
+# refuses the topic), "too_large", "refused_0x.." (the broker refuses the record), or another
+# uplink's own.
+QUARANTINE_CLASSES = ("held", "too_large", "refused", "other")
 CLOCK_STATES = ("synced", "holdover", "unsynced")
 THERMAL_ZONE = "/sys/class/thermal/thermal_zone0/temp"
 
@@ -53,10 +56,12 @@ def node_metric_defs(uplinks: Sequence[str]) -> list[NodeMetric]:
             # Depth moves by a few records all the time under load: report real backlogs only.
             NodeMetric(f"{PREFIX}/Buffer/{u}/Depth", DataType.UInt64, deadband=100, unit="records"),
             NodeMetric(f"{PREFIX}/Buffer/{u}/Oldest Age", DataType.Double, deadband=60, unit="s"),
+            NodeMetric(f"{PREFIX}/Buffer/{u}/Quarantined", DataType.UInt64, unit="records"),
         ]
     defs += [NodeMetric(f"{PREFIX}/Buffer/Dropped/{r}", DataType.UInt64, unit="records") for r in DROP_REASONS]
+    defs += [NodeMetric(f"{PREFIX}/Buffer/Quarantined/{c}", DataType.UInt64, unit="records")
+             for c in QUARANTINE_CLASSES]
     defs += [
-        NodeMetric(f"{PREFIX}/Buffer/Quarantined", DataType.UInt64, unit="records"),
         NodeMetric(f"{PREFIX}/System/CPU Temperature", DataType.Float, deadband=1.0, unit="°C"),
         NodeMetric(f"{PREFIX}/System/Disk Free", DataType.UInt64, deadband=10_000_000, unit="bytes"),
     ]
@@ -123,9 +128,21 @@ def values_from_status(status: Mapping[str, Any], uplinks: Sequence[str]) -> dic
     dropped = buffer.get("dropped") or {}
     for r in DROP_REASONS:
         out[f"{PREFIX}/Buffer/Dropped/{r}"] = int(dropped.get(r, 0)) if "dropped" in buffer else None
-    q = buffer.get("quarantined")
-    out[f"{PREFIX}/Buffer/Quarantined"] = (sum(q.values()) if isinstance(q, Mapping)
-                                           else q if isinstance(q, int) else None)
+    q = buffer.get("quarantine")
+    by_cursor = q.get("by_cursor") if isinstance(q, Mapping) else None
+    by_reason = q.get("by_reason") if isinstance(q, Mapping) else None
+    for u in uplinks:
+        out[f"{PREFIX}/Buffer/{u}/Quarantined"] = (int(by_cursor.get(u, 0)) if isinstance(by_cursor, Mapping)
+                                                   else None)
+    classes: dict[str, int] | None = None
+    if isinstance(by_reason, Mapping):
+        classes = dict.fromkeys(QUARANTINE_CLASSES, 0)
+        for reason, n in by_reason.items():
+            c = ("held" if reason.startswith("held:") else "too_large" if reason == "too_large"
+                 else "refused" if reason.startswith("refused") else "other")
+            classes[c] += int(n)
+    for c in QUARANTINE_CLASSES:
+        out[f"{PREFIX}/Buffer/Quarantined/{c}"] = classes[c] if classes is not None else None
     out[f"{PREFIX}/System/CPU Temperature"] = system.get("cpu_temp_c")
     out[f"{PREFIX}/System/Disk Free"] = system.get("disk_free_bytes")
     return out

@@ -47,7 +47,15 @@ def test_node_metrics_are_declared_in_nbirth() -> None:
     assert born[f"{PREFIX}/Buffer/kafka/Oldest Age"] == 3600.5
     assert born[f"{PREFIX}/Buffer/mqtt/Oldest Age"] == 0.0
     assert born[f"{PREFIX}/Buffer/Dropped/age"] == 3 and born[f"{PREFIX}/Buffer/Dropped/size"] == 0
-    assert born[f"{PREFIX}/Buffer/Quarantined"] is None   # no quarantine figure: null, still declared
+    assert born[f"{PREFIX}/Buffer/mqtt/Quarantined"] is None   # no quarantine figure: null, still declared
+    assert born[f"{PREFIX}/Buffer/Dropped/quarantine_dropped"] == 0
+    st = status()
+    st["buffer"]["quarantine"] = {"by_cursor": {"kafka": 3}, "by_reason": {
+        "held:spBv1.0/g/DDATA/e/v7": 2, "too_large": 1, "refused_0x99": 4, "not_encodable": 1}}
+    born = dict((d.name, v) for d, v in rep.birth(values_from_status(st, UPLINKS)))
+    assert born[f"{PREFIX}/Buffer/kafka/Quarantined"] == 3 and born[f"{PREFIX}/Buffer/mqtt/Quarantined"] == 0
+    assert [born[f"{PREFIX}/Buffer/Quarantined/{c}"] for c in ("held", "too_large", "refused", "other")] == [
+        2, 1, 4, 1]
     p = pb.Payload()
     add_node_metrics(p, rep.birth(values_from_status(status(system={}), UPLINKS)), 1000, birth=True)
     decoded = {m.name: m for m in decode_payload(p.SerializeToString()).metrics}
