@@ -27,10 +27,12 @@ $(VENV)/.installed: pyproject.toml
 node-deps: venv
 	$(PY) -c "from tests.harness.tools import ensure_node_peers; ensure_node_peers()"
 
-# Fetch Kafka from Maven Central and build Toxiproxy once (cached in ~/.cache/outpost), so the
+# Fetch Kafka from Maven Central and build Toxiproxy once (cached in ~/.cache/outpost), and
+# HiveMQ CE for the Sparkplug TCK (../shared/tck; cached in ~/.cache/sparkplug-tck), so the
 # first test that needs them does not spend its timeout on downloads.
 tools: venv node-deps
 	$(PY) -m tests.harness install
+	$(PY) -m tests.tck prepare
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -78,12 +78,23 @@ class SeqCounter:
 
 
 class PrimaryHostState:
-    """Tracks `spBv1.0/STATE/<host_id>`; a STATE older than the newest one seen is ignored."""
+    """Tracks `spBv1.0/STATE/<host_id>` on one MQTT server; a STATE older than the newest seen
+    there is ignored.
+
+    Keep one per server (a host's STATE timestamps on one server say nothing about another)
+    and call `begin_connection()` on every new connection: the host counts as offline until a
+    STATE arrives on that connection. `offlines` counts every accepted offline STATE, so that
+    a session notices an offline even when a newer online follows before it looks.
+    """
 
     def __init__(self, host_id: str) -> None:
         self.host_id = host_id
         self.online = False
         self.timestamp: int | None = None
+        self.offlines = 0
+
+    def begin_connection(self) -> None:
+        self.online = False
 
     def update(self, payload: bytes) -> bool:
         """Apply one STATE message; returns True when it changed `online`.
@@ -103,6 +114,8 @@ class PrimaryHostState:
         if self.timestamp is not None and ts < self.timestamp:
             return False  # a stale retained or reordered message
         self.timestamp = ts
+        if not online:
+            self.offlines += 1
         changed = online != self.online
         self.online = online
         return changed
