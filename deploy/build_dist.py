@@ -110,7 +110,8 @@ def platform_args(arch: str) -> list[str]:
     for minor in GLIBC_MINORS:
         args += ["--platform", f"manylinux_2_{minor}_{arch}"]
     args += ["--platform", f"manylinux2014_{arch}"]
-    return [*args, "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311", "--only-binary=:all:"]
+    return [*args, "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311",
+            "--only-binary=:all:"]
 
 
 def build_outpost_wheel(python: str, work: Path, version: str | None) -> Path:

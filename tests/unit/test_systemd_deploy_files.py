@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from gateway.cli import EXIT_CONFIG
+from gateway.diagnostics.doctor import DevicePolicy, check_device_policy, load_device_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "outpost.service"
@@ -47,8 +51,18 @@ def test_unit_has_the_settings_the_gateway_relies_on() -> None:
     assert s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
     # Serial adapters must stay reachable under the device policy.
     assert s["DevicePolicy"] == ["closed"]
-    assert {"char-ttyUSB rw", "char-ttyACM rw"} <= set(s["DeviceAllow"])
+    assert {"char-ttyUSB rw", "char-ttyACM rw", "char-ttyAMA rw", "char-ttyS rw", "char-ttySC rw"} <= set(
+        s["DeviceAllow"]
+    )
     assert "PrivateDevices" not in s
+    # Validate before starting and before reloading; the reload's check runs before the SIGHUP.
+    check = "/opt/outpost/venv/bin/outpost check --config /etc/outpost/outpost.toml"
+    assert s["ExecStartPre"] == [check]
+    assert s["ExecReload"] == [check, "/bin/kill -HUP $MAINPID"]
+    # No crash loop on an invalid configuration: its exit status stops the restarts.
+    assert s["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
+    assert s["SyslogLevelPrefix"] == ["yes"]
+    assert s["EnvironmentFile"] == ["-/etc/outpost/outpost.env"]
     # ProtectClock=yes would make adjtimex() fail and hide clock sync state.
     assert "ProtectClock" not in s
     assert "adjtimex clock_adjtime" in s["SystemCallFilter"]
@@ -100,7 +114,15 @@ def test_installer_dry_run_creates_user_venv_config_and_unit() -> None:
         "usermod --append --groups dialout outpost" in line for line in lines
     )
     assert "+ python3 -m venv /opt/outpost-test/venv" in lines
-    assert f"+ /opt/outpost-test/venv/bin/pip install --quiet --upgrade {ROOT}" in lines
+    pip = "+ /opt/outpost-test/venv/bin/python -m pip --disable-pip-version-check --no-input install --quiet"
+    # Locked, hash-checked dependencies, then Outpost itself; never a pip self-upgrade.
+    assert f"{pip} --no-deps --require-hashes -r {ROOT}/deploy/requirements.lock" in lines
+    assert f"{pip} --no-deps --force-reinstall {ROOT}" in lines
+    assert not any("--upgrade pip" in line for line in lines)
+    # Secrets: root-only, read by systemd, not by the outpost group.
+    assert any(line.endswith("/etc/outpost/outpost.env") and "-m 0600 -o root -g root" in line for line in lines) or (
+        "+ chmod 0600 /etc/outpost/outpost.env" in lines
+    )
     assert f"+ install -m 0644 {ROOT}/deploy/systemd/outpost.service /etc/systemd/system/outpost.service" in lines
     assert "+ install -d -m 0750 -o root -g outpost /etc/outpost" in lines
     # The service is (re)started only after the configuration validated.
@@ -207,3 +229,132 @@ def test_firstboot_limits_journald_and_enables_ntp() -> None:
     assert "SystemMaxUse=64M" in text and "SyncIntervalSec=5m" in text
     assert "timedatectl set-ntp true" in text and "systemd-timesyncd" in text
     assert "deploy/install.sh" in text and "systemctl enable outpost.service" in text
+
+
+def test_installer_from_a_wheelhouse_uses_no_index(tmp_path: Path) -> None:
+    wh = tmp_path / "wheelhouse"
+    wh.mkdir()
+    (wh / "requirements.txt").write_text("pyserial==3.5 --hash=sha256:" + "0" * 64 + "\n")
+    (wh / "outpost-0.1.0-py3-none-any.whl").write_bytes(b"not really a wheel")
+    (wh / "outpost.sha256").write_text("0" * 64 + "  outpost-0.1.0-py3-none-any.whl\n")
+    proc = subprocess.run(
+        [str(ROOT / "deploy" / "install.sh"), "--dry-run", "--wheelhouse", str(wh), "--prefix", "/opt/o"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    pips = [line for line in proc.stdout.splitlines() if " -m pip " in line]
+    assert len(pips) == 2, proc.stdout
+    for line in pips:
+        assert "--no-index" in line and "PIP_FIND_LINKS= PIP_INDEX_URL=" in line
+    assert f"--find-links {wh} --no-deps --require-hashes" in pips[0]
+    assert pips[1].endswith(f"--force-reinstall {wh}/outpost-0.1.0-py3-none-any.whl")
+    # Not a wheelhouse: a clear refusal.
+    bad = subprocess.run(
+        [str(ROOT / "deploy" / "install.sh"), "--dry-run", "--wheelhouse", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode == 1 and "not an Outpost wheelhouse" in bad.stderr
+
+
+def test_installer_uninstall_keeps_configuration_and_data() -> None:
+    proc = subprocess.run(
+        [str(ROOT / "deploy" / "install.sh"), "--dry-run", "--uninstall", "--prefix", "/opt/o"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    removed = " ".join(line for line in proc.stdout.splitlines() if line.startswith("+ rm"))
+    assert "/opt/o/venv" in removed
+    assert "/etc/outpost" not in removed and "/var/lib/outpost" not in removed
+    assert "kept: /etc/outpost" in proc.stdout
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    import tomllib
+
+    from deploy.build_dist import LOCK, block_hashes, canonical, lock_blocks
+
+    blocks = lock_blocks(LOCK.read_text())
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = canonical(re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0])
+        assert name in blocks, f"{name} is a dependency but not in {LOCK}"
+    for name, block in blocks.items():
+        assert "==" in block and block_hashes(block), f"{name} is not pinned with hashes"
+    assert "sqlite-utils" not in blocks
+
+
+# --- the unit's device policy, as `outpost doctor` checks it ---------------------------
+
+PROC_DEVICES = """Character devices:
+  1 mem
+  4 /dev/vc/0
+  4 tty
+  4 ttyS
+  5 /dev/tty
+136 pts
+188 ttyUSB
+204 ttyAMA
+240 ttySC
+
+Block devices:
+  7 loop
+"""
+
+
+@pytest.fixture
+def pty_path() -> object:
+    master, slave = os.openpty()
+    try:
+        yield os.ttyname(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_shipped_unit_allows_every_serial_driver_the_gateway_supports() -> None:
+    policy = load_device_policy(str(UNIT))
+    assert policy is not None and policy.policy == "closed"
+    allowed = {dev for dev, access in policy.allow if "rw" in access}
+    for driver in ("ttyUSB", "ttyACM", "ttyAMA", "ttyS", "ttySC"):
+        assert f"char-{driver}" in allowed
+
+
+def test_device_policy_check_refuses_a_hat_the_unit_does_not_allow(tmp_path: Path, pty_path: str) -> None:
+    # A pty stands in for the port; the fake /proc/devices says its major is the SC16IS7xx driver.
+    major = os.major(os.stat(pty_path).st_rdev)
+    proc = PROC_DEVICES.replace("136 pts", f"{major} ttySC")
+    old = tmp_path / "old.service"
+    old.write_text("[Service]\nDevicePolicy=strict\nDeviceAllow=char-ttyUSB rw\nDeviceAllow=char-ttyAMA rw\n")
+    check = check_device_policy(pty_path, load_device_policy(str(old)), proc_devices=proc)
+    assert not check.ok
+    assert "ttySC" in check.detail and "DeviceAllow=char-ttySC rw" in check.hint
+    # The shipped unit lets it through.
+    check = check_device_policy(pty_path, load_device_policy(str(UNIT)), proc_devices=proc)
+    assert check.ok and "char-ttySC" in check.detail
+
+
+def test_device_policy_drop_ins_add_and_reset(tmp_path: Path, pty_path: str) -> None:
+    major = os.major(os.stat(pty_path).st_rdev)
+    proc = PROC_DEVICES.replace("136 pts", f"{major} ttyXR")  # a driver nobody listed
+    unit = tmp_path / "outpost.service"
+    unit.write_text("[Service]\nDevicePolicy=closed\nDeviceAllow=char-ttyUSB rw\n")
+    assert not check_device_policy(pty_path, load_device_policy(str(unit)), proc_devices=proc).ok
+    dropins = tmp_path / "outpost.service.d"
+    dropins.mkdir()
+    (dropins / "xr.conf").write_text("[Service]\nDeviceAllow=char-ttyXR rw\n")
+    assert check_device_policy(pty_path, load_device_policy(str(unit)), proc_devices=proc).ok
+    # Read-only access is not enough for a Modbus master.
+    (dropins / "xr.conf").write_text("[Service]\nDeviceAllow=\nDeviceAllow=char-ttyXR r\n")
+    policy = load_device_policy(str(unit))
+    assert policy.allow == (("char-ttyXR", "r"),)
+    assert not check_device_policy(pty_path, policy, proc_devices=proc).ok
+    # A node allowed by path (same major:minor) passes; no unit at all is not checked.
+    by_path = DevicePolicy("x", "strict", ((pty_path, "rw"),))
+    assert check_device_policy(pty_path, by_path, proc_devices=proc).ok
+    assert load_device_policy(str(tmp_path / "absent.service")) is None
+    assert check_device_policy(pty_path, DevicePolicy("x"), proc_devices=proc).ok
+
+
+def test_ptys_pass_closed_policy_as_systemd_allows_char_pts(pty_path: str) -> None:
+    proc = PROC_DEVICES.replace("136 pts", f"{os.major(os.stat(pty_path).st_rdev)} pts")
+    policy = DevicePolicy("x", "closed", (("char-ttyUSB", "rw"),))
+    assert check_device_policy(pty_path, policy, proc_devices=proc).ok
+    assert not check_device_policy(pty_path, DevicePolicy("x", "strict", policy.allow), proc_devices=proc).ok
