@@ -62,6 +62,9 @@ run() {
 }
 
 say() { echo "install.sh: $*"; }
+# systemd running as init (sd_booted)? Not in an image being built or a chroot: the unit is
+# then only enabled, and starts at the next boot.
+systemd_up() { [[ $DRY_RUN -eq 1 || -d /run/systemd/system ]]; }
 die() { echo "install.sh: $*" >&2; exit 1; }
 
 if [[ $DRY_RUN -eq 0 && $EUID -ne 0 ]]; then
@@ -70,9 +73,9 @@ fi
 
 if [[ $UNINSTALL -eq 1 ]]; then
     if [[ -e "$UNIT_DIR/outpost.service" ]]; then
-        run systemctl disable --now outpost.service || true
+        if systemd_up; then run systemctl disable --now outpost.service || true; else run systemctl disable outpost.service || true; fi
         run rm -f "$UNIT_DIR/outpost.service"
-        run systemctl daemon-reload || true
+        if systemd_up; then run systemctl daemon-reload || true; fi
     fi
     run rm -rf "$PREFIX/venv" "$PREFIX/README.md" "$PREFIX/LICENSE"
     if [[ -L /usr/local/bin/outpost ]]; then run rm -f /usr/local/bin/outpost; fi
@@ -174,15 +177,19 @@ fi
 
 # 4. The unit.
 run install -m 0644 "$UNIT_SRC" "$UNIT_DIR/outpost.service"
-run systemctl daemon-reload
+if systemd_up; then run systemctl daemon-reload; fi
 run systemctl enable outpost.service
 
 # 5. Start (or restart after an upgrade) only with a configuration that validates.
 if [[ $START -eq 1 ]]; then
     if [[ $DRY_RUN -eq 1 || -e "$CONFIG_DIR/outpost.toml" ]]; then
         run "$PREFIX/venv/bin/outpost" check "$CONFIG_DIR/outpost.toml"
-        run systemctl restart outpost.service
-        say "started; see \`outpost status\` and \`journalctl -u outpost -f\`"
+        if systemd_up; then
+            run systemctl restart outpost.service
+            say "started; see \`outpost status\` and \`journalctl -u outpost -f\`"
+        else
+            say "systemd is not running here (an image or a chroot): outpost.service starts at the next boot"
+        fi
     else
         say "not started: no $CONFIG_DIR/outpost.toml yet; then run \`systemctl start outpost\`"
     fi
