@@ -44,6 +44,8 @@ restarts=$(prop NRestarts)
 sleep 12
 check "an invalid configuration fails the start and is not restarted in a loop" $([ $rc != 0 ] && [ "$(prop NRestarts)" = "$restarts" ] && [ "$(systemctl is-active outpost)" = failed ] && echo 0 || echo 1) "rc=$rc NRestarts $restarts -> $(prop NRestarts) state=$(systemctl is-active outpost) $(journalctl -u outpost --no-pager -n 8 2>&1)"
 journalctl -u outpost --no-pager -n 40 > /root/journal-config-error.txt 2>&1
+journalctl -u outpost -p err -o cat --no-pager 2>&1 | grep -q "not restarting until it is fixed"
+check "the line saying so is logged with priority err (SyslogLevelPrefix)" $? "$(journalctl -u outpost -p err -o cat --no-pager -n 5 2>&1)"
 cp /srv/gateway.toml /etc/outpost/outpost.toml
 systemctl reset-failed outpost
 systemctl start outpost
