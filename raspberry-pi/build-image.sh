@@ -55,8 +55,11 @@ done
 [[ -n "$OUTPUT" ]] || die "--output: where to write the Outpost image"
 case "$RS485" in ""|sc16is752|uart) ;; *) die "--rs485: sc16is752 or uart, not '$RS485'" ;; esac
 for f in "$SSH_KEY" "$CONFIG" "$ENVFILE"; do [[ -z "$f" || -f "$f" ]] || die "no such file: $f"; done
-tar -tzf "$DIST" | grep -q '/wheelhouse/requirements.txt$' || die "$DIST has no wheelhouse: not a \`make dist\` tarball"
-for tool in sfdisk mkfs.ext4 losetup truncate; do command -v "$tool" >/dev/null || die "$tool is missing (apt-get install fdisk e2fsprogs util-linux)"; done
+# grep without -q reads the whole list: with -q, tar would die of SIGPIPE and pipefail report it.
+tar -tzf "$DIST" | grep '/wheelhouse/requirements.txt$' >/dev/null || die "$DIST has no wheelhouse: not a \`make dist\` tarball"
+for tool in sfdisk mkfs.ext4 losetup truncate mcopy; do
+    command -v "$tool" >/dev/null || die "$tool is missing (apt-get install fdisk e2fsprogs util-linux mtools)"
+done
 
 # The Pi's layout: partition 1 FAT (boot, mounted at /boot/firmware), partition 2 ext4 (root).
 cp --sparse=always "$IMAGE" "$OUTPUT.partial"
@@ -83,22 +86,25 @@ fi
 MNT="$(mktemp -d /tmp/outpost-image.XXXXXX)"
 loops=()
 cleanup() {
-    for m in "$MNT/root/boot/firmware" "$MNT/root"; do mountpoint -q "$m" && umount "$m"; done
+    if mountpoint -q "$MNT/root"; then umount "$MNT/root"; fi
     for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+    rm -rf "$MNT/boot"
     rmdir "$MNT/root" "$MNT" 2>/dev/null || true
 }
 trap cleanup EXIT
-mkdir -p "$MNT/root"
+mkdir -p "$MNT/root" "$MNT/boot"
 root_loop="$(losetup --find --show --offset "$(part 2 start)" --sizelimit "$(part 2 size)" "$OUTPUT.partial")"
 loops+=("$root_loop")
-boot_loop="$(losetup --find --show --offset "$(part 1 start)" --sizelimit "$(part 1 size)" "$OUTPUT.partial")"
-loops+=("$boot_loop")
 mount "$root_loop" "$MNT/root"
 R="$MNT/root"
-mkdir -p "$R/boot/firmware"
-mount "$boot_loop" "$R/boot/firmware"
-B="$R/boot/firmware"
-[[ -f "$B/config.txt" && -f "$B/cmdline.txt" ]] || die "partition 1 has no config.txt/cmdline.txt: not a Raspberry Pi OS image"
+# The FAT boot partition is edited with mtools (no vfat mount needed): its files are copied
+# out to $B, changed there, and copied back at the end.
+export MTOOLS_SKIP_CHECK=1
+FAT="$OUTPUT.partial@@$(part 1 start)"
+B="$MNT/boot"
+for f in config.txt cmdline.txt; do
+    mcopy -n -i "$FAT" "::$f" "$B/$f" 2>/dev/null || die "partition 1 has no $f: not a Raspberry Pi OS image"
+done
 [[ -x "$R/usr/bin/python3" ]] || die "the image has no python3 (Raspberry Pi OS Lite has it)"
 
 # 1. The release and the provisioning scripts.
@@ -167,6 +173,7 @@ if [[ $READ_ONLY -eq 1 ]]; then
 fi
 
 # 5. The provisioning folder on the boot partition, edited after flashing.
+mdeltree -i "$FAT" ::outpost >/dev/null 2>&1 || true
 install -d "$B/outpost"
 install -m 0644 "$R/opt/outpost/dist/"*/deploy/examples/outpost.toml "$B/outpost/outpost.toml.example"
 cat > "$B/outpost/settings.conf" <<CONF
@@ -183,6 +190,8 @@ CONF
 if [[ -n "$SSH_KEY" ]]; then install -m 0644 "$SSH_KEY" "$B/outpost/authorized_keys"; fi
 if [[ -n "$CONFIG" ]]; then install -m 0644 "$CONFIG" "$B/outpost/outpost.toml"; fi
 if [[ -n "$ENVFILE" ]]; then install -m 0644 "$ENVFILE" "$B/outpost/outpost.env"; fi
+mcopy -o -i "$FAT" "$B/config.txt" "$B/cmdline.txt" ::
+mcopy -s -o -i "$FAT" "$B/outpost" ::
 
 sync
 cleanup

@@ -68,7 +68,7 @@ if [[ -n "$HOSTNAME_WANTED" ]]; then
     else
         old="$(cat /etc/hostname 2>/dev/null || true)"
         echo "$HOSTNAME_WANTED" > /etc/hostname
-        if grep -q '^127\.0\.1\.1' /etc/hosts; then
+        if grep -qs '^127\.0\.1\.1' /etc/hosts; then
             sed -i "s/^127\.0\.1\.1.*/127.0.1.1\t$HOSTNAME_WANTED/" /etc/hosts
         else
             printf '127.0.1.1\t%s\n' "$HOSTNAME_WANTED" >> /etc/hosts
@@ -100,8 +100,12 @@ if [[ -n "$LOGIN_USER" ]]; then
         say "installed $(grep -c '^ssh-\|^ecdsa-\|^sk-' "$home/.ssh/authorized_keys" || true) SSH key(s) for $LOGIN_USER"
     fi
     # A passwordless sudo for a key-only user; the account has no password to type.
-    echo "$LOGIN_USER ALL=(ALL) NOPASSWD: ALL" > "/etc/sudoers.d/010_outpost-$LOGIN_USER"
-    chmod 0440 "/etc/sudoers.d/010_outpost-$LOGIN_USER"
+    if [[ -d /etc/sudoers.d ]]; then
+        echo "$LOGIN_USER ALL=(ALL) NOPASSWD: ALL" > "/etc/sudoers.d/010_outpost-$LOGIN_USER"
+        chmod 0440 "/etc/sudoers.d/010_outpost-$LOGIN_USER"
+    else
+        say "sudo is not installed: $LOGIN_USER has no administrator rights (Raspberry Pi OS has sudo)"
+    fi
 fi
 install -d -m 0755 /etc/ssh/sshd_config.d
 cat > /etc/ssh/sshd_config.d/outpost.conf <<'CONF'

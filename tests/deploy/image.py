@@ -68,6 +68,16 @@ def loop(image: Path, part: dict, *, read_only: bool = False) -> Iterator[str]:
         sh(["losetup", "-d", dev], check=False)
 
 
+def fat_extract(image: Path, part: dict, dest: Path) -> Path:
+    """The FAT partition's files, copied out with mtools (this kernel may have no vfat)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    sh(["mcopy", "-s", "-n", "-i", f"{image}@@{part['start']}", "::*", str(dest)],
+       env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    return dest
+
+
 @contextlib.contextmanager
 def mounted(dev: str, where: Path, *, read_only: bool = False) -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)
@@ -105,25 +115,28 @@ def make_pi_image(root_tarball: Path, work: Path) -> Path:
         sh(["mkfs.ext4", "-q", "-L", "rootfs", "-d", str(tree), dev], timeout=600)
     with loop(image, boot) as dev:
         sh(["mkfs.vfat", "-F", "32", "-n", "bootfs", dev])
-        with mounted(dev, work / "mnt-boot") as mnt:
-            (mnt / "config.txt").write_text(
-                "# For more options and information see\n# http://rptl.io/configtxt\n"
-                "dtparam=audio=on\ncamera_auto_detect=1\ndisplay_auto_detect=1\nauto_initramfs=1\n"
-                "dtoverlay=vc4-kms-v3d\nmax_framebuffers=2\narm_64bit=1\n\n[cm4]\notg_mode=1\n\n[all]\n"
-            )
-            (mnt / "cmdline.txt").write_text(
-                f"console=serial0,115200 console=tty1 root=PARTUUID={DISK_ID}-02 rootfstype=ext4 "
-                "fsck.repair=yes rootwait\n"
-            )
+    files = work / "bootfs-files"
+    files.mkdir(exist_ok=True)
+    (files / "config.txt").write_text(
+        "# For more options and information see\n# http://rptl.io/configtxt\n"
+        "dtparam=audio=on\ncamera_auto_detect=1\ndisplay_auto_detect=1\nauto_initramfs=1\n"
+        "dtoverlay=vc4-kms-v3d\nmax_framebuffers=2\narm_64bit=1\n\n[cm4]\notg_mode=1\n\n[all]\n"
+    )
+    (files / "cmdline.txt").write_text(
+        f"console=serial0,115200 console=tty1 root=PARTUUID={DISK_ID}-02 rootfstype=ext4 "
+        "fsck.repair=yes rootwait\n"
+    )
+    sh(["mcopy", "-i", f"{image}@@{boot['start']}", str(files / "config.txt"), str(files / "cmdline.txt"), "::"],
+       env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
     shutil.rmtree(tree)
     return image
 
 
-def run_image_test(root_tarball: Path, dist: Path, work: Path, report: Report) -> None:
+def run_image_test(root_tarball: Path, dist: Path, work: Path, report: Report, machine: str = "aarch64") -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    (tarball,) = dist.glob("outpost-*-aarch64.tar.gz")
+    (tarball,) = dist.glob(f"outpost-*-{machine}.tar.gz")
     try:
         image = make_pi_image(root_tarball, work)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -149,7 +162,7 @@ def run_image_test(root_tarball: Path, dist: Path, work: Path, report: Report) -
     if not report.check("image: build-image.sh makes an Outpost image", proc.returncode == 0,
                         proc.stdout + proc.stderr):
         return
-    inspect(out, report)
+    inspect(out, report, machine)
 
     ro = work / "outpost-ro.img"
     proc = sh([str(script), "--image", str(image), "--dist", str(tarball), "--output", str(ro),
@@ -162,12 +175,11 @@ def run_image_test(root_tarball: Path, dist: Path, work: Path, report: Report) -
     first_boot(out, work, report)
 
 
-def inspect(image: Path, report: Report) -> None:
+def inspect(image: Path, report: Report, machine: str) -> None:
     boot, rootp = partitions(image)
-    with loop(image, rootp, read_only=True) as rdev, loop(image, boot, read_only=True) as bdev, \
-            mounted(rdev, image.parent / "mnt-r", read_only=True) as r, \
-            mounted(bdev, image.parent / "mnt-b", read_only=True) as b:
-        dists = list((r / "opt" / "outpost" / "dist").glob("outpost-*-aarch64"))
+    b = fat_extract(image, boot, image.parent / "fat-files")
+    with loop(image, rootp, read_only=True) as rdev, mounted(rdev, image.parent / "mnt-r", read_only=True) as r:
+        dists = list((r / "opt" / "outpost" / "dist").glob(f"outpost-*-{machine}"))
         report.check("image: the release (wheelhouse + installer) is in /opt/outpost/dist",
                      len(dists) == 1 and (dists[0] / "wheelhouse" / "requirements.txt").exists()
                      and os.access(dists[0] / "deploy" / "install.sh", os.X_OK), str(dists))
@@ -205,9 +217,8 @@ def inspect_read_only(image: Path, report: Report) -> None:
         fstype = sh(["blkid", "-o", "value", "-s", "TYPE", ddev], check=False).stdout.strip()
     report.check("image (read-only root): partition 3 is ext4 LABEL=outpost-data",
                  label == "outpost-data" and fstype == "ext4", f"{label} {fstype}")
-    with loop(image, rootp, read_only=True) as rdev, loop(image, boot, read_only=True) as bdev, \
-            mounted(rdev, image.parent / "mnt-r", read_only=True) as r, \
-            mounted(bdev, image.parent / "mnt-b", read_only=True) as b:
+    b = fat_extract(image, boot, image.parent / "fat-files")
+    with loop(image, rootp, read_only=True) as rdev, mounted(rdev, image.parent / "mnt-r", read_only=True) as r:
         fstab = (r / "etc" / "fstab").read_text()
         root_line = next(f for f in (line.split() for line in fstab.splitlines()) if len(f) > 3 and f[1] == "/")
         report.check("image (read-only root): / is ro, the buffer on the data partition, logs in RAM",
@@ -222,48 +233,60 @@ def inspect_read_only(image: Path, report: Report) -> None:
 
 def first_boot(image: Path, work: Path, report: Report) -> None:
     boot, rootp = partitions(image)
-    r, b = work / "boot-root", work / "boot-fat"
+    r = work / "boot-root"
+    # The boot partition's files in a directory bound at /boot/firmware: a stand-in for the
+    # vfat mount Pi OS makes (this kernel has no vfat; the files are the image's own).
+    b = fat_extract(image, boot, work / "boot-fat")
     empty_fstab = work / "fstab.empty"
     empty_fstab.write_text("# the container has no block devices\n")
-    with loop(image, rootp) as rdev, loop(image, boot) as bdev, mounted(rdev, r), mounted(bdev, b):
-        probe = r / "usr" / "local" / "sbin" / "outpost-firstboot-probe"
-        shutil.copy2(FIRSTBOOT_PROBE, probe)
-        probe.chmod(0o755)
-        unit = r / "etc" / "systemd" / "system" / "outpost-firstboot-probe.service"
-        unit.write_text(PROBE_UNIT)
-        wants = r / "etc" / "systemd" / "system" / "multi-user.target.wants" / unit.name
-        wants.symlink_to(f"/etc/systemd/system/{unit.name}")
-        start = time.monotonic()
-        proc = sh(["systemd-nspawn", "--quiet", "--directory", str(r), "--boot", "--private-network",
-                   "--register=no", "--keep-unit", "--console=pipe", f"--bind={b}:/boot/firmware",
-                   f"--bind-ro={empty_fstab}:/etc/fstab"], check=False, timeout=900, stdin=subprocess.DEVNULL)
-        result_file = r / "root" / "firstboot-probe.json"
-        if not report.check("image: first boot (systemd-nspawn --boot of the image's root, offline)",
-                            result_file.exists(), f"nspawn exit {proc.returncode}\n{proc.stdout[-3000:]}"):
-            return
-        report.check(f"image: first boot took {round(time.monotonic() - start)} s", True)
-        result = json.loads(result_file.read_text())
-        journal = (r / "root" / "firstboot-journal.txt").read_text(errors="replace")
-        report.check("image: first boot installs offline and the gateway delivers samples",
-                     result["delivered"] and result["active"] == "active" and result["firstboot"] == "active",
-                     json.dumps(result) + "\n" + journal[-2500:])
-        prov = b / "outpost"
-        left = sorted(p.name for p in prov.iterdir())
-        report.check("image: configuration, secrets and SSH keys are removed from the FAT partition",
-                     not {"outpost.toml", "outpost.env", "authorized_keys"} & set(left), str(left))
-        envf = r / "etc" / "outpost" / "outpost.env"
-        st = envf.stat()
-        report.check("image: secrets in /etc/outpost/outpost.env, root:root 0600",
-                     envf.read_text().strip() == SECRET and st.st_uid == 0 and st.st_gid == 0
-                     and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode))
-        report.check("image: host name from settings.conf", (r / "etc" / "hostname").read_text().strip() == "pump3")
-        group = (r / "etc" / "group").read_text().splitlines()
-        outpost_members = next((g.split(":")[3] for g in group if g.startswith("outpost:")), "?")
-        keys = r / "home" / "field" / ".ssh" / "authorized_keys"
-        sshd = (r / "etc" / "ssh" / "sshd_config.d" / "outpost.conf").read_text()
-        report.check("image: login user with SSH keys only, in no Outpost group",
-                     keys.exists() and "ssh-ed25519" in keys.read_text() and "PasswordAuthentication no" in sshd
-                     and "field" not in outpost_members.split(","), f"outpost group members: {outpost_members!r}")
-        wants.unlink()
-        unit.unlink()
-        probe.unlink()
+    with loop(image, rootp) as rdev, mounted(rdev, r):
+        try:
+            _first_boot(r, b, empty_fstab, report)
+        finally:
+            for leftover in ("etc/systemd/system/multi-user.target.wants/outpost-firstboot-probe.service",
+                             "etc/systemd/system/outpost-firstboot-probe.service",
+                             "usr/local/sbin/outpost-firstboot-probe"):
+                with contextlib.suppress(FileNotFoundError):
+                    (r / leftover).unlink()
+
+
+def _first_boot(r: Path, b: Path, empty_fstab: Path, report: Report) -> None:
+    probe = r / "usr" / "local" / "sbin" / "outpost-firstboot-probe"
+    shutil.copy2(FIRSTBOOT_PROBE, probe)
+    probe.chmod(0o755)
+    unit = r / "etc" / "systemd" / "system" / "outpost-firstboot-probe.service"
+    unit.write_text(PROBE_UNIT)
+    wants = r / "etc" / "systemd" / "system" / "multi-user.target.wants" / unit.name
+    wants.symlink_to(f"/etc/systemd/system/{unit.name}")
+    start = time.monotonic()
+    proc = sh(["systemd-nspawn", "--quiet", "--directory", str(r), "--boot", "--private-network",
+               "--register=no", "--keep-unit", "--console=pipe", f"--bind={b}:/boot/firmware",
+               f"--bind-ro={empty_fstab}:/etc/fstab"], check=False, timeout=900, stdin=subprocess.DEVNULL)
+    result_file = r / "root" / "firstboot-probe.json"
+    if not report.check("image: first boot (systemd-nspawn --boot of the image's root, offline)",
+                        result_file.exists(), f"nspawn exit {proc.returncode}\n{proc.stdout[-3000:]}"):
+        return
+    report.check(f"image: first boot took {round(time.monotonic() - start)} s", True)
+    result = json.loads(result_file.read_text())
+    journal = (r / "root" / "firstboot-journal.txt").read_text(errors="replace")
+    report.check("image: first boot installs offline and the gateway delivers samples",
+                 result["delivered"] and result["active"] == "active" and result["firstboot"] == "active",
+                 json.dumps(result) + "\n" + journal[-2500:])
+    prov = b / "outpost"
+    left = sorted(p.name for p in prov.iterdir())
+    report.check("image: configuration, secrets and SSH keys are removed from the FAT partition",
+                 not {"outpost.toml", "outpost.env", "authorized_keys"} & set(left), str(left))
+    envf = r / "etc" / "outpost" / "outpost.env"
+    st = envf.stat() if envf.exists() else None
+    report.check("image: secrets in /etc/outpost/outpost.env, root:root 0600",
+                 st is not None and envf.read_text().strip() == SECRET and st.st_uid == 0 and st.st_gid == 0
+                 and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode) if st else "missing")
+    report.check("image: host name from settings.conf", (r / "etc" / "hostname").read_text().strip() == "pump3")
+    group = (r / "etc" / "group").read_text().splitlines()
+    outpost_members = next((g.split(":")[3] for g in group if g.startswith("outpost:")), "?")
+    keys = r / "home" / "field" / ".ssh" / "authorized_keys"
+    sshd_conf = r / "etc" / "ssh" / "sshd_config.d" / "outpost.conf"
+    sshd = sshd_conf.read_text() if sshd_conf.exists() else ""
+    report.check("image: login user with SSH keys only, in no Outpost group",
+                 keys.exists() and "ssh-ed25519" in keys.read_text() and "PasswordAuthentication no" in sshd
+                 and "field" not in outpost_members.split(","), f"outpost group members: {outpost_members!r}")
