@@ -37,7 +37,7 @@ UNINSTALL=0
 SERVICE_USER=outpost
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in

@@ -45,7 +45,7 @@ while [[ $# -gt 0 ]]; do
         --rs485) RS485="$2"; shift 2 ;;
         --read-only-root) READ_ONLY=1; shift ;;
         --data-size) DATA_SIZE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown option $1 (try --help)" ;;
     esac
 done

@@ -24,7 +24,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --boot) BOOT_DIR="$2"; shift 2 ;;
         --wheelhouse) WHEELHOUSE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "firstboot.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
