@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         report.figure("armv7_over_arm64_encode_ratio", round(enc[0] / enc[1], 3))
         report.figure("armv7_over_arm64_decode_ratio", round(dec[0] / dec[1], 3))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"figures": report.figures, "results": [
             {"name": n, "ok": ok, "detail": d[-500:]} for n, ok, d in report.results]}, indent=2))
     passed = len(report.results) - report.failed
