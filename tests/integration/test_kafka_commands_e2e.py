@@ -12,6 +12,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -20,6 +21,8 @@ from gateway.diagnostics.client import fetch_status
 from gateway.diagnostics.errors import DiagnosticsError
 from tests.harness.common import until
 from tests.harness.gateway import GatewayProcess
+
+pytestmark = pytest.mark.integration
 
 
 def _config(tmp: Path, modbus_port: int, kafka, topic: str, group: str) -> str:
@@ -84,8 +87,8 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
     try:
 
         async def consumer_ready() -> bool:
-            inbound = (await _status(sock)).get("inbound") or [{}]
-            return inbound[0].get("link") == "up"
+            inbound = (await _status(sock))["links"].get("inbound:commands") or {}
+            return inbound.get("up") is True
 
         await until(consumer_ready, 60, "inbound consumer up", interval_s=0.3, ignore=(OSError, DiagnosticsError))
 
@@ -119,7 +122,7 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
         # Only the good command reached the device, in order after the bad ones.
         holding_writes = [w for w in unit.writes if w[0] == "holding"]
         assert holding_writes == [("holding", 100, [1200])], unit.writes
-        inbound = (await _status(sock))["inbound"][0]
+        inbound = (await _status(sock))["links"]["inbound:commands"]["counters"]
         assert inbound["written"] == 1
         assert inbound["malformed"] == 1
         assert inbound["rejected"] == 2

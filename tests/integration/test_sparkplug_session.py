@@ -28,7 +28,9 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from buffer import AsyncBuffer, BufferSettings
 from drivers.base import DeviceEvent, DeviceState, PointInfo, Quality, Sample
-from gateway.sparkplug.edge import NodeIdentity, ReportByException
+from gateway.pipeline.report import ReportByException
+from gateway.sparkplug.edge import NodeIdentity
+from gateway.sparkplug.errors import TopicError
 from gateway.sparkplug.payload import (
     DataType,
     Metric,
@@ -37,7 +39,7 @@ from gateway.sparkplug.payload import (
     encode_payload,
 )
 from gateway.sparkplug.topics import MessageType, Topic, parse_topic
-from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +115,7 @@ class TestHost:
     def __init__(self, host: str, port: int, host_id: str = "scada-1") -> None:
         self.host, self.port, self.host_id = host, port, host_id
         self.seen: list[Seen] = []
+        self.malformed: list[str] = []   # topics under spBv1.0/ that are not Sparkplug topics
         self.client = Client(f"test-host-{uuid.uuid4().hex[:8]}")
         self._types: dict[tuple[str, str | None], dict[Any, DataType]] = {}
         self._changed = asyncio.Event()
@@ -144,8 +147,9 @@ class TestHost:
         decoded = None
         try:
             parsed = parse_topic(topic)
-        except Exception:
-            pass
+        except TopicError as exc:
+            # Not swallowed: wait_for fails at once naming it, instead of timing out later.
+            self.malformed.append(f"{topic}: {exc}")
         if parsed is not None and parsed.message_type is not MessageType.STATE:
             key = (parsed.edge_node_id, parsed.device_id)
             types = self._types.setdefault(key, {})
@@ -170,6 +174,9 @@ class TestHost:
     async def wait_for(self, pred: Any, limit_s: float = 20.0, what: str = "messages") -> Any:
         deadline = time.monotonic() + limit_s
         while True:
+            if self.malformed:
+                raise AssertionError(f"malformed Sparkplug topics seen while waiting for {what}: "
+                                     f"{self.malformed}")
             result = pred()
             if result:
                 return result
@@ -445,7 +452,7 @@ KILL_SCRIPT = """
 import asyncio, sys
 from buffer import AsyncBuffer, BufferSettings
 from drivers.base import PointInfo
-from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
 async def main():
     buf = await AsyncBuffer.open(sys.argv[3] + "/buffer.db", BufferSettings(10_000_000, 86400.0))
