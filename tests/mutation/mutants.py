@@ -39,11 +39,22 @@ _METHOD_SWAP = {
     "removeprefix": "removesuffix", "removesuffix": "removeprefix",
     "partition": "rpartition", "rpartition": "partition",
 }
+# split() and rsplit() without a maxsplit give the same list: swapping them is no mutation.
+_SAME_WITHOUT_LIMIT = {"split", "rsplit"}
+_TYPING = {"Literal", "Callable", "Union", "Optional", "TypeVar", "Protocol"}
 _LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "log"}
 _LOG_OBJECTS = {"log", "logger", "_log", "logging", "LOG", "_logger", "warnings"}
 _NO_MUTATE = "pragma: no mutate"
 # Names the codebase uses for the "where did it happen" label of error messages only.
 _LABEL_NAMES = {"where", "w"}
+
+
+def _is_type_alias(value: ast.AST) -> bool:
+    if isinstance(value, ast.Subscript):
+        base = value.value
+        name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
+        return name in _TYPING
+    return False
 
 
 def _assigns_label(node: ast.AST) -> bool:
@@ -104,6 +115,19 @@ def _is_exception_ctor(call: ast.Call) -> bool:
     return name.endswith(("Error", "Exception", "Warning", "Full", "Closed", "Corrupt", "Locked", "Cursor"))
 
 
+def _exception_classes(tree: ast.AST) -> set[str]:
+    """Classes of this module that derive from an exception (their constructors take messages)."""
+    found: set[str] = set()
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    for _ in range(3):  # a subclass of a subclass
+        for c in classes:
+            for b in c.bases:
+                name = b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+                if name.endswith(("Error", "Exception")) or name in found:
+                    found.add(c.name)
+    return found
+
+
 def _docstring_ids(tree: ast.AST) -> set[int]:
     ids = set()
     for node in ast.walk(tree):
@@ -133,6 +157,7 @@ class _Walker:
 
     def run(self, tree: ast.Module) -> ast.Module:
         self._docstrings = _docstring_ids(tree)
+        self._exceptions = _exception_classes(tree)
         self._visit_children(tree, _Ctx())
         return tree
 
@@ -189,7 +214,7 @@ class _Walker:
         if isinstance(parent, ast.Call) and field in ("args", "keywords"):
             if _is_log_call(parent):
                 return _Ctx(ctx.skip, ctx.message, True, ctx.in_fstring)
-            if _is_exception_ctor(parent):
+            if self._is_exception_ctor(parent):
                 return _Ctx(ctx.skip, True, ctx.log_call, ctx.in_fstring)
         return ctx
 
@@ -203,11 +228,18 @@ class _Walker:
             return _Ctx(skip=True)
         if isinstance(node, ast.ImportFrom | ast.Import | ast.Global | ast.Nonlocal):
             return _Ctx(skip=True)
+        if isinstance(node, ast.Assign) and _is_type_alias(node.value):
+            return _Ctx(skip=True)      # a type alias: only annotations use it
         if isinstance(node, ast.JoinedStr):
             return _Ctx(ctx.skip, ctx.message or _is_label(node), ctx.log_call, True)
         if isinstance(node, ast.Assign) and _assigns_label(node):
             return _Ctx(ctx.skip, True, ctx.log_call, ctx.in_fstring)
         return ctx
+
+    def _is_exception_ctor(self, call: ast.Call) -> bool:
+        f = call.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        return name in self._exceptions or _is_exception_ctor(call)
 
     def _text_only(self, node: ast.AST, ctx: _Ctx) -> bool:
         if ctx.log_call:
@@ -273,13 +305,15 @@ class _Walker:
 
     def _call(self, node: ast.Call) -> Iterator[tuple]:
         f = node.func
-        sink = _is_exception_ctor(node) or _is_log_call(node)
+        log_call = _is_log_call(node)
+        sink = log_call or self._is_exception_ctor(node)
 
         def message(arg: ast.AST) -> tuple:
             is_text = isinstance(arg, ast.JoinedStr) or (isinstance(arg, ast.Constant) and isinstance(arg.value, str))
-            return (True,) if (sink and is_text) or _is_label(arg) else ()
+            return (True,) if (sink and is_text) or log_call or _is_label(arg) else ()
 
-        if isinstance(f, ast.Attribute) and f.attr in _METHOD_SWAP:
+        if isinstance(f, ast.Attribute) and f.attr in _METHOD_SWAP and not (
+                f.attr in _SAME_WITHOUT_LIMIT and len(node.args) < 2 and not node.keywords):
             new = copy.copy(node)
             new.func = ast.copy_location(ast.Attribute(f.value, _METHOD_SWAP[f.attr], f.ctx), f)
             yield new, "method"
