@@ -766,3 +766,27 @@ def test_a_write_that_meets_a_full_disk_frees_room_once_then_reports_it(path):
         assert not os.path.exists(path + ".reserve")     # the retry released the reserve first
         st = buf.stats()                                 # what was committed stays
         assert st["records"] == 10 and st["last_seq"] == 10
+
+
+def test_a_second_corrupt_copy_in_the_same_second_gets_a_number(path):
+    import time as _time
+
+    with open(path, "wb") as f:
+        f.write(b"garbage" * 1000)
+    now = _time.time()
+    for t in (now, now + 1):             # the copy's name is stamped to the second: take both
+        stamp = _time.strftime("%Y%m%dT%H%M%SZ", _time.gmtime(t))
+        open(f"{path}.corrupt-{stamp}", "w").close()
+    with Buffer.open(path, settings()) as buf:
+        assert buf.moved_aside.endswith("-2") and os.path.getsize(buf.moved_aside) == 7000
+
+
+def test_a_path_that_cannot_be_opened_is_an_io_error_not_a_corruption(tmp_path):
+    from buffer import BufferIOError
+
+    target = tmp_path / "adir"
+    target.mkdir()
+    with pytest.raises(BufferIOError, match="cannot open buffer") as exc:
+        Buffer.open(target, settings())
+    assert exc.value.retriable is False
+    assert target.is_dir() and not list(tmp_path.glob("adir.corrupt-*"))   # nothing moved aside
