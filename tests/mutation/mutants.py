@@ -9,7 +9,7 @@ mutated, nor decorators (as mutmut), nor a line marked `# pragma: no mutate`.
 
 A mutant that can only change the text of a log line or of an error message (a string in a
 `raise`, in an exception's constructor, in an `assert` message, anything inside a logging
-call, or an error-location label: a variable named `where`/`w`/`what` passed on, an argument
+call, or an error-location label: a variable named `where`/`w`/`what`/`detail` passed on, an argument
 for a parameter of that name of a function of the same module, or an f-string that starts
 with one, such as f"{where} row {r}") is marked `text_only`: it is counted apart and does
 not enter the score.
@@ -47,7 +47,7 @@ _LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "criti
 _LOG_OBJECTS = {"log", "logger", "_log", "logging", "LOG", "_logger", "warnings"}
 _NO_MUTATE = "pragma: no mutate"
 # Names the codebase uses for the "where did it happen" label of error messages only.
-_LABEL_NAMES = {"where", "w", "what"}
+_LABEL_NAMES = {"where", "w", "what", "detail"}
 
 
 def _is_type_alias(value: ast.AST) -> bool:

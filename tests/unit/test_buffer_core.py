@@ -790,3 +790,29 @@ def test_a_path_that_cannot_be_opened_is_an_io_error_not_a_corruption(tmp_path):
         Buffer.open(target, settings())
     assert exc.value.retriable is False
     assert target.is_dir() and not list(tmp_path.glob("adir.corrupt-*"))   # nothing moved aside
+
+
+def test_age_is_checked_at_most_every_tenth_of_max_age(path):
+    with Buffer.open(path, settings(max_age_s=5.0)) as buf:
+        buf.append(recs(1))
+        before = time.monotonic()
+        buf.append(recs(1))                       # records present: this append checks the age
+        nxt = buf._next_age_check
+        assert before < nxt <= time.monotonic() + 0.5     # min(1 s, max_age / 10) ahead
+
+
+def test_a_reader_pinning_a_large_wal_escalates_the_checkpoint(path):
+    with Buffer.open(path, settings(wal_max_bytes=4096)) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(5))
+        buf.checkpoint("TRUNCATE")
+        reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM records").fetchone()   # holds its snapshot
+            buf.append(recs(50, size=400))        # WAL frames the reader keeps from being copied
+            buf._conn.execute("PRAGMA busy_timeout = 50")   # do not wait 5 s for the reader
+            info = buf.checkpoint("PASSIVE")
+            assert info["mode"] == "TRUNCATE" and info["busy"] is True
+        finally:
+            reader.close()
