@@ -2,6 +2,7 @@
 #   make venv           create .venv (python3.11) and install the project with its dev extras
 #   make test           venv + Node peers + lint + every test tier; services start and stop by themselves
 #   make services       start Kafka, Mosquitto and Toxiproxy for manual work; prints export lines
+#                       (CLUSTER=1: a three-broker Kafka cluster instead of one node)
 #   make services-down  stop them
 #   make lint           ruff + import-linter
 #   make demo           run the demo gateway
@@ -44,8 +45,9 @@ test: venv node-deps tools
 	$(VENV)/bin/pytest $(TEST_PATHS) --durations=15 $(PYTEST_ARGS) || status=$$?; \
 	exit $$status
 
+# CLUSTER=1: three Kafka brokers (RF 3, min.insync.replicas 2, one proxy each) instead of one.
 services: venv tools
-	@$(PY) -m tests.harness up
+	@$(PY) -m tests.harness up $(if $(CLUSTER),--cluster)
 
 services-env: venv
 	@$(PY) -m tests.harness env
@@ -54,7 +56,7 @@ services-down: venv
 	@$(PY) -m tests.harness down
 
 demo: venv
-	$(PY) -m gateway.demo
+	$(PY) -m gateway.cli.demo
 
 clean-services: services-down
 	rm -rf .services

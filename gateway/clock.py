@@ -33,14 +33,14 @@ from datetime import UTC, datetime
 
 from gateway.errors import OutpostError
 
+# Record headers written for readings stamped by an untrusted clock (named in gateway.records).
+from gateway.records import H_CLOCK
+from gateway.records import H_CLOCK_BOOT as H_BOOT
+from gateway.records import H_CLOCK_OFFSET as H_OFFSET
+
 # Update with each release: no correct clock can be earlier than the day the code was built.
 RELEASE_FLOOR = datetime(2026, 11, 1, tzinfo=UTC)
 RELEASE_FLOOR_MS = int(RELEASE_FLOOR.timestamp() * 1000)
-
-# Record headers written for readings stamped by an untrusted clock.
-H_CLOCK = "clock"
-H_OFFSET = "clock_offset_ns"
-H_BOOT = "boot_id"
 
 # From <sys/timex.h>.
 STA_UNSYNC = 0x0040

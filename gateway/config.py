@@ -1,11 +1,16 @@
 """The Outpost configuration: one TOML file, validated in full before any I/O.
 
-`load_config(path)` reads the file with tomllib, validates it with the pydantic models below
-(unknown keys are errors) and raises `ConfigError` listing *every* problem, each naming the
-file, the key path (`devices[2].points[5].type`), the line where it can be found, the bad
-value and what was expected. Validation is pure: no sockets, no serial ports, no secrets.
-Secrets (`${ENV_VAR}` references and `*_file` keys) are resolved by `resolve_secrets()`, a
-separate step that the runtime and `outpost check` run after validation.
+`load_config(path)` reads the file and its `conf.d/*.toml` drop-ins with tomllib, validates
+them with the pydantic models below and raises `ConfigError` listing *every* problem, each
+naming the file, the key path (`devices[2].points[5].type`), the line where it can be found
+(inside inline tables too), the bad value and what was expected. The models are strict
+("1" is not 1, "yes" is not true, nan and inf are no number) and carry every limit the
+runtime enforces, so that what validates also starts (gateway/config_build.py builds it to
+make sure). Unknown keys are errors with the nearest known key as a hint.
+
+Validation is pure: no sockets, no serial ports, no secrets. Secrets (`${ENV_VAR}`
+references in the two password keys, and `*_file` keys) are resolved by `resolve_secrets()`,
+a separate step; a `${...}` anywhere else is a validation error, never a literal.
 
 Driver-specific models (buses, devices, points) live with their drivers in `drivers/`; this
 module composes them and checks what crosses sections (a device naming an unknown bus,
@@ -14,14 +19,18 @@ duplicate names, Sparkplug-illegal identifiers).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,8 +42,8 @@ from pydantic import (
 from drivers.registry import DRIVERS, DeviceConfig, ModbusBusConfig
 from drivers.units import Duration, SizeBytes
 from gateway.errors import ConfigError
-from gateway.mappings import MappingError
-from gateway.mappings import validate_topic_filter as _validate_mapping_filter
+from gateway.mqtt_topics import MappingError
+from gateway.mqtt_topics import validate_topic_filter as _validate_mapping_filter
 
 DEFAULT_CONFIG_PATH = "/etc/outpost/outpost.toml"
 
@@ -44,7 +53,8 @@ _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "1" is not 1 and "yes" is not true; allow_inf_nan: nan/inf are never a limit or a value.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _sparkplug_id(value: str) -> str:
@@ -55,10 +65,20 @@ def _sparkplug_id(value: str) -> str:
     return value
 
 
+def _server_url(value: str) -> str:
+    parse_server_url(value, default_scheme="mqtt")
+    return value
+
+
+def _host_port(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
 class GatewaySection(_Section):
     group_id: str = Field(description="Sparkplug group id")
     edge_node_id: str = Field(description="Sparkplug edge node id")
-    data_dir: str = Field("/var/lib/outpost", description="buffer, bdSeq and state files")
+    data_dir: str = Field("/var/lib/outpost", min_length=1, description="buffer, bdSeq and state files")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = Field("kv", description="key=value lines for journald, or JSON lines")
 
@@ -71,14 +91,19 @@ class GatewaySection(_Section):
 
 class BufferSection(_Section):
     max_size_bytes: SizeBytes = Field(512_000_000, description="hard cap on the buffer file; at least 1_000_000")
-    max_age: Duration = Field(7 * 86400.0, description="records older than this are dropped (counted, logged)")
+    max_age: Duration = Field(
+        7 * 86400.0, gt=0, description="records older than this are dropped (counted, logged)"
+    )
     when_full: Literal["drop_oldest", "block"] = Field(
         "drop_oldest", description="at the size/age limit or a full disk: drop the oldest records, or block new ones"
     )
     synchronous: Literal["full", "normal"] = Field(
-        "full", description="full: a committed batch survives power loss; normal: faster, may lose the last batch"
+        "full", description="full: a committed batch survives power loss; normal: fewer fsyncs (SD card wear), a "
+        "power cut loses at most the last 1 s and at most 1000 records of commits (see below)"
     )
-    flush_interval: Duration = Field(0.2, description="how long samples wait to be committed as one batch")
+    flush_interval: Duration = Field(
+        0.2, gt=0, le=60.0, description="how long samples wait to be committed as one batch"
+    )
     check_on_open: Literal["quick", "none"] = Field(
         "quick", description="PRAGMA quick_check when opening (reads the whole file: slow on a big file on an SD card)"
     )
@@ -93,7 +118,9 @@ class BufferSection(_Section):
 
 
 class MqttSection(_Section):
-    servers: list[str] = Field(min_length=1, description='e.g. ["mqtts://broker:8883"], tried in order')
+    servers: list[Annotated[str, AfterValidator(_server_url)]] = Field(
+        min_length=1, description='e.g. ["mqtts://broker:8883"], tried in order'
+    )
     client_id: str | None = Field(None, description="default: outpost-<group_id>-<edge_node_id>")
     username: str | None = None
     password: str | None = Field(None, description='a "${ENV_VAR}" reference, or use password_file')
@@ -101,33 +128,35 @@ class MqttSection(_Section):
     ca_file: str | None = Field(None, description="CA bundle for mqtts:// servers (default: system CAs)")
     cert_file: str | None = Field(None, description="client certificate (with key_file) for mutual TLS")
     key_file: str | None = None
-    keepalive: Duration = 30.0
+    keepalive: Duration = Field(30.0, ge=1.0, le=65535.0, description="MQTT keep alive, 1s..65535s")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     primary_host_id: str | None = Field(None, description="wait for this Sparkplug Primary Host's STATE before births")
     use_aliases: bool = Field(True, description="Sparkplug metric aliases in DDATA (fewer bytes on the wire)")
-    rebirth_debounce: Duration = Field(5.0, description="repeated Rebirth requests within this time are ignored")
+    rebirth_debounce: Duration = Field(
+        5.0, ge=0, description="repeated Rebirth requests within this time are ignored"
+    )
     historical_max_per_s: float = Field(500.0, gt=0, description="pace of the backlog flush, records/s")
-    reconnect_min: Duration = Field(1.0, description="first reconnect delay; doubles with jitter")
-    reconnect_max: Duration = Field(60.0, description="reconnect delay cap")
+    reconnect_min: Duration = Field(1.0, gt=0, description="first reconnect delay; doubles with jitter")
+    reconnect_max: Duration = Field(60.0, gt=0, description="reconnect delay cap")
 
-    @field_validator("servers")
-    @classmethod
-    def _urls(cls, servers: list[str]) -> list[str]:
-        for s in servers:
-            parse_server_url(s, default_scheme="mqtt")
-        return servers
+    _client_id = field_validator("client_id", "password_file", "ca_file", "cert_file", "key_file")(
+        lambda v: _non_empty(v)
+    )
+    _host_id = field_validator("primary_host_id")(lambda v: v if v is None else _sparkplug_id(v))
+
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> MqttSection:
         _check_secret_pair(self.password, self.password_file, "password")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: set both or neither")
+        _check_reconnect(self.reconnect_min, self.reconnect_max)
         return self
 
 
 class KafkaMapping(_Section):
-    name: str | None = None
-    mqtt_topic_filters: list[str] = Field(min_length=1)
+    name: str | None = Field(None, description="default: the Kafka topic; unique among the mappings")
+    mqtt_topic_filters: list[Annotated[str, AfterValidator(validate_topic_filter)]] = Field(min_length=1)
     kafka_topic: str
     format: Literal["sparkplug", "json", "raw"] = Field(
         "sparkplug", description="sparkplug: protobuf bytes as on MQTT; json: decoded metrics; raw: bridged payload"
@@ -137,25 +166,19 @@ class KafkaMapping(_Section):
         False, description="also subscribe to these filters on the MQTT broker (bridge other clients)"
     )
 
-    @field_validator("mqtt_topic_filters")
-    @classmethod
-    def _filters(cls, filters: list[str]) -> list[str]:
-        for f in filters:
-            validate_topic_filter(f)
-        return filters
 
-    @field_validator("kafka_topic")
-    @classmethod
-    def _kafka_topic(cls, t: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", t) or t in (".", ".."):
-            raise ValueError(f"{t!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)")
-        return t
+    _name = field_validator("name")(lambda v: _non_empty(v))
+    _kafka_topic = field_validator("kafka_topic")(lambda t: validate_kafka_topic(t))
 
 
 class KafkaInbound(_Section):
-    name: str | None = None
-    kafka_topics: list[str] = Field(min_length=1)
-    group_id: str = Field(description="Kafka consumer group; offsets are committed after the publish or write")
+    name: str | None = Field(None, description="default: inbound-<index>; unique among the inbound entries")
+    kafka_topics: list[Annotated[str, AfterValidator(validate_kafka_topic)]] = Field(
+        min_length=1, description="legal Kafka topic names"
+    )
+    group_id: str = Field(
+        min_length=1, description="Kafka consumer group; offsets are committed after the publish or write"
+    )
     action: Literal["mqtt_publish", "device_command"] = Field(
         description='device_command: JSON {"device", "point", "value"} becomes a checked write'
     )
@@ -163,6 +186,22 @@ class KafkaInbound(_Section):
         None, description="for mqtt_publish: e.g. 'site/{key}' ({topic}, {key}, {partition})"
     )
     qos: Literal[0, 1] = 1
+
+    _name = field_validator("name")(lambda v: _non_empty(v))
+
+
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
+    @field_validator("mqtt_topic_template")
+    @classmethod
+    def _template_syntax(cls, t: str | None) -> str | None:
+        return t if t is None else validate_mqtt_topic_template(t)
 
     @model_validator(mode="after")
     def _template(self) -> KafkaInbound:
@@ -174,7 +213,9 @@ class KafkaInbound(_Section):
 
 
 class KafkaSection(_Section):
-    bootstrap_servers: list[str] = Field(min_length=1, description='["host:port", ...]')
+    bootstrap_servers: list[Annotated[str, AfterValidator(_host_port)]] = Field(
+        min_length=1, description='["host:port", ...]'
+    )
     client_id: str | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -185,26 +226,28 @@ class KafkaSection(_Section):
     cert_file: str | None = None
     key_file: str | None = None
     compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
-    linger: Duration = Field(0.1, description="how long the producer waits to fill a batch")
-    batch_max_bytes: SizeBytes = Field(1_000_000, description="bytes per Kafka record batch (per partition)")
+    linger: Duration = Field(0.1, le=60.0, description="how long the producer waits to fill a batch")
+    batch_max_bytes: SizeBytes = Field(
+        1_000_000, ge=1024, le=1_000_000_000, description="bytes per Kafka record batch (per partition)"
+    )
     batch_max_records: int = Field(
         1000,
         ge=1,
         le=100_000,
         description="records per Kafka batch (per partition); a failure resends at most one batch per partition",
     )
-    request_timeout: Duration = Field(30.0, description="a request not answered in this time counts as a failed link")
-    reconnect_min: Duration = 1.0
-    reconnect_max: Duration = 60.0
+    request_timeout: Duration = Field(
+        30.0, ge=1.0, description="a request not answered in this time counts as a failed link"
+    )
+    reconnect_min: Duration = Field(1.0, gt=0)
+    reconnect_max: Duration = Field(60.0, gt=0)
+
+    _client_id = field_validator("client_id", "sasl_password_file", "ca_file", "cert_file", "key_file")(
+        lambda v: _non_empty(v)
+    )
     mappings: list[KafkaMapping] = Field(default_factory=list)
     inbound: list[KafkaInbound] = Field(default_factory=list)
 
-    @field_validator("bootstrap_servers")
-    @classmethod
-    def _hostports(cls, servers: list[str]) -> list[str]:
-        for s in servers:
-            parse_host_port(s)
-        return servers
 
     @model_validator(mode="after")
     def _security(self) -> KafkaSection:
@@ -222,12 +265,13 @@ class KafkaSection(_Section):
             raise ValueError("cert_file and key_file go together: set both or neither")
         if self.security_protocol not in ("SSL", "SASL_SSL") and (self.cert_file or self.ca_file):
             raise ValueError(f"ca_file/cert_file need security_protocol SSL or SASL_SSL, not {self.security_protocol}")
+        _check_reconnect(self.reconnect_min, self.reconnect_max)
         return self
 
 
 class DiagnosticsSection(_Section):
-    socket_path: str = Field("/run/outpost/outpost.sock", description="Unix socket for status and tail")
-    socket_group: str = Field("outpost", description="group allowed to use the socket")
+    socket_path: str = Field("/run/outpost/outpost.sock", min_length=1, description="Unix socket for status and tail")
+    socket_group: str = Field("outpost", min_length=1, description="group allowed to use the socket")
     metrics_listen: str | None = Field(None, description='e.g. "127.0.0.1:9108"; off when unset')
 
     @field_validator("metrics_listen")
@@ -320,6 +364,53 @@ def validate_topic_filter(f: str) -> str:
     return f
 
 
+def validate_kafka_topic(t: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", t) or t in (".", ".."):
+        raise ValueError(f"{t!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; 1 to 249)")
+    return t
+
+
+TEMPLATE_FIELDS = ("topic", "key", "partition")
+
+
+def validate_mqtt_topic_template(template: str) -> str:
+    """An inbound `mqtt_topic_template`: the placeholders it may use, and a publishable topic."""
+    import string
+
+    hint = "use plain {topic}, {key} or {partition}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a template: {exc}; {hint}") from None
+    for literal, field, spec, conversion in parts:
+        if any(c in literal for c in "+#\x00"):
+            raise ValueError(
+                f"{template!r}: MQTT wildcards ('+', '#') and NUL cannot be in a topic to publish to"
+            )
+        if field is None:
+            continue
+        if field not in TEMPLATE_FIELDS:
+            raise ValueError(f"{template!r}: unknown placeholder {{{field}}}; {hint}")
+        if spec or conversion:
+            raise ValueError(f"{template!r}: {{{field}}} takes no format spec or conversion; {hint}")
+    if not template or template.startswith("$"):
+        raise ValueError(f"{template!r}: a topic to publish to is not empty and does not start with '$'")
+    if len(template.encode("utf-8")) > 60_000:
+        raise ValueError("the template is longer than an MQTT topic can be")
+    return template
+
+
+def _non_empty(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty (leave the key out for the default)")
+    return value
+
+
+def _check_reconnect(lo: float, hi: float) -> None:
+    if hi < lo:
+        raise ValueError(f"reconnect_max ({hi:g}s) must be >= reconnect_min ({lo:g}s)")
+
+
 def _check_secret_pair(value: str | None, file: str | None, key: str) -> None:
     if value is not None and file is not None:
         raise ValueError(f"set {key} or {key}_file, not both")
@@ -368,77 +459,308 @@ def _format_path(loc: tuple[Any, ...], data: Any) -> tuple[str, list[str | int]]
 
 
 class _LineIndex:
-    """Find the line of a key path in TOML text without a full TOML parser with positions.
+    """The line of every key path in TOML text: tables, arrays of tables, dotted keys, inline
+    tables and arrays (`points = [{name = "a", scale = 2.0}]` gives `points[0].scale` its line).
 
-    It follows `[table]` and `[[array.of.tables]]` headers and `key =` lines, which covers the
-    way Outpost configs are written; inline tables and dotted keys fall back to the table line.
+    tomllib keeps no positions, so this is a small scanner over text that tomllib has already
+    accepted. It never raises: on anything it does not follow it keeps what it found so far, and
+    `find` falls back to the nearest enclosing key.
     """
 
-    _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
-    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]+\")\s*=")
+    _BARE = re.compile(r"[A-Za-z0-9_\-]+")
 
     def __init__(self, text: str) -> None:
         self.lines: dict[tuple[str | int, ...], int] = {}
-        counters: dict[tuple[str | int, ...], int] = {}
-        table: tuple[str | int, ...] = ()
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            h = self._HEADER.match(line)
-            if h:
-                names = [n.strip().strip("\"'") for n in h.group(2).split(".")]
-                path: list[str | int] = []
-                # Resolve each prefix against the arrays seen so far (devices.points -> devices[i].points).
-                for depth, name in enumerate(names):
-                    path.append(name)
-                    is_last = depth == len(names) - 1
-                    key = tuple(path)
-                    if is_last and h.group(1) == "[[":
-                        idx = counters.get(key, -1) + 1
-                        counters[key] = idx
-                        # A new element resets the counters of arrays nested below it.
-                        for k in [k for k in counters if len(k) > len(key) and k[: len(key)] == key]:
-                            del counters[k]
-                        path.append(idx)
-                    elif not is_last and key in counters:
-                        path.append(counters[key])
-                table = tuple(path)
-                self.lines.setdefault(table, lineno)
-                continue
-            k = self._KEY.match(line)
-            if k:
-                self.lines.setdefault((*table, k.group(1).strip('"')), lineno)
+        self._t = text
+        self._i = 0
+        self._arrays: dict[tuple[str | int, ...], int] = {}  # array of tables -> current index
+        self._at = (0, 1)  # (position, its line)
+        try:
+            self._document()
+        except (IndexError, ValueError, RecursionError):
+            pass
 
     def find(self, parts: list[str | int]) -> int | None:
+        return self.find_depth(parts)[1]
+
+    def find_depth(self, parts: list[str | int]) -> tuple[int, int | None]:
+        """(how many leading steps of `parts` were found, the line of the deepest one)."""
         for n in range(len(parts), 0, -1):
             line = self.lines.get(tuple(parts[:n]))
             if line is not None:
-                return line
-        return None
+                return n, line
+        return 0, None
+
+    # -- scanner ----------------------------------------------------------------------------
+
+    def _line(self) -> int:
+        # Counted from the last position asked about: the scanner only moves forward.
+        pos, line = self._at
+        line += self._t.count("\n", pos, self._i)
+        self._at = (self._i, line)
+        return line
+
+    def _peek(self, n: int = 1) -> str:
+        return self._t[self._i : self._i + n]
+
+    def _skip(self, newlines: bool) -> None:
+        t = self._t
+        while self._i < len(t):
+            c = t[self._i]
+            if c in " \t\r" or (newlines and c == "\n"):
+                self._i += 1
+            elif c == "#":
+                while self._i < len(t) and t[self._i] != "\n":
+                    self._i += 1
+            else:
+                return
+
+    def _mark(self, path: tuple[str | int, ...], line: int) -> None:
+        self.lines.setdefault(path, line)
+
+    def _document(self) -> None:
+        table: tuple[str | int, ...] = ()
+        while True:
+            self._skip(newlines=True)
+            if self._i >= len(self._t):
+                return
+            line = self._line()
+            if self._peek(2) == "[[":
+                self._i += 2
+                names = self._key()
+                self._expect("]]")
+                path: list[str | int] = []
+                for name in names[:-1]:
+                    path.append(name)
+                    if tuple(path) in self._arrays:
+                        path.append(self._arrays[tuple(path)])
+                path.append(names[-1])
+                idx = self._arrays.get(tuple(path), -1) + 1
+                self._arrays[tuple(path)] = idx
+                self._mark(tuple(path), line)
+                path.append(idx)
+                table = tuple(path)
+                self._mark(table, line)
+            elif self._peek() == "[":
+                self._i += 1
+                names = self._key()
+                self._expect("]")
+                path = []
+                for name in names:
+                    path.append(name)
+                    if tuple(path) in self._arrays and name is not names[-1]:
+                        path.append(self._arrays[tuple(path)])
+                table = tuple(path)
+                self._mark(table, line)
+            else:
+                self._pair(table)
+
+    def _expect(self, token: str) -> None:
+        self._skip(newlines=False)
+        if self._peek(len(token)) != token:
+            raise ValueError(token)
+        self._i += len(token)
+
+    def _key(self) -> list[str]:
+        names = []
+        while True:
+            self._skip(newlines=False)
+            c = self._peek()
+            if c in ("\"", "'"):
+                names.append(self._string())
+            else:
+                m = self._BARE.match(self._t, self._i)
+                if not m:
+                    raise ValueError("key")
+                names.append(m.group(0))
+                self._i = m.end()
+            self._skip(newlines=False)
+            if self._peek() != ".":
+                return names
+            self._i += 1
+
+    def _pair(self, table: tuple[str | int, ...]) -> None:
+        line = self._line()
+        names = self._key()
+        path = table
+        for name in names:
+            path = (*path, name)
+            self._mark(path, line)
+        self._expect("=")
+        self._value(path)
+
+    def _string(self) -> str:
+        t = self._t
+        for quote in ('"""', "'''"):
+            if t.startswith(quote, self._i):
+                end = t.index(quote, self._i + 3)
+                while t.startswith(quote[0], end + 3):  # up to two quotes may end the content
+                    end += 1
+                out = t[self._i + 3 : end]
+                self._i = end + 3
+                return out
+        quote = t[self._i]
+        j = self._i + 1
+        while t[j] != quote:
+            j += 2 if quote == '"' and t[j] == "\\" else 1
+        out = t[self._i + 1 : j]
+        self._i = j + 1
+        return out
+
+    def _value(self, path: tuple[str | int, ...]) -> None:
+        self._skip(newlines=False)
+        c = self._peek()
+        if c in ("\"", "'"):
+            self._string()
+        elif c == "[":
+            self._i += 1
+            n = 0
+            while True:
+                self._skip(newlines=True)
+                if self._peek() == "]":
+                    self._i += 1
+                    return
+                self._mark((*path, n), self._line())
+                self._value((*path, n))
+                n += 1
+                self._skip(newlines=True)
+                if self._peek() == ",":
+                    self._i += 1
+        elif c == "{":
+            self._i += 1
+            while True:
+                self._skip(newlines=False)
+                if self._peek() == "}":
+                    self._i += 1
+                    return
+                self._pair(path)
+                self._skip(newlines=False)
+                if self._peek() == ",":
+                    self._i += 1
+        else:
+            t = self._t
+            while self._i < len(t) and t[self._i] not in ",]}\n#":
+                self._i += 1
+
+
+def _unwrap_models(annotation: Any) -> list[type[BaseModel]]:
+    """The config models a field's value is validated against (through list, Optional, unions)."""
+    origin = get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if origin is Annotated or origin in (list, Union, UnionType):
+        return [m for a in get_args(annotation) for m in _unwrap_models(a)]
+    return []
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    for key in ("driver", "transport"):
+        f = model.model_fields.get(key)
+        if f is not None and get_origin(f.annotation) is Literal:
+            return str(get_args(f.annotation)[0])
+    return None
+
+
+def known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the table at `loc` (a pydantic location, union tags included)."""
+    models: list[type[BaseModel]] = [OutpostConfig]
+    for step in loc:
+        if isinstance(step, int):
+            continue
+        tagged = [m for m in models if _tag_of(m) == step]
+        if tagged and not any(step in m.model_fields for m in models):
+            models = tagged
+            continue
+        models = [n for m in models if step in m.model_fields for n in _unwrap_models(m.model_fields[step].annotation)]
+        if not models:
+            return []
+    return sorted({k for m in models for k in m.model_fields})
 
 
 def _expected(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        return "unknown key (check the spelling; see the configuration reference in the README)"
+        loc = tuple(err["loc"])
+        known = known_keys(loc[:-1])
+        near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        if near:
+            return f"unknown key; did you mean {near[0]!r}?"
+        return "unknown key (see the configuration reference in the README)" + (
+            f"; known here: {', '.join(known)}" if known else ""
+        )
     if err["type"] == "missing":
         return "required key is missing"
+    if err["type"] in ("int_type", "float_type", "bool_type", "string_type") and isinstance(err.get("input"), str):
+        return f"{msg} (write it without quotes)"
+    if err["type"] == "finite_number":
+        return "nan and inf are not allowed here; give a finite number"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     return msg
 
 
+Locate = Callable[[list[str | int]], str]  # key path -> "file:line" (or "file")
+
+
+def _locator(path: str, index: _LineIndex) -> Locate:
+    def locate(parts: list[str | int]) -> str:
+        line = index.find(parts)
+        return f"{path}:{line}" if line else path
+
+    return locate
+
+
 def validation_problems(path: str, text: str, data: dict[str, Any], exc: ValidationError) -> list[str]:
-    index = _LineIndex(text)
+    return _validation_problems(_locator(path, _LineIndex(text)), data, exc)
+
+
+def _validation_problems(locate: Locate, data: dict[str, Any], exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
         key_path, parts = _format_path(tuple(err["loc"]), data)
-        line = index.find(parts)
-        where = f"{path}:{line}" if line else path
         got = ""
         value = err.get("input")
         if err["type"] != "missing" and not isinstance(value, dict | list) and repr(value) not in err["msg"]:
             got = f" (got {value!r})"
-        problems.append(f"{where}: {key_path}: {_expected(err)}{got}")
+        problems.append(f"{locate(parts)}: {key_path}: {_expected(err)}{got}")
     return problems
+
+
+# Only these keys take `${VAR}`: they are the secrets, resolved at start from the service's
+# environment (/etc/outpost/outpost.env). Everywhere else the file is used as written, so a
+# `${...}` there is refused rather than taken literally (see the README, "Secrets").
+ENV_REFERENCE_KEYS = ("mqtt.password", "kafka.sasl_password")
+
+
+def _strings(data: Any) -> list[tuple[list[str | int], str]]:
+    out: list[tuple[list[str | int], str]] = []
+    stack: list[tuple[list[str | int], Any]] = [([], data)]
+    while stack:
+        parts, value = stack.pop()
+        if isinstance(value, str):
+            out.append((parts, value))
+        elif isinstance(value, dict):
+            stack.extend(([*parts, k], v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(([*parts, i], v) for i, v in enumerate(value))
+    return sorted(out, key=lambda pv: _path_text(pv[0]))
+
+
+def env_reference_problems(data: dict[str, Any]) -> list[tuple[list[str | int], str]]:
+    out: list[tuple[list[str | int], str]] = []
+    for parts, value in _strings(data):
+        if "${" not in value:
+            continue
+        key = _path_text(parts)
+        if key in ENV_REFERENCE_KEYS:
+            if "${" in _ENV_REF_RE.sub("", value):
+                out.append((parts, "malformed ${VAR} reference: a name is letters, digits and '_', "
+                                   "not starting with a digit, closed by '}'"))
+        else:
+            out.append((parts, f"{value!r} holds a ${{VAR}} reference, but only "
+                               f"{' and '.join(ENV_REFERENCE_KEYS)} take them (elsewhere it would be used "
+                               "literally); write the value itself"))
+    return out
 
 
 def cross_reference_problems(data: dict[str, Any]) -> list[tuple[list[str | int], str]]:
@@ -467,12 +789,22 @@ def cross_reference_problems(data: dict[str, Any]) -> list[tuple[list[str | int]
             if name in device_names:
                 out.append((["devices", i, "name"], f"{name!r} is already used by devices[{device_names[name]}]"))
             device_names.setdefault(name, i)
-        if dev.get("driver", "modbus") == "modbus" and "bus" in dev and dev["bus"] not in bus_names:
+        if dev.get("driver", "modbus") == "modbus" and isinstance(dev.get("bus"), str) and dev["bus"] not in bus_names:
             known = ", ".join(repr(b) for b in bus_names) or "none are configured"
             out.append((["devices", i, "bus"], f"{dev['bus']!r} names no bus in [[buses]] (known: {known})"))
     kafka = data.get("kafka") if isinstance(data.get("kafka"), dict) else {}
     mappings = kafka.get("mappings") if isinstance(kafka.get("mappings"), list) else []
     inbound = kafka.get("inbound") if isinstance(kafka.get("inbound"), list) else []
+    for section, entries, default in (("mappings", mappings, "mapping-{}"), ("inbound", inbound, "inbound-{}")):
+        # Names key the task owner and the status; the runtime refuses two with one name.
+        names: dict[str, int] = {}
+        for i, m in enumerate(entries):
+            name = m.get("name") if isinstance(m, dict) else None
+            name = name if isinstance(name, str) and name else default.format(i)
+            if name in names:
+                used = f"{name!r} is already used by kafka.{section}[{names[name]}]"
+                out.append((["kafka", section, i, "name"], used))
+            names.setdefault(name, i)
     if "mqtt" not in data:
         for i, m in enumerate(mappings):
             if isinstance(m, dict) and m.get("subscribe"):
@@ -497,36 +829,160 @@ def _path_text(parts: list[str | int]) -> str:
     return text
 
 
+def _too_deep(path: str) -> ConfigError:
+    return ConfigError(path, [f"{path}: arrays or tables are nested too deeply to be an Outpost configuration"])
+
+
+def parse_data(data: dict[str, Any], locate: Locate, path: str = "<config>") -> OutpostConfig:
+    """Validate parsed TOML data; raises ConfigError with every problem found."""
+    problems: list[str] = []
+    cfg: OutpostConfig | None = None
+    try:
+        cfg = OutpostConfig.model_validate(data)
+    except ValidationError as e:
+        problems.extend(_validation_problems(locate, data, e))
+    except RecursionError:
+        raise _too_deep(path) from None
+    for parts, msg in cross_reference_problems(data) + env_reference_problems(data):
+        problems.append(f"{locate(parts)}: {_path_text(parts)}: {msg}")
+    if problems or cfg is None:
+        raise ConfigError(path, sorted(problems, key=_line_of))
+    return cfg
+
+
+def _line_of(problem: str) -> tuple[str, int]:
+    m = re.match(r"(.*?):(\d+): ", problem)
+    return (m.group(1), int(m.group(2))) if m else (problem.split(": ", 1)[0], 0)
+
+
 def parse_config(text: str, path: str = "<config>") -> OutpostConfig:
     """Validate TOML text; raises ConfigError with every problem found."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"{path}: not valid TOML: {e}"]) from None
-    problems: list[str] = []
-    cfg: OutpostConfig | None = None
-    try:
-        cfg = OutpostConfig.model_validate(data)
-    except ValidationError as e:
-        problems.extend(validation_problems(path, text, data, e))
-    index = _LineIndex(text)
-    for parts, msg in cross_reference_problems(data):
-        line = index.find(parts)
-        problems.append(f"{path}:{line}: {_path_text(parts)}: {msg}" if line else f"{path}: {_path_text(parts)}: {msg}")
-    if problems or cfg is None:
-        raise ConfigError(path, problems)
-    return cfg
+    except RecursionError:
+        raise _too_deep(path) from None
+    return parse_data(data, _locator(path, _LineIndex(text)), path)
 
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> OutpostConfig:
+    """The main file merged with its drop-ins (conf.d/*.toml beside it), validated."""
+    src = read_sources(path)
+    return parse_data(src.data, src.locate, src.path)
+
+
+# ---------------------------------------------------------------------------------------
+# Drop-ins: conf.d/*.toml next to the main file, merged in name order
+
+
+def dropin_paths(path: str | os.PathLike[str]) -> list[Path]:
+    return sorted((Path(path).parent / "conf.d").glob("*.toml"))
+
+
+@dataclass
+class ConfigSource:
+    """The main file and its drop-ins merged: the data to validate and where each key came from."""
+
+    path: str
+    files: list[str]
+    texts: list[str]
+    data: dict[str, Any]
+    locate: Locate
+
+
+def _parse_text(text: str, path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"{path}: not valid TOML: {e}"]) from None
+    except RecursionError:
+        raise _too_deep(path) from None
+
+
+def _is_table_array(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def read_sources(path: str | os.PathLike[str]) -> ConfigSource:
+    """Read the main file and its drop-ins. Tables merge, arrays of tables ([[devices]]) are
+    appended in file order; any other key set in two files is a problem naming both places."""
+    main = str(path)
+    files = [main, *(str(p) for p in dropin_paths(path))]
+    texts = [read_config_text(f) for f in files]
+    docs = [_parse_text(t, f) for f, t in zip(files, texts, strict=True)]
+    indexes = [_LineIndex(t) for t in texts]
+    # merged list path -> [(first merged index, file number)]
+    segments: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    owner: dict[tuple[Any, ...], int] = {}
+    conflicts: list[tuple[tuple[Any, ...], int]] = []
+
+    def merge(dst: dict[str, Any], src: dict[str, Any], at: tuple[Any, ...], fno: int) -> None:
+        for k, v in src.items():
+            p = (*at, k)
+            if k not in dst:
+                dst[k] = v
+                owner[p] = fno
+                if _is_table_array(v):
+                    segments[p] = [(0, fno)]
+            elif isinstance(dst[k], dict) and isinstance(v, dict):
+                merge(dst[k], v, p, fno)
+            elif _is_table_array(dst[k]) and _is_table_array(v):
+                segments.setdefault(p, [(0, owner.get(p, 0))]).append((len(dst[k]), fno))
+                dst[k] = [*dst[k], *v]
+            else:
+                conflicts.append((p, fno))
+
+    data: dict[str, Any] = {}
+    for fno, doc in enumerate(docs):
+        merge(data, doc, (), fno)
+
+    def local(parts: list[str | int], fno: int) -> list[str | int] | None:
+        out: list[str | int] = []
+        prefix: tuple[Any, ...] = ()
+        for step in parts:
+            if isinstance(step, int) and prefix in segments:
+                start, seg_file = next((s, f) for s, f in reversed(segments[prefix]) if s <= step)
+                if seg_file != fno:
+                    return None
+                out.append(step - start)
+            else:
+                out.append(step)
+            prefix = (*prefix, step)
+        return out
+
+    def locate(parts: list[str | int]) -> str:
+        best: tuple[int, int, int | None] = (0, 0, None)
+        for fno, index in enumerate(indexes):
+            mine = local(parts, fno)
+            if mine is None:
+                continue
+            depth, line = index.find_depth(mine)
+            if line is not None and depth > best[0]:
+                best = (depth, fno, line)
+        return f"{files[best[1]]}:{best[2]}" if best[2] is not None else main
+
+    problems = []
+    for p, fno in conflicts:
+        first = owner.get(p, 0)
+        line_a, line_b = indexes[first].find(list(p)), indexes[fno].find(list(p))
+        problems.append(
+            f"{files[fno]}:{line_b}: {_path_text(list(p))}: also set in {files[first]}:{line_a}; drop-ins may add "
+            "tables and [[arrays]] of tables, but a key is set in one file only"
+        )
+    if problems:
+        raise ConfigError(main, problems)
+    return ConfigSource(main, files, texts, data, locate if len(files) > 1 else _locator(main, indexes[0]))
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(str(p), [f"{p}: file not found (use --config PATH)"]) from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as e:
         raise ConfigError(str(p), [f"{p}: cannot read: {e}"]) from None
-    return parse_config(text, str(p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -539,48 +995,58 @@ class Secrets:
     kafka_sasl_password: str | None = None
 
 
+def unset_variables(value: str | None, env: dict[str, str]) -> list[str]:
+    if value is None:
+        return []
+    return [m.group(1) for m in _ENV_REF_RE.finditer(value) if m.group(1) not in env]
+
+
 def _resolve_one(value: str | None, file: str | None, key: str, env: dict[str, str]) -> tuple[str | None, str | None]:
     if file is not None:
         try:
             return Path(file).read_text(encoding="utf-8").rstrip("\r\n"), None
-        except OSError as e:
-            return None, f"{key}_file: cannot read {file!r}: {e.strerror or e}"
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"{key}_file: cannot read {file!r}: {getattr(e, 'strerror', None) or e}"
     if value is None:
         return None, None
-    missing: list[str] = []
-
-    def sub(m: re.Match[str]) -> str:
-        name = m.group(1)
-        if name not in env:
-            missing.append(name)
-            return ""
-        return env[name]
-
-    resolved = _ENV_REF_RE.sub(sub, value)
+    missing = unset_variables(value, env)
     if missing:
         return None, f"{key}: environment variable {', '.join(missing)} is not set"
-    return resolved, None
+    return _ENV_REF_RE.sub(lambda m: env[m.group(1)], value), None
 
 
-def resolve_secrets(cfg: OutpostConfig, env: dict[str, str] | None = None, path: str = "<config>") -> Secrets:
+def resolve_secrets(
+    cfg: OutpostConfig,
+    env: dict[str, str] | None = None,
+    path: str = "<config>",
+    *,
+    text: str | None = None,
+    locate: Locate | None = None,
+) -> Secrets:
+    """`${VAR}` and `*_file` secrets; raises ConfigError naming the key (and its line, given the
+    text or a locator)."""
     env = dict(os.environ) if env is None else env
+    if locate is None:
+        locate = _locator(path, _LineIndex(text)) if text is not None else (lambda parts: path)
     problems: list[str] = []
     mqtt_pw = kafka_pw = None
     if cfg.mqtt is not None:
         mqtt_pw, err = _resolve_one(cfg.mqtt.password, cfg.mqtt.password_file, "mqtt.password", env)
         if err:
-            problems.append(f"{path}: {err}")
+            key = "password_file" if cfg.mqtt.password_file is not None else "password"
+            problems.append(f"{locate(['mqtt', key])}: {err}")
     if cfg.kafka is not None:
         kafka_pw, err = _resolve_one(cfg.kafka.sasl_password, cfg.kafka.sasl_password_file, "kafka.sasl_password", env)
         if err:
-            problems.append(f"{path}: {err}")
+            key = "sasl_password_file" if cfg.kafka.sasl_password_file is not None else "sasl_password"
+            problems.append(f"{locate(['kafka', key])}: {err}")
     if problems:
         raise ConfigError(path, problems)
     return Secrets(mqtt_password=mqtt_pw, kafka_sasl_password=kafka_pw)
 
 
-def warnings(cfg: OutpostConfig) -> list[str]:
-    """Things that are valid but that a field engineer should hear about."""
+def warnings(cfg: OutpostConfig, env: dict[str, str] | None = None) -> list[str]:
+    """Things that are valid but that a field engineer should hear about (exit code stays 0)."""
     out = []
     for key, value in (
         ("mqtt.password", cfg.mqtt.password if cfg.mqtt else None),
@@ -588,6 +1054,12 @@ def warnings(cfg: OutpostConfig) -> list[str]:
     ):
         if value is not None and not _ENV_REF_RE.search(value):
             out.append(f'{key} is written in the file itself; prefer "${{ENV_VAR}}" or {key}_file')
+        if env is not None and unset_variables(value, env):
+            out.append(
+                f"{key}: environment variable {', '.join(unset_variables(value, env))} is not set in this "
+                "shell (the service reads /etc/outpost/outpost.env; `outpost check --secrets` makes this an error)"
+            )
+    out.extend(cleartext_warnings(cfg))
     if cfg.kafka is not None:
         for i, m in enumerate(cfg.kafka.mappings):
             if m.subscribe and m.format == "json" and any(not f.startswith("spBv1.0/") for f in m.mqtt_topic_filters):
@@ -596,5 +1068,86 @@ def warnings(cfg: OutpostConfig) -> list[str]:
                     'non-Sparkplug topics will fail to format (use "raw")'
                 )
     if cfg.buffer.synchronous == "normal":
-        out.append('buffer.synchronous = "normal": the last committed batch may be lost on power loss')
+        out.append('buffer.synchronous = "normal": a power cut may lose up to the last 1 s (1000 records) of commits')
     return out
+
+
+def cleartext_warnings(cfg: OutpostConfig) -> list[str]:
+    """Credentials or keys that the configuration would send, or configure, without TLS."""
+    out: list[str] = []
+    m = cfg.mqtt
+    if m is not None:
+        clear = [s for s in m.servers if not parse_server_url(s).tls]
+        if clear:
+            where = ", ".join(clear)
+            if m.password is not None or m.password_file is not None:
+                key = "mqtt.password" if m.password is not None else "mqtt.password_file"
+                out.append(f"{key}: the password is sent in clear text to {where} (no TLS); use mqtts://")
+            for key in ("ca_file", "cert_file"):
+                if getattr(m, key) is not None:
+                    out.append(f"mqtt.{key} is set but {where} does not use TLS, so it is not used; use mqtts://")
+    k = cfg.kafka
+    if k is not None and k.security_protocol == "SASL_PLAINTEXT":
+        key = "kafka.sasl_password" if k.sasl_password is not None else "kafka.sasl_password_file"
+        if k.sasl_mechanism == "PLAIN":
+            out.append(
+                f'{key}: security_protocol "SASL_PLAINTEXT" with sasl_mechanism "PLAIN" sends the password '
+                'in clear text; use "SASL_SSL"'
+            )
+        else:
+            out.append(
+                'kafka.security_protocol: "SASL_PLAINTEXT" sends every record unencrypted '
+                f'(the {k.sasl_mechanism} password itself is not sent); use "SASL_SSL"'
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# JSON Schema of the file, for editors (`outpost check --schema`)
+
+
+def _models_under(model: type[BaseModel], seen: dict[str, type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    if model.__name__ not in seen:
+        seen[model.__name__] = model
+        for f in model.model_fields.values():
+            for m in _unwrap_models(f.annotation):
+                _models_under(m, seen)
+    return seen
+
+
+_DURATION_SCHEMA = {
+    "type": "string",
+    "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|min|m|h|d)\s*$",
+    "examples": ["800ms", "30s", "5m", "7d"],
+}
+
+
+def _is_duration(f: Any) -> bool:
+    meta = list(f.metadata)
+    for arg in get_args(f.annotation):  # Duration | None keeps its metadata inside the union
+        meta.extend(getattr(arg, "__metadata__", ()))
+    return any(getattr(getattr(m, "func", None), "__name__", "") == "parse_duration" for m in meta)
+
+
+def json_schema() -> dict[str, Any]:
+    """The pydantic JSON Schema, with durations written as the file writes them ("800ms")."""
+    from drivers.units import format_duration
+
+    schema = OutpostConfig.model_json_schema()
+    schema["title"] = "Outpost configuration (outpost.toml)"
+    defs = schema.get("$defs", {})
+    for name, model in _models_under(OutpostConfig, {}).items():
+        props = (schema if model is OutpostConfig else defs.get(name, {})).get("properties", {})
+        for fname, f in model.model_fields.items():
+            prop = props.get(fname)
+            if prop is None or not _is_duration(f):
+                continue
+            kept = {k: v for k, v in prop.items() if k in ("title", "description")}
+            if isinstance(prop.get("default"), int | float):
+                kept["default"] = format_duration(prop["default"])
+            if "anyOf" in prop:  # Optional[Duration]
+                kept["anyOf"] = [_DURATION_SCHEMA if s.get("type") == "number" else s for s in prop["anyOf"]]
+            else:
+                kept.update(_DURATION_SCHEMA)
+            props[fname] = kept
+    return schema

@@ -110,6 +110,23 @@ def _default(field: Any, field_name: str) -> str:
     return f"`{value!r}`"
 
 
+def _limits(field: Any, field_name: str) -> str:
+    """Bounds declared on the field (gt/ge/le/lt), shown beside the type."""
+    import annotated_types as at
+
+    duration = _type_name(field.annotation, field_name).startswith("duration")
+
+    def fmt(v: Any) -> str:
+        return format_duration(v) if duration else (f"{v:_}" if isinstance(v, int) and v >= 10_000 else f"{v!r}")
+
+    out = []
+    for m in field.metadata:
+        for cls, op in ((at.Gt, ">"), (at.Ge, ">="), (at.Lt, "<"), (at.Le, "<=")):
+            if isinstance(m, cls):
+                out.append(f"{op} {fmt(getattr(m, next(iter(cls.__dataclass_fields__))))}")
+    return f", {' '.join(out)}" if out else ""
+
+
 def render() -> str:
     out = [BEGIN, ""]
     for title, model, skip in SECTIONS:
@@ -121,7 +138,8 @@ def render() -> str:
             if name in skip or name in ("driver", "transport"):
                 continue
             desc = (field.description or "").replace("|", "\\|")
-            out.append(f"| `{name}` | {_type_name(field.annotation, name)} | {_default(field, name)} | {desc} |")
+            kind = _type_name(field.annotation, name) + _limits(field, name)
+            out.append(f"| `{name}` | {kind} | {_default(field, name)} | {desc} |")
         out.append("")
     out.append(END)
     return "\n".join(out)

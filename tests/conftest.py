@@ -1,7 +1,8 @@
 """Shared fixtures: the real services (lazily started, stopped at session end) and leak checks.
 
 Fixtures (see tests/harness/README.md): `kafka`, `mosquitto`, `toxiproxy` (session scope,
-each started the first time a test asks for it), `pty_pair` (factory, pairs closed after the
+each started the first time a test asks for it), `kafka_cluster` (three brokers, started on
+first use and shared by the session, healed before and after each test), `pty_pair` (factory, pairs closed after the
 test), `kcat`, `node_peers`. After every test the fault proxy is reset (toxics removed,
 proxies enabled) and a broker a test stopped is started again, so one failing test does
 not break the next. An autouse check fails a test that leaks asyncio tasks or threads
@@ -19,7 +20,7 @@ import pytest
 
 from tests.harness import leaks
 from tests.harness.common import kill_all_live, session_run_dir
-from tests.harness.kafka import ExternalKafka, KafkaService
+from tests.harness.kafka import ExternalKafka, KafkaCluster, KafkaService
 from tests.harness.mosquitto import MosquittoService
 from tests.harness.pty import PtyPair
 from tests.harness.stack import Stack
@@ -76,6 +77,47 @@ def mosquitto(_outpost_stack: Stack) -> MosquittoService:
 @pytest.fixture(scope="session")
 def kafka(_outpost_stack: Stack) -> KafkaService | ExternalKafka:
     return _outpost_stack.kafka
+
+
+@pytest.fixture(scope="session")
+def _outpost_kafka_cluster(_outpost_stack: Stack) -> Iterator[KafkaCluster]:
+    # Started the first time a test asks for `kafka_cluster`, shared by every test of the
+    # session (three brokers take ~10-30 s to start on a shared 2-core machine).
+    # Four client listeners: the shortened fleet scenario gives each gateway its own link.
+    cluster = KafkaCluster(_outpost_stack.run, _outpost_stack.toxiproxy,
+                           client_listeners=4).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def kafka_cluster(request: pytest.FixtureRequest,
+                  _outpost_kafka_cluster: KafkaCluster) -> Iterator[KafkaCluster]:
+    """The three-broker cluster (tests/harness/kafka.py KafkaCluster), whole before and after.
+
+    Before the test every node runs and every broker is registered; after it, nodes the test
+    killed or stopped are started again (proxies are reset by the autouse heal), or, when the
+    next test does not use the cluster, every node is stopped until a test asks again.
+    """
+    _outpost_kafka_cluster.heal()
+    yield _outpost_kafka_cluster
+    if _next_test_uses(request, "kafka_cluster"):
+        _outpost_kafka_cluster.heal()
+    else:
+        # Five idle JVMs cost the rest of the run CPU and memory: stop them (data kept) and
+        # let the next test that asks start them again.
+        _outpost_kafka_cluster.stop()
+
+
+def _next_test_uses(request: pytest.FixtureRequest, fixture: str) -> bool:
+    items = request.session.items
+    try:
+        i = items.index(request.node)
+    except ValueError:
+        return True
+    return i + 1 < len(items) and fixture in getattr(items[i + 1], "fixturenames", ())
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ REGISTER_TABLES = ("holding", "input")
 
 
 class _BusBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     timeout: Duration = Field(default=1.0, gt=0, description="reply timeout per request")
@@ -63,6 +63,14 @@ class RtuBusConfig(_BusBase):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
+
+    @field_validator("stopbits", "bytesize", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
 
     @property
     def endpoint(self) -> str:
@@ -97,7 +105,7 @@ ModbusBusConfig = Annotated[
 
 
 class ModbusPointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     table: Table = "holding"
@@ -120,15 +128,25 @@ class ModbusPointConfig(BaseModel):
     max: float | None = None
     read_back: bool = False
 
+    @field_validator("write_function", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
         import codecs
 
         try:
-            codecs.lookup(value)
+            info = codecs.lookup(value)
         except LookupError as exc:
             raise ValueError(f"unknown text encoding {value!r}") from exc
+        if not info._is_text_encoding:  # rot13, base64, zlib: not bytes <-> text
+            raise ValueError(f"{value!r} is not a text encoding (use e.g. ascii, utf-8, latin-1)")
         return value
 
     @model_validator(mode="after")
@@ -221,7 +239,7 @@ class ModbusPointConfig(BaseModel):
 
 
 class ModbusDeviceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     driver: Literal["modbus"] = "modbus"
     name: str = Field(min_length=1, description="Sparkplug device id")
@@ -237,9 +255,18 @@ class ModbusDeviceConfig(BaseModel):
     interval: Duration = Field(default=1.0, gt=0, description="poll interval of points without one")
     points: list[ModbusPointConfig] = Field(min_length=1)
 
+    @field_validator("address_base", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _check_points(self) -> ModbusDeviceConfig:
         seen: set[str] = set()
+        written: dict[str, list[tuple[int, int, int]]] = {}  # table -> (start, end, index)
         for i, p in enumerate(self.points):
             where = f"points[{i}] ({p.name!r})"
             if p.name in seen:
@@ -260,6 +287,17 @@ class ModbusDeviceConfig(BaseModel):
                     f"{where}: the value takes {p.register_count} registers, more than "
                     f"max_registers_per_request = {cap}"
                 )
+            if p.writable:
+                # Two writable points on one register: a write to one silently changes the other.
+                end = start + p.register_count
+                for s0, e0, j in written.get(p.table, []):
+                    if start < e0 and s0 < end:
+                        raise ValueError(
+                            f"{where}: writable {p.table} {p.address}..{p.address + p.register_count - 1} "
+                            f"overlaps writable points[{j}] ({self.points[j].name!r}); a write to one "
+                            "would change the other"
+                        )
+                written.setdefault(p.table, []).append((start, end, i))
         return self
 
     def protocol_address(self, point: ModbusPointConfig) -> int:

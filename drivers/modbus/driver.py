@@ -23,6 +23,8 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
+from common.backoff import Backoff
+from common.logs import StateLog, fields
 from drivers.base import (
     DeviceEvent,
     DeviceEventSink,
@@ -104,7 +106,7 @@ class _DeviceState:
     bad_points: dict[str, str] = field(default_factory=dict)   # name -> reason (config errors)
     online: bool | None = None       # None until the first cycle decides
     failed_cycles: int = 0
-    probe_attempt: int = 0
+    probe_backoff: Backoff | None = None  # while offline: when to probe again
     next_probe: float = 0.0
     last: dict[str, tuple[Any, int]] = field(default_factory=dict)   # name -> (value, ts_ms)
     reported: dict[str, tuple[Quality, str]] = field(default_factory=dict)
@@ -173,8 +175,8 @@ class ModbusBusDriver:
             self._devices[dev.name] = self._device_state(dev)
         self._client: Any = None
         self._next_connect = 0.0
-        self._connect_delay = bus.reconnect_min
-        self._connected_logged: bool | None = None
+        self._connect_backoff = Backoff(bus.reconnect_min, bus.reconnect_max, rand=self._rng.random)
+        self._link_log = StateLog(log)
         self._last_frame_end = 0.0
         self._bus_timeouts = 0
         self._candidates: dict[tuple[str, ReadBlock, ReadBlock], list[bool]] = {}
@@ -392,11 +394,9 @@ class ModbusBusDriver:
                 hole = hole_between(left, right)
                 if hole not in st.holes:
                     st.holes.append(hole)
-                    log.warning(
-                        "%s device %r unit %d: %s registers %d..%d refused (exception 2); "
-                        "requests will not span them",
-                        self.name, st.cfg.name, st.cfg.unit_id, hole.table, hole.start, hole.end,
-                    )
+                    log.warning("registers refused (exception 2): requests will not span them",
+                                extra=fields(bus=self.name, device=st.cfg.name, unit=st.cfg.unit_id,
+                                             table=hole.table, start=hole.start, end=hole.end))
                 del cands[key]
 
     def _cycle_result(self, st: _DeviceState, ok: bool, failure: ModbusError | None) -> None:
@@ -405,27 +405,28 @@ class ModbusBusDriver:
             st.failed_cycles = 0
             if st.online is not True:
                 if st.online is False:
-                    log.warning("%s device %r is back online", self.name, st.cfg.name)
+                    log.warning("device back online", extra=fields(bus=self.name, device=st.cfg.name))
                 st.online = True
-                st.probe_attempt = 0
+                st.probe_backoff = None
                 self._on_event(DeviceEvent(st.cfg.name, DeviceState.ONLINE))
             return
         st.counters["cycles_failed"] += 1
         st.failed_cycles += 1
         if st.online is not False and st.failed_cycles >= st.cfg.offline_after_failures:
             st.online = False
-            st.probe_attempt = 0
+            st.probe_backoff = None
             reason = str(failure) if failure else "no answer"
-            log.warning("%s device %r is offline: %s", self.name, st.cfg.name, reason)
+            log.warning("device offline", extra=fields(bus=self.name, device=st.cfg.name, reason=reason))
             self._schedule_probe(st)
             self._on_event(DeviceEvent(st.cfg.name, DeviceState.OFFLINE, reason=reason))
 
     def _schedule_probe(self, st: _DeviceState) -> None:
-        base = min(g.interval for g in st.groups)
-        delay = min(st.cfg.probe_backoff_max, base * (2 ** st.probe_attempt))
-        # Full jitter on the upper half: devices that died together do not probe together.
-        st.next_probe = self._clock() + delay * (0.5 + 0.5 * self._rng.random())
-        st.probe_attempt += 1
+        if st.probe_backoff is None:
+            # From the fastest poll interval up to probe_backoff_max; the jitter keeps devices
+            # that died together from probing together.
+            base = min(g.interval for g in st.groups)
+            st.probe_backoff = Backoff(base, max(base, st.cfg.probe_backoff_max), rand=self._rng.random)
+        st.next_probe = self._clock() + st.probe_backoff.next()
 
     async def _probe(self, st: _DeviceState) -> None:
         # A probe is a normal cycle of the first group; success puts the device back on schedule.
@@ -482,10 +483,9 @@ class ModbusBusDriver:
             return
         st.bad_points[name] = reason
         pt = st.points[name]
-        log.error(
-            "%s device %r unit %d point %r (%s %d): %s; check the address and table in the config",
-            self.name, st.cfg.name, st.cfg.unit_id, name, pt.table, pt.address, reason,
-        )
+        log.error("point refused: check the address and table in the config", extra=fields(
+            bus=self.name, device=st.cfg.name, unit=st.cfg.unit_id, point=name, table=pt.table,
+            address=pt.address, reason=reason))
         self._mark(st, (PlanPoint(name, pt.table, 0, 1),), Quality.BAD, reason)
 
     # ----- requests ---------------------------------------------------------------
@@ -558,7 +558,7 @@ class ModbusBusDriver:
                 raise _BusDown(f"{self.name} ({self.bus.endpoint}) {what}: connection lost") from exc
             if self._bus_timeouts >= 3 * max(1, len(self._devices)):
                 # Nobody on the bus answers: the link itself may be dead (half-open TCP).
-                log.warning("%s: no answers from any unit; reconnecting", self.name)
+                log.warning("no answers from any unit: reconnecting", extra=fields(bus=self.name))
                 self._close_client()
             raise _Timeout(f"timeout after {self.bus.timeout:g}s ({what})") from exc
         except ModbusException as exc:
@@ -596,17 +596,14 @@ class ModbusBusDriver:
             err = "connect failed"
         if not ok or not client.connected:
             client.close()
-            self._next_connect = self._clock() + self._connect_delay
-            self._connect_delay = min(self.bus.reconnect_max, self._connect_delay * 2)
-            if self._connected_logged is not False:
-                log.warning("%s: cannot connect to %s: %s", self.name, self.bus.endpoint, err)
-                self._connected_logged = False
+            self._next_connect = self._clock() + self._connect_backoff.next()
+            self._link_log.problem("connect", "cannot connect to the bus", bus=self.name,
+                                   endpoint=self.bus.endpoint, reason=err)
             raise _BusDown(f"{self.name} ({self.bus.endpoint}): cannot connect ({what} skipped)")
-        if self._connected_logged is False:
-            log.warning("%s: connected to %s again", self.name, self.bus.endpoint)
+        if self._link_log.recovered("connect", "connected to the bus again", level=logging.WARNING,
+                                    bus=self.name, endpoint=self.bus.endpoint):
             self.stats["reconnects"] += 1
-        self._connected_logged = True
-        self._connect_delay = self.bus.reconnect_min
+        self._connect_backoff.reset()
         self._bus_timeouts = 0
         self._client = client
         return client

@@ -30,7 +30,7 @@ def unescape(text: str) -> str:
 
 
 class SerialPointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     source: str | int | None = Field(
@@ -71,7 +71,7 @@ class SerialPointConfig(BaseModel):
 
 
 class SerialLineDeviceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     driver: Literal["serial_line"]
     name: str = Field(min_length=1, description="Sparkplug device id")
@@ -110,15 +110,39 @@ class SerialLineDeviceConfig(BaseModel):
     reconnect_max: Duration = Field(default=30.0, gt=0)
     points: list[SerialPointConfig] = Field(min_length=1)
 
+    @field_validator("stopbits", "bytesize", mode="before")
+    @classmethod
+    def _int_choice(cls, value: object) -> object:
+        # Literal[1, 2] matches true and 1.0 by equality, even in strict mode.
+        if isinstance(value, bool | float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
         import codecs
 
         try:
-            codecs.lookup(value)
+            info = codecs.lookup(value)
         except LookupError as exc:
             raise ValueError(f"unknown text encoding {value!r}") from exc
+        if not info._is_text_encoding:  # rot13, base64, zlib: not bytes <-> text
+            raise ValueError(f"{value!r} is not a text encoding (use e.g. ascii, utf-8, latin-1)")
+        return value
+
+    @field_validator("terminator", "start", "poll_command")
+    @classmethod
+    def _escapes(cls, value: str | None) -> str | None:
+        # Checked here so that a bad escape or a non-latin-1 character fails validation,
+        # not the driver when it starts.
+        if value is not None:
+            try:
+                unescape(value).encode("latin-1")
+            except (UnicodeError, ValueError) as exc:
+                raise ValueError(
+                    f"{value!r}: not a byte string (use \\r, \\n, \\t, \\xNN and latin-1 characters): {exc}"
+                ) from None
         return value
 
     @model_validator(mode="after")

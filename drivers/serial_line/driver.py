@@ -16,6 +16,8 @@ from typing import Any
 import serial
 import serial_asyncio_fast
 
+from common.backoff import Backoff
+from common.logs import StateLog
 from drivers.base import (
     DeviceEvent,
     DeviceEventSink,
@@ -46,7 +48,7 @@ class SerialLineDriver:
         self._infos = {i.name: i for i in cfg.point_infos()}
         self._online: bool | None = None
         self._last_good = 0.0
-        self._last_bad_reason = ""
+        self._bad_log = StateLog(log)
         self.stats = {"frames": 0, "bad_lines": 0, "overflows": 0, "samples": 0,
                       "reconnects": 0, "poll_timeouts": 0}
         self.last_bad_line = ""
@@ -58,8 +60,8 @@ class SerialLineDriver:
         raise WriteRejected(f"serial-line device {device!r}: points are read-only")
 
     async def run(self) -> None:
-        delay = self.cfg.reconnect_min
-        logged_down = False
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        port_log = StateLog(log)
         while True:
             try:
                 reader, writer = await serial_asyncio_fast.open_serial_connection(
@@ -70,30 +72,27 @@ class SerialLineDriver:
                     stopbits=self.cfg.stopbits,
                 )
             except (OSError, serial.SerialException) as exc:
-                if not logged_down:
-                    log.warning("%s: cannot open %s: %s", self.name, self.cfg.port, exc)
-                    logged_down = True
+                port_log.problem("port", "cannot open the serial port", device=self.name,
+                                 port=self.cfg.port, reason=str(exc))
                 self._set_online(False, f"port {self.cfg.port} unavailable: {exc}")
-                await asyncio.sleep(delay)
-                delay = min(self.cfg.reconnect_max, delay * 2)
+                await asyncio.sleep(backoff.next())
                 continue
-            if logged_down:
-                log.warning("%s: %s open again", self.name, self.cfg.port)
+            if port_log.recovered("port", "serial port open again", level=logging.WARNING,
+                                  device=self.name, port=self.cfg.port):
                 self.stats["reconnects"] += 1
-            logged_down = False
-            delay = self.cfg.reconnect_min
+            backoff.reset()
             self._last_good = time.monotonic()
             try:
                 await self._session(reader, writer)
             except (OSError, serial.SerialException, EOFError) as exc:
-                log.warning("%s: lost %s: %s", self.name, self.cfg.port, exc)
+                port_log.problem("port", "serial port lost", device=self.name, port=self.cfg.port,
+                                 reason=str(exc))
                 self._set_online(False, f"port {self.cfg.port} lost: {exc}")
-                logged_down = True
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next())
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         framer = Framer(self.cfg)
@@ -171,10 +170,8 @@ class SerialLineDriver:
     def _bad(self, reason: str, frame: bytes) -> None:
         self.stats["bad_lines"] += 1
         self.last_bad_line = frame[:200].decode("latin-1")
-        if reason != self._last_bad_reason:
-            # Log the kind of problem once, not every line.
-            log.warning("%s on %s: bad line: %s", self.name, self.cfg.port, reason)
-            self._last_bad_reason = reason
+        # Log each kind of problem once, not every line; the counter tells the rest.
+        self._bad_log.once(reason, "bad line", device=self.name, port=self.cfg.port, reason=reason)
 
     def _check_silence(self, reason: str) -> None:
         if time.monotonic() - self._last_good > self.cfg.offline_after:

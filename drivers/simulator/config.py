@@ -15,7 +15,7 @@ from drivers.units import Duration
 
 
 class SimulatorPointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     waveform: Literal["sine", "ramp", "step", "random_walk", "counter", "constant"] = "sine"
@@ -48,7 +48,7 @@ class SimulatorPointConfig(BaseModel):
 
 
 class SimulatorDeviceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     driver: Literal["simulator"]
     name: str = Field(min_length=1, description="Sparkplug device id")

@@ -221,6 +221,14 @@ def render_status(status: dict[str, Any], *, now_ms: int | None = None) -> str:
         target = link.get("server") or link.get("host_id") or ""
         err = "" if up or not link.get("last_error") else f"  last error: {link['last_error']}"
         out.append(f"  {name:<13} {word} {target}{_since(now, link.get('since_ms'))}{err}")
+        for dest, r in (link.get("refused") or {}).items():
+            out.append(f"  {'':<13} {dest} REFUSED: {r.get('reason', '?')}{_since(now, r.get('since_ms'))}")
+        counters = {k: v for k, v in (link.get("counters") or {}).items() if v}
+        if counters:
+            out.append(f"  {'':<13} " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+
+    if status.get("reload_error"):
+        out.append(f"  LAST RELOAD REJECTED (running the previous configuration): {status['reload_error']}")
 
     out.append("")
     buf = status.get("buffer") or {}

@@ -22,8 +22,8 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from common.logs import fields
 from gateway.diagnostics.errors import DiagnosticsError
-from gateway.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,11 @@ class GatewayMetrics:
             "outpost_samples_read_total", "Samples read from devices.", ("device",))
         self.samples_published = r.counter(
             "outpost_samples_published_total", "Records acknowledged by an uplink.", ("uplink",))
+        self.uplink_events = r.counter(
+            "outpost_uplink_events_total",
+            "Outcomes counted by each uplink (the counters of `outpost status`).", ("uplink", "event"))
+        self.link_since = r.gauge(
+            "outpost_link_since_seconds", "Unix time of the link's last up/down change.", ("link",))
         self.buffer_records = r.gauge(
             "outpost_buffer_records", "Records waiting in the buffer per cursor.", ("cursor",))
         self.buffer_dropped = r.counter(
@@ -193,6 +198,22 @@ class GatewayMetrics:
             "outpost_buffer_bytes", "Size of the buffer file including its WAL.")
         self.clock_synced = r.gauge(
             "outpost_clock_synced", "1 when the system clock is synchronised.")
+
+    # The uplink contract's sink (gateway.uplinks.core.MetricsSink): an uplink's events
+    # update these as they happen, so metrics and `outpost status` cannot disagree.
+
+    def uplink_event(self, uplink: str, event: str, n: int) -> None:
+        self.uplink_events.inc(n, uplink=uplink, event=event)
+        if event in DELIVERED_EVENTS:
+            self.samples_published.inc(n, uplink=uplink)
+
+    def uplink_link(self, uplink: str, up: bool, since_s: float) -> None:
+        self.link_up.set(1 if up else 0, link=uplink)
+        self.link_since.set(since_s, link=uplink)
+
+
+# The event that means "acknowledged by the remote side" for each uplink's counters.
+DELIVERED_EVENTS = frozenset({"published", "delivered"})
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -30,8 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.logs import fields
 from gateway.diagnostics.errors import DiagnosticsError
-from gateway.logs import fields
 
 log = logging.getLogger(__name__)
 

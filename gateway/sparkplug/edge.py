@@ -1,10 +1,7 @@
-"""Report by exception, the alias table and the BIRTH/DEATH builders of the edge node.
+"""The edge node's identity, the alias table and the BIRTH/DEATH/DATA builders.
 
 Pure: no I/O and no clock of its own (every time comes in as an argument or a sample).
 
-- `ReportByException` turns drivers' `Sample`s into buffered records in the shared record
-  format (DESIGN contract 3): per point deadband, maximum report interval, quality changes
-  always reported, one record per device per drain with all its changed metrics.
 - `AliasTable` numbers every device point across the whole node, in config order, so that
   aliases are unique on the node and stable for a given config.
 - `build_*` make NBIRTH/NDEATH/DBIRTH/DDEATH payloads; `stamp_data` turns a stored record
@@ -14,13 +11,13 @@ Pure: no I/O and no clock of its own (every time comes in as an argument or a sa
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from buffer import NewRecord  # the buffer package owns the record type (DESIGN contract 2)
+from common.logs import fields
 from drivers.base import Quality, Sample
+from gateway import records
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.errors import PayloadError
 from gateway.sparkplug.payload import (
@@ -60,10 +57,10 @@ class NodeIdentity:
 
     @property
     def gateway_id(self) -> str:
-        return f"{self.group_id}/{self.edge_node_id}"
+        return records.gateway_id(self.group_id, self.edge_node_id)
 
     def stream(self, device: str | None) -> str:
-        return self.gateway_id if device is None else f"{self.gateway_id}/{device}"
+        return records.stream_name(self.gateway_id, device)
 
     def topic(self, message_type: MessageType, device: str | None = None) -> str:
         if device is None:
@@ -107,115 +104,6 @@ class AliasTable:
         return len(self._by_key)
 
 
-# ----------------------------------------------------------------------------------------
-# Report by exception
-
-
-@dataclass(slots=True)
-class _PointState:
-    info: PointLike
-    datatype: DataType
-    last_value: Any = None
-    last_quality: Quality | None = None
-    last_report_ms: int | None = None
-    latest: Sample | None = None  # the newest sample, reported or not (for DBIRTH)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-class ReportByException:
-    """Decides which samples are reported and batches them per device into records."""
-
-    def __init__(self, node: NodeIdentity, devices: Mapping[str, Sequence[PointLike]]) -> None:
-        self.node = node
-        self._points: dict[str, dict[str, _PointState]] = {
-            device: {p.name: _PointState(p, driver_datatype(p.datatype)) for p in points}
-            for device, points in devices.items()
-        }
-        self._pending: dict[str, list[Sample]] = {}
-        self._unknown_logged: set[tuple[str, str]] = set()
-        self.suppressed = 0   # samples within deadband and interval: counted, not sent
-
-    def offer(self, sample: Sample) -> bool:
-        """Take one sample; True when it will be reported in the next drain()."""
-        state = self._points.get(sample.device, {}).get(sample.point)
-        if state is None:
-            key = (sample.device, sample.point)
-            if key not in self._unknown_logged:  # log a state, not every poll
-                self._unknown_logged.add(key)
-                log.warning("sample for unknown point %s/%s ignored", *key)
-            return False
-        state.latest = sample
-        if not self._should_report(state, sample):
-            self.suppressed += 1
-            return False
-        state.last_value = sample.value
-        state.last_quality = sample.quality
-        state.last_report_ms = sample.ts_ms
-        self._pending.setdefault(sample.device, []).append(sample)
-        return True
-
-    def _should_report(self, state: _PointState, s: Sample) -> bool:
-        if state.last_report_ms is None or s.quality != state.last_quality:
-            return True
-        interval = state.info.max_report_interval
-        if interval is not None and s.ts_ms - state.last_report_ms >= interval * 1000:
-            return True
-        old, new = state.last_value, s.value
-        if old is None or new is None:
-            return (old is None) != (new is None)
-        if _is_number(old) and _is_number(new):
-            if isinstance(new, float) and math.isnan(new):
-                return not (isinstance(old, float) and math.isnan(old))
-            if isinstance(old, float) and math.isnan(old):
-                return True  # leaving NaN: abs(new - nan) compares False with any deadband
-            deadband = state.info.deadband or 0.0
-            return abs(new - old) > deadband if deadband > 0 else new != old
-        return new != old
-
-    def drain(self) -> list[NewRecord]:
-        """One record per device with reported samples, devices in first-reported order."""
-        records = []
-        for device, samples in self._pending.items():
-            records.append(self._record(device, samples))
-        self._pending = {}
-        return records
-
-    def _record(self, device: str, samples: list[Sample]) -> NewRecord:
-        p = pb.Payload()
-        ts = max(s.ts_ms for s in samples)
-        p.timestamp = ts
-        points = self._points[device]
-        for s in samples:
-            state = points[s.point]
-            fill_metric(p.metrics.add(), s.point, state.datatype, s.value, s.ts_ms, s.quality)
-        return NewRecord(
-            stream=self.node.stream(device),
-            payload=p.SerializeToString(),
-            ts_ms=ts,
-            headers={
-                "topic": self.node.topic(MessageType.DDATA, device),
-                "type": str(MessageType.DDATA),
-                "gateway": self.node.gateway_id,
-            },
-        )
-
-    def snapshot(self, device: str) -> dict[str, Sample]:
-        """The newest sample of every point of a device that has one (DBIRTH values)."""
-        return {
-            name: st.latest for name, st in self._points.get(device, {}).items()
-            if st.latest is not None
-        }
-
-    def forget(self, device: str) -> None:
-        """After a DDEATH: the next sample of every point is reported again."""
-        for st in self._points.get(device, {}).values():
-            st.last_report_ms = None
-            st.last_quality = None
-
-
 def fill_metric(m: Any, name: str, datatype: DataType, value: Any, ts_ms: int,
                 quality: Quality = Quality.GOOD) -> None:
     """Fill a protobuf metric; a value that does not fit its type becomes a BAD null."""
@@ -225,7 +113,7 @@ def fill_metric(m: Any, name: str, datatype: DataType, value: Any, ts_ms: int,
     try:
         set_metric_value(m, datatype, value, f"point {name!r}")
     except PayloadError as exc:
-        log.warning("%s: reported as bad quality", exc)
+        log.warning("value not encodable: reported as bad quality", extra=fields(point=name, reason=str(exc)))
         m.ClearField("value")
         m.is_null = True
         quality = Quality.BAD
@@ -343,6 +231,27 @@ def stamp_data(stored: bytes, *, seq: int, ts_ms: int, device: str | None,
         m.ClearField("datatype")
         if historical:
             m.is_historical = True
+        if correction_ms and m.HasField("timestamp"):
+            m.timestamp = m.timestamp + correction_ms
+        if clock_unsynced:
+            _add_property(m, "clock_unsynced", DataType.Boolean, True)
+    return p.SerializeToString()
+
+
+def correct_timestamps(stored: bytes, *, correction_ms: int, clock_unsynced: bool) -> bytes:
+    """A stored DDATA/NDATA record with the clock rule applied, for consumers other than MQTT.
+
+    Shifts the payload and metric timestamps by `correction_ms`, or marks every metric with
+    the `clock_unsynced` property, exactly as `stamp_data` does for MQTT (no seq, no aliases).
+    """
+    p = pb.Payload()
+    try:
+        p.ParseFromString(stored)
+    except Exception as exc:
+        raise PayloadError(f"stored record is not a Sparkplug payload: {exc}") from None
+    if correction_ms and p.HasField("timestamp"):
+        p.timestamp = p.timestamp + correction_ms
+    for m in p.metrics:
         if correction_ms and m.HasField("timestamp"):
             m.timestamp = m.timestamp + correction_ms
         if clock_unsynced:

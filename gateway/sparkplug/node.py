@@ -1,13 +1,12 @@
 """Edge node session state that outlives a connection: bdSeq, seq, Primary Host STATE, commands.
 
 `BdSeqStore` does blocking file I/O (call it from a thread); everything else is pure and
-is driven by gateway.uplinks.mqtt.
+is driven by gateway.uplinks.mqtt.sparkplug.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any
 from gateway.sparkplug.edge import NEXT_SERVER, REBIRTH, AliasTable, PointLike
 from gateway.sparkplug.errors import CommandRejected, PayloadError
 from gateway.sparkplug.payload import DataType, decode_payload, driver_datatype
+from gateway.statefile import write_atomic
+from gateway.writes import WriteRefused, check_value, spec_from_point
 
 
 class BdSeqStore:
@@ -47,18 +48,7 @@ class BdSeqStore:
 
     def commit(self, value: int) -> None:
         """Persist `value` once its connection is accepted, so the next NBIRTH is +1."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{value}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, f"{value}\n")
 
     def next(self) -> int:
         value = self.candidate()
@@ -126,39 +116,11 @@ class Write:
 
 
 def _coerce(info: PointLike, value: Any, where: str) -> Any:
-    """Check a commanded value against the point (writable, type, min/max)."""
-    if not info.writable:
-        raise CommandRejected(f"{where}: point is read-only")
-    if value is None:
-        raise CommandRejected(f"{where}: null is not a value to write")
-    dt = info.datatype
-    if dt == "bool":
-        if not isinstance(value, bool):
-            raise CommandRejected(f"{where}: expects a Boolean, got {value!r}")
-        return value
-    if dt == "string":
-        if not isinstance(value, str):
-            raise CommandRejected(f"{where}: expects a String, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CommandRejected(f"{where}: expects a number, got {value!r}")
-    if dt.startswith(("int", "uint")):
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise CommandRejected(f"{where}: {dt} expects an integer, got {value!r}")
-            value = int(value)
-        bits = int(dt.removeprefix("u").removeprefix("int"))
-        lo, hi = ((0, (1 << bits) - 1) if dt.startswith("u")
-                  else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1))
-        if not lo <= value <= hi:
-            raise CommandRejected(f"{where}: {value} is out of range for {dt}")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise CommandRejected(f"{where}: {value!r} is not a finite number")
-    if info.min is not None and value < info.min:
-        raise CommandRejected(f"{where}: {value} is below the point's min {info.min}")
-    if info.max is not None and value > info.max:
-        raise CommandRejected(f"{where}: {value} is above the point's max {info.max}")
-    return value
+    """Check a commanded value against the point: the one write check (gateway.writes)."""
+    try:
+        return check_value(spec_from_point(info), value)
+    except WriteRefused as exc:
+        raise CommandRejected(f"{where}: {exc}") from None
 
 
 def parse_dcmd(device: str, data: bytes, points: Sequence[PointLike],

@@ -142,7 +142,7 @@ async def measure(rate: int, stack: Stack, base: Path, fmt: str, warmup_s: float
             "gateway_cpu_cores": round(cpu / elapsed, 3),
             "gateway_cpu_s_per_1000_samples": round(cpu / max(samples, 1) * 1000, 4),
             "peak_rss_mb": round(gw.runs[-1].peak_rss_bytes / 2**20, 1),
-            "records_stored": s1["counters"].get("records_stored"),
+            "records_stored": s1["buffer"].get("stored"),
         }
     finally:
         await gw.stop()

@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from buffer import AsyncBuffer, BufferSettings, NewRecord
-from gateway.mappings import Mapping
+from gateway.runtime.supervisor import tune_gc
 from gateway.sparkplug import sparkplug_b_pb2 as pb
-from gateway.supervisor import tune_gc
-from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
+from gateway.uplinks.kafka.mappings import Mapping
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
 from tests.harness.common import RunDir
 from tests.harness.stack import Stack
 from tests.harness.tools import kcat_path
+from tests.helpers import flat
 
 GATEWAY = "plant-7/pump-3"
 DEVICES = 10
@@ -82,12 +83,12 @@ async def _run_uplink_until(uplink: KafkaUplink, last_seq: int, limit_s: float) 
     task = asyncio.create_task(uplink.run(), name="bench-kafka-uplink")
     t0 = time.perf_counter()
     try:
-        while (uplink.state()["acked_seq"] or 0) < last_seq:
+        while (flat(uplink.state)["acked_seq"] or 0) < last_seq:
             if task.done():
                 task.result()
                 raise RuntimeError("uplink stopped")
             if time.perf_counter() - t0 > limit_s:
-                raise RuntimeError(f"drain not finished in {limit_s}s: {uplink.state()}")
+                raise RuntimeError(f"drain not finished in {limit_s}s: {flat(uplink.state)}")
             await asyncio.sleep(0.02)
         return time.perf_counter() - t0
     finally:
@@ -127,7 +128,7 @@ def _kcat_produce(bootstrap: str, topic: str, pairs: list[tuple[str, bytes]],
 
 async def _wait_acked(uplink: KafkaUplink, last_seq: int) -> None:
     while True:
-        if (uplink.state()["acked_seq"] or 0) >= last_seq:
+        if (flat(uplink.state)["acked_seq"] or 0) >= last_seq:
             return
         await asyncio.sleep(0.05)
 
@@ -155,7 +156,7 @@ async def _drain_once(kafka: Any, pairs: list[tuple[str, bytes]], now_ms: int, w
                                  batch_max_bytes=batch_max_bytes, linger_s=0.0)
         uplink = KafkaUplink(settings, buf, [Mapping("t", ("spBv1.0/#",), topic)], GATEWAY)
         drain_s = await _run_uplink_until(uplink, last, limit_s=1800)
-        return fill_s, drain_s, uplink.state()
+        return fill_s, drain_s, flat(uplink.state)
     finally:
         await buf.close()
         (workdir / f"drain-{name}.db").unlink(missing_ok=True)
@@ -192,7 +193,7 @@ async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int,
         "uplink_s": round(drain_s, 2),
         "uplink_records_per_s": round(uplink_rps),
         "uplink_payload_mb_per_s": round(payload_bytes / drain_s / 1e6, 2),
-        "uplink_wire_bytes_per_record": round(state["bytes_sent"] / n, 1),
+        "uplink_wire_bytes_per_record": round(state["bytes"] / n, 1),
         "kcat_s": round(kcat_s, 2),
         "kcat_records_per_s": round(kcat_rps),
         "kcat_payload_mb_per_s": round(payload_bytes / kcat_s / 1e6, 2),
@@ -207,7 +208,7 @@ async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int,
                                      "batch_max_bytes": KCAT_BATCH_MAX_BYTES},
             "uplink_kcat_batching_s": round(kb_drain_s, 2),
             "uplink_kcat_batching_records_per_s": round(n / kb_drain_s),
-            "uplink_kcat_batching_wire_bytes_per_record": round(kb_state["bytes_sent"] / n, 1),
+            "uplink_kcat_batching_wire_bytes_per_record": round(kb_state["bytes"] / n, 1),
             "ratio_uplink_kcat_batching_to_kcat": round(n / kb_drain_s / kcat_rps, 3),
         })
     return out

@@ -17,7 +17,8 @@ import platform
 import time
 
 from drivers.base import PointInfo, Sample
-from gateway.sparkplug.edge import AliasTable, NodeIdentity, ReportByException, stamp_data
+from gateway.pipeline.report import ReportByException
+from gateway.sparkplug.edge import AliasTable, NodeIdentity, stamp_data
 from gateway.sparkplug.payload import DataType, Metric, Payload, decode_payload, encode_payload
 
 N_METRICS = 50

@@ -21,7 +21,7 @@ def test_demo_reads_devices_and_buffers_without_services(tmp_path: Path) -> None
         [
             sys.executable,
             "-m",
-            "gateway.demo",
+            "gateway.cli.demo",
             "--duration",
             "8",
             "--no-watch",

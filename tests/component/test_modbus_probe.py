@@ -6,7 +6,7 @@ import logging
 
 from drivers.modbus import codec
 from drivers.modbus.simserver import SimServer, SimUnit
-from gateway import probe_cli
+from gateway.cli import probe as probe_cli
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 

@@ -142,7 +142,7 @@ async def test_probe_serial_shows_lines_and_parsed_values(pty, tmp_path, capsys)
     import argparse
     import json
 
-    from gateway import probe_cli
+    from gateway.cli import probe as probe_cli
 
     a, b = pty
     config = tmp_path / "outpost.toml"

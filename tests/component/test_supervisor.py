@@ -80,8 +80,9 @@ def test_status_reload_and_clean_stop(gateway_proc) -> None:
     # An invalid file is reported and the running configuration stays.
     cfg.write_text(_config(tmp, ["sim1"]).replace('interval = "100ms"', "interval = 100"))
     proc.send_signal(signal.SIGHUP)
-    _wait(lambda: "reload_rejected" in (tmp / "gateway.log").read_text())
+    _wait(lambda: "reload rejected" in (tmp / "gateway.log").read_text())
     assert proc.poll() is None
+    assert "interval" in fetch_status(sock)["reload_error"], "a rejected reload is visible in outpost status"
     before = fetch_status(sock)["devices"]["sim1"]["samples"]
     _wait(lambda: fetch_status(sock)["devices"]["sim1"]["samples"] > before)
 
@@ -90,11 +91,12 @@ def test_status_reload_and_clean_stop(gateway_proc) -> None:
     proc.send_signal(signal.SIGHUP)
     _wait(lambda: fetch_status(sock)["devices"].get("sim2", {}).get("samples", 0) > 0)
     assert fetch_status(sock)["counters"]["reloads"] == 1
+    assert fetch_status(sock)["reload_error"] is None
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     log = (tmp / "gateway.log").read_text()
-    assert "event=stopped" in log
+    assert "msg=stopped" in log
     stats = stats_for_path(str(tmp / "data" / "buffer.db"))
     assert stats["records"] > 0
     # A clean stop removes its status socket (a stale file would make the next start probe it).
@@ -198,7 +200,12 @@ def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
         seen: list[str] = []
         while sum("WATCHDOG=1" in m for m in seen) < 2:  # pings every 0.5 s from the event loop
             seen.append(notify.recv(4096).decode())
-        assert any("READY=1" in m for m in seen), seen
+        ready = next(m for m in seen if "READY=1" in m)
+        # The status line is rendered from the running gateway: devices and buffer depth...
+        assert "STATUS=1/1 devices" in ready and "buffer " in ready, ready
+        # ... and kept current by the housekeeping loop, not left at its start-up text.
+        while not any(m.startswith("STATUS=") for m in seen):
+            seen.append(notify.recv(4096).decode())
         proc.send_signal(signal.SIGTERM)
         while not any("STOPPING=1" in m for m in seen):
             seen.append(notify.recv(4096).decode())
@@ -212,7 +219,7 @@ def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
 async def test_buffer_drops_reach_the_metrics(tmp_path: Path) -> None:
     from buffer import NewRecord
     from gateway.config import parse_config, resolve_secrets
-    from gateway.supervisor import Gateway
+    from gateway.runtime.supervisor import Gateway
 
     cfg = parse_config(_config(tmp_path, ["sim1"]))
     gw = Gateway(cfg, resolve_secrets(cfg))

@@ -3,6 +3,9 @@
 `up` starts Toxiproxy, Mosquitto and Kafka detached (they outlive this command), records
 them in .services/stack/state.json and prints `export OUTPOST_...=` lines; `env` prints
 them again; `down` stops what `up` started. `make services` / `make services-down` call this.
+`up --cluster` (`make services CLUSTER=1`) starts the three-broker cluster (service
+`kafka-cluster`: RF 3, min.insync.replicas 2, one Toxiproxy proxy per broker) instead of the
+single Kafka node.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from .stack import Stack, export_lines, stack_dir
 
 STATE = SERVICES_DIR / "stack" / "state.json"
 ENV_FILE = SERVICES_DIR / "stack" / "env.sh"
-ALL_SERVICES = ("toxiproxy", "mosquitto", "kafka")
+ALL_SERVICES = ("toxiproxy", "mosquitto", "kafka", "kafka-cluster")
+DEFAULT_SERVICES = ("toxiproxy", "mosquitto", "kafka")
+CLUSTER_SERVICES = ("toxiproxy", "mosquitto", "kafka-cluster")
 
 
 def _read_state() -> dict | None:
@@ -43,15 +48,24 @@ def cmd_up(services: list[str]) -> int:
         _stop(state)  # a half-dead stack from before: clear it out
     shutil.rmtree(SERVICES_DIR / "stack", ignore_errors=True)
     stack = Stack(stack_dir(SERVICES_DIR), detached=True)
+    cluster = None
     try:
         for name in services:
             print(f"# starting {name} ...", file=sys.stderr, flush=True)
-            getattr(stack, name)
+            if name == "kafka-cluster":
+                cluster = _start_cluster(stack)
+            else:
+                getattr(stack, name)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if cluster is not None:
+            cluster.stop()
         stack.close()
         return 1
     state = {"pids": stack.pids(), "env": stack.env()}
+    if cluster is not None:
+        state["pids"].update(cluster.pids())
+        state["env"].update(cluster_env(cluster))
     STATE.write_text(json.dumps(state, indent=2))
     ENV_FILE.write_text(export_lines(state["env"]) + "\n")
     print(export_lines(state["env"]))
@@ -59,12 +73,36 @@ def cmd_up(services: list[str]) -> int:
     return 0
 
 
+def _start_cluster(stack: Stack):
+    from .kafka import KafkaCluster
+
+    cluster = KafkaCluster(stack.run, stack.toxiproxy, detached=True).start()
+    print(f"# kafka-cluster: {len(cluster.brokers)} brokers + "
+          f"{len(cluster.nodes) - len(cluster.brokers)} controller-only voters ready in "
+          f"{cluster.start_s}s", file=sys.stderr, flush=True)
+    return cluster
+
+
+def cluster_env(cluster) -> dict[str, str]:
+    env = {
+        "OUTPOST_KAFKA_CLUSTER_BOOTSTRAP": cluster.bootstrap,
+        "OUTPOST_KAFKA_CLUSTER_PROXIED_BOOTSTRAP": cluster.proxied_bootstrap,
+    }
+    for b in cluster.brokers:
+        env[f"OUTPOST_KAFKA_CLUSTER_PROXY_{b.node_id}"] = b.proxy.name
+    return env
+
+
 def _stop(state: dict) -> None:
     # Kafka first: it shuts down cleanly only while its proxy and peers are still there.
-    for name in ("kafka", "mosquitto", "toxiproxy"):
-        pid = state.get("pids", {}).get(name)
+    # Cluster nodes in id order: the brokers (1-3) before the controller-only voters.
+    pids = state.get("pids", {})
+    order = [n for n in sorted(pids) if n.startswith("kcluster-")]
+    order += ["kafka", "mosquitto", "toxiproxy"]
+    for name in order:
+        pid = pids.get(name)
         if pid:
-            stop_pid(pid, timeout_s=60 if name == "kafka" else 10)
+            stop_pid(pid, timeout_s=60 if "kafka" in name or "kcluster" in name else 10)
 
 
 def cmd_install() -> int:
@@ -133,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the services and print export lines")
     up.add_argument("services", nargs="*", metavar="SERVICE",
-                    help=f"which of {', '.join(ALL_SERVICES)} (default: all)")
+                    help=f"which of {', '.join(ALL_SERVICES)} "
+                         f"(default: {', '.join(DEFAULT_SERVICES)})")
+    up.add_argument("--cluster", action="store_true",
+                    help="the three-broker Kafka cluster instead of the single node "
+                         f"(default services then: {', '.join(CLUSTER_SERVICES)})")
     sub.add_parser("down", help="stop the services started by `up`")
     sub.add_parser("env", help="print the export lines of the running services")
     sub.add_parser("status", help="show which services are running")
@@ -144,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in args.services if s not in ALL_SERVICES]
         if unknown:
             parser.error(f"unknown service(s) {unknown}; choose from {list(ALL_SERVICES)}")
-        return cmd_up(list(args.services) or list(ALL_SERVICES))
+        default = CLUSTER_SERVICES if args.cluster else DEFAULT_SERVICES
+        return cmd_up(list(args.services) or list(default))
     if args.command == "down":
         return cmd_down()
     if args.command == "env":

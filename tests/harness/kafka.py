@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -388,14 +389,15 @@ async def probe_kafka(bootstrap: str, **client_options: Any) -> bool:
 
 
 async def create_topic(bootstrap: str, name: str, partitions: int,
-                       configs: dict[str, str] | None = None) -> None:
+                       configs: dict[str, str] | None = None, *,
+                       replication_factor: int = 1) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=20000)
     try:
         await admin.start()
         resp = await admin.create_topics(
-            [NewTopic(name, partitions, 1, topic_configs=dict(configs or {}))])
+            [NewTopic(name, partitions, replication_factor, topic_configs=dict(configs or {}))])
         for entry in resp.topic_errors:
             topic, code = entry[0], entry[1]
             if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS
@@ -444,3 +446,429 @@ class ExternalKafka:
 
     def create_topic(self, name: str, partitions: int = 1, **configs: str) -> None:
         run_async(lambda: create_topic(self.bootstrap, name, partitions, configs), timeout_s=60)
+
+
+# -- a three-broker cluster ----------------------------------------------------------------
+#
+# What users run: several brokers, replication factor 3, min.insync.replicas = 2. Each broker
+# is a combined KRaft controller+broker. Two more controller-only voters (small JVMs, no
+# data) keep the metadata quorum alive while two of the three brokers are down: with only
+# the three combined nodes as voters, losing two of them loses the quorum, the surviving
+# leader cannot shrink its ISR, and `acks=all` would time out instead of being refused with
+# NotEnoughReplicas, which is the case a cluster operator sees during a double failure.
+#
+# Listeners per broker: INTERNAL (replication and direct clients such as kcat, `.bootstrap`),
+# EXTERNAL (advertised at the broker's own Toxiproxy port, so a client bootstrapped at
+# `.proxied_bootstrap` reaches every broker only through its proxy), CONTROLLER.
+
+CLUSTER_HEAP = os.environ.get("OUTPOST_KAFKA_CLUSTER_HEAP", "256m")
+CONTROLLER_HEAP = os.environ.get("OUTPOST_KAFKA_CONTROLLER_HEAP", "96m")
+
+_CLUSTER_LOG4J = _LOG4J.replace("log4j.rootLogger=INFO", "log4j.rootLogger=WARN") + (
+    # A restart or leader move is what the tests are about: keep those lines.
+    "log4j.logger.kafka.server.KafkaServer=INFO\n"
+    "log4j.logger.kafka.server.BrokerServer=INFO\n"
+    "log4j.logger.kafka.server.ControllerServer=INFO\n"
+    "log4j.logger.kafka.server.KafkaRaftServer=INFO\n"
+)
+
+
+def _cluster_jvm(heap: str, log4j: Path) -> list[str]:
+    # Serial GC and the C1 compiler only: on a 2-core machine shared by several JVMs they
+    # start sooner and leave more CPU to the gateways than G1 and C2 do; a test cluster moves
+    # megabytes, not gigabytes.
+    java = require_binary("java", "install a Java 17 runtime (Debian openjdk-17-jre-headless)")
+    return [java, f"-Xmx{heap}", f"-Xms{min_heap(heap)}", "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1", "-Xss512k", "-XX:MaxMetaspaceSize=128m",
+            "-Djava.awt.headless=true", f"-Dlog4j.configuration=file:{log4j}",
+            "-cp", f"{ensure_kafka()}/*"]
+
+
+class ClusterNode:
+    """One KRaft node of `KafkaCluster`: a controller+broker, or a controller only."""
+
+    @staticmethod
+    def ports_needed(cluster: KafkaCluster, broker: bool) -> int:
+        # internal, external, controller; per client listener its port and its proxy's
+        return 3 + (1 + 2 * cluster.client_listeners if broker else 0)
+
+    def __init__(self, cluster: KafkaCluster, node_id: int, *, broker: bool,
+                 ports: list[int]) -> None:
+        # `ports`: chosen for the whole cluster in one go, so no two of its listeners and
+        # proxies can be handed the same free port (proxies on port 0 could collide).
+        self.cluster = cluster
+        self.node_id = node_id
+        self.broker = broker
+        self.host = cluster.host
+        n_clients = cluster.client_listeners if broker else 0
+        self.internal_port, self.external_port, self.controller_port = ports[:3]
+        self.client_ports = ports[3:3 + n_clients]
+        self.proxy: Proxy | None = None
+        self.client_proxies: list[Proxy] = []
+        if broker:
+            proxy_ports = ports[3 + n_clients:]
+            self.proxy = cluster.toxiproxy.create(
+                f"{cluster.name}-{node_id}", upstream=f"{self.host}:{self.external_port}",
+                listen=f"{self.host}:{proxy_ports[0]}")
+            self.client_proxies = [
+                cluster.toxiproxy.create(f"{cluster.name}-{node_id}-c{i}",
+                                         upstream=f"{self.host}:{port}",
+                                         listen=f"{self.host}:{proxy_port}")
+                for i, (port, proxy_port) in enumerate(
+                    zip(self.client_ports, proxy_ports[1:], strict=True))]
+        self.folder = cluster.run.sub(cluster.name, f"node{node_id}")
+        self.data_dir = self.folder / "data"
+        self.config_path = self.folder / "server.properties"
+        self.log_path = cluster.run.log(f"{cluster.name}-node{node_id}")
+        self.process: ManagedProcess | None = None
+
+    def __repr__(self) -> str:
+        role = "broker+controller" if self.broker else "controller"
+        return f"ClusterNode({self.node_id}, {role}, {self.state()})"
+
+    @property
+    def internal(self) -> str:
+        return f"{self.host}:{self.internal_port}"
+
+    @property
+    def proxied(self) -> str:
+        assert self.proxy is not None
+        return f"{self.host}:{self.proxy.port}"
+
+    def properties(self) -> str:
+        c = self.cluster
+        h = self.host
+        props: dict[str, str] = {
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": c.voters(),
+            "controller.listener.names": "CONTROLLER",
+            "log.dirs": str(self.data_dir),
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "num.recovery.threads.per.data.dir": "1",
+            "background.threads": "2",
+            "log.segment.bytes": str(32 * 1024 * 1024),
+            "log.retention.check.interval.ms": "300000",
+            # A kill -9 is noticed by the controller within the session timeout (the broker
+            # is fenced and leaves every ISR); a follower that stops fetching leaves the ISR
+            # after replica.lag.time.max.ms. Shorter than the defaults (9 s, 30 s) so the
+            # tests spend their time on the gateway, not on waiting for the cluster.
+            "broker.heartbeat.interval.ms": "500",
+            "broker.session.timeout.ms": "4000",
+            "replica.lag.time.max.ms": "6000",
+            "controller.quorum.election.timeout.ms": "1000",
+            "controller.quorum.fetch.timeout.ms": "2000",
+        }
+        if self.broker:
+            assert self.proxy is not None
+            clients = [(f"C{i}", port, proxy) for i, (port, proxy)
+                       in enumerate(zip(self.client_ports, self.client_proxies, strict=True))]
+            props.update({
+                "process.roles": "broker,controller",
+                "listeners": ",".join(
+                    [f"INTERNAL://{h}:{self.internal_port}", f"EXTERNAL://{h}:{self.external_port}",
+                     f"CONTROLLER://{h}:{self.controller_port}"]
+                    + [f"{name}://{h}:{port}" for name, port, _ in clients]),
+                "advertised.listeners": ",".join(
+                    [f"INTERNAL://{h}:{self.internal_port}", f"EXTERNAL://{h}:{self.proxy.port}"]
+                    + [f"{name}://{h}:{proxy.port}" for name, _, proxy in clients]),
+                "listener.security.protocol.map": ",".join(
+                    ["INTERNAL:PLAINTEXT", "EXTERNAL:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+                    + [f"{name}:PLAINTEXT" for name, _, _ in clients]),
+                # Each listener gets this many network threads; many client listeners
+                # (one per fleet gateway) at one each keep a broker's thread count sane.
+                "num.network.threads": "1" if clients else "2",
+                "inter.broker.listener.name": "INTERNAL",
+                "num.partitions": "3",
+                "default.replication.factor": str(c.replication_factor),
+                "min.insync.replicas": str(c.min_insync_replicas),
+                "unclean.leader.election.enable": "false",
+                "offsets.topic.replication.factor": str(c.replication_factor),
+                "offsets.topic.num.partitions": "3",
+                "transaction.state.log.replication.factor": str(c.replication_factor),
+                "transaction.state.log.min.isr": str(c.min_insync_replicas),
+                "transaction.state.log.num.partitions": "3",
+                "group.initial.rebalance.delay.ms": "0",
+                "auto.create.topics.enable": "true",
+                "delete.topic.enable": "true",
+                "num.replica.fetchers": "1",
+                "replica.fetch.wait.max.ms": "200",
+                # Leadership goes back to the preferred replica soon after a restart, as on a
+                # production cluster, so a rolling restart moves leaders twice.
+                "auto.leader.rebalance.enable": "true",
+                "leader.imbalance.check.interval.seconds": "10",
+            })
+        else:
+            props.update({
+                "process.roles": "controller",
+                "listeners": f"CONTROLLER://{h}:{self.controller_port}",
+                "listener.security.protocol.map": "CONTROLLER:PLAINTEXT",
+            })
+        lines = ["# Generated by tests/harness/kafka.py (cluster mode) for one run."]
+        lines += [f"{k}={_escape_property(v)}" for k, v in props.items()]
+        return "\n".join(lines) + "\n"
+
+    def format(self, cluster_id: str) -> None:
+        self.config_path.write_text(self.properties())
+        if (self.data_dir / "meta.properties").exists():
+            return
+        argv = [*_cluster_jvm("128m", self.cluster.log4j_path), "kafka.tools.StorageTool",
+                "format", "-t", cluster_id, "-c", str(self.config_path), "--ignore-formatted"]
+        run_checked(argv, f"formatting {self.cluster.name} node {self.node_id}", timeout_s=300)
+
+    def start(self) -> ClusterNode:
+        """Start the node on its ports and data dir (after `stop()`/`kill9()` too)."""
+        if self.process is not None and self.process.alive():
+            return self
+        heap = CLUSTER_HEAP if self.broker else CONTROLLER_HEAP
+        argv = [*_cluster_jvm(heap, self.cluster.log4j_path), "kafka.Kafka", str(self.config_path)]
+        self.process = ManagedProcess(f"{self.cluster.name}-node{self.node_id}", argv,
+                                      self.log_path, detached=self.cluster.detached).start()
+        return self
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM: a controlled shutdown (leaderships handed over first)."""
+        if self.process is not None:
+            self.process.stop(timeout_s)
+
+    def kill9(self) -> None:
+        """SIGKILL: no controlled shutdown; the controller fences it after the session timeout."""
+        if self.process is not None:
+            self.process.kill()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    def state(self) -> str:
+        return "running" if self.alive() else "stopped"
+
+
+class KafkaCluster:
+    """Three controller+broker nodes (+ two controller-only voters) behind one proxy each.
+
+    `.bootstrap`: the brokers' INTERNAL listeners (direct; for kcat and admin calls).
+    `.proxied_bootstrap`: the three proxies; clients that start there stay behind them.
+    `.brokers`: the three broker `ClusterNode`s (`.node_id`, `.proxy`, `.kill9()`,
+    `.stop()`, `.start()`); `.broker(node_id)`; `.partition(topic, p)` -> leader/replicas/isr;
+    `.leader_of(topic, p)`; `.wait_isr(topic, size)`; `.wait_brokers(n)`; `.create_topic()`;
+    `.heal()` (every node running, all brokers registered); `.stop()`.
+
+    `client_listeners=N` adds N more PLAINTEXT listeners per broker, each advertised at a
+    proxy of its own: client i bootstraps at `.client_bootstrap(i)` and reaches every broker
+    only through `.client_proxies(i)` (one per broker), so one client's link can be cut
+    while the others keep theirs (a fleet of gateways, each on its own cellular link).
+    """
+
+    def __init__(self, run: RunDir, toxiproxy: ToxiproxyServer, *, name: str = "kcluster",
+                 brokers: int = 3, extra_controllers: int = 2, replication_factor: int = 3,
+                 min_insync_replicas: int = 2, client_listeners: int = 0,
+                 detached: bool = False) -> None:
+        self.run = run
+        self.toxiproxy = toxiproxy
+        self.name = name
+        self.client_listeners = client_listeners
+        self.host = "127.0.0.1"
+        self.replication_factor = replication_factor
+        self.min_insync_replicas = min_insync_replicas
+        self.detached = detached
+        self.log4j_path = run.sub(name) / "log4j.properties"
+        roles = [i < brokers for i in range(brokers + extra_controllers)]
+        pool = free_ports(sum(ClusterNode.ports_needed(self, b) for b in roles))
+        self.nodes = []
+        for i, broker in enumerate(roles):
+            n = ClusterNode.ports_needed(self, broker)
+            self.nodes.append(ClusterNode(self, i + 1, broker=broker, ports=pool[:n]))
+            pool = pool[n:]
+        self.brokers = [n for n in self.nodes if n.broker]
+        self.cluster_id = _cluster_id()
+        self.start_s: float | None = None  # how long the first start took (all nodes ready)
+        self.external = False
+
+    def voters(self) -> str:
+        return ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.internal for b in self.brokers)
+
+    @property
+    def proxied_bootstrap(self) -> str:
+        return ",".join(b.proxied for b in self.brokers)
+
+    def client_proxies(self, client: int) -> list[Proxy]:
+        """The proxies (one per broker) of client listener `client` (0-based)."""
+        if not 0 <= client < self.client_listeners:
+            raise HarnessError(f"{self.name}: client listener {client} not configured "
+                               f"(client_listeners={self.client_listeners})")
+        return [b.client_proxies[client] for b in self.brokers]
+
+    def client_bootstrap(self, client: int) -> str:
+        return ",".join(f"{p.host}:{p.port}" for p in self.client_proxies(client))
+
+    def broker(self, node_id: int) -> ClusterNode:
+        for b in self.brokers:
+            if b.node_id == node_id:
+                return b
+        raise HarnessError(f"{self.name}: no broker with node id {node_id}")
+
+    def pids(self) -> dict[str, int]:
+        return {f"{self.name}-node{n.node_id}": n.process.pid for n in self.nodes
+                if n.process is not None and n.alive()}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout_s: float = 240) -> KafkaCluster:
+        started = time.monotonic()
+        self.log4j_path.write_text(_CLUSTER_LOG4J)
+        errors: list[BaseException] = []
+
+        def fmt(node: ClusterNode) -> None:
+            try:
+                node.format(self.cluster_id)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fmt, args=(n,), name=f"format-node{n.node_id}")
+                   for n in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        try:
+            for n in self.nodes:
+                n.start()
+            self.wait_brokers(len(self.brokers), timeout_s)
+            wait_until(self._probe, 60, f"{self.name}: a record acknowledged by acks=all "
+                       f"through the proxies {self.proxied_bootstrap}", interval_s=1,
+                       on_timeout=self._log_tails)
+        except BaseException:
+            self.stop()
+            raise
+        if self.start_s is None:
+            self.start_s = round(time.monotonic() - started, 1)
+        return self
+
+    def _probe(self) -> bool:
+        self._check_processes()
+        return run_async(lambda: probe_kafka(self.proxied_bootstrap), timeout_s=30)
+
+    def _check_processes(self) -> None:
+        for n in self.nodes:
+            if n.process is not None and n.process.proc is not None:
+                code = n.process.proc.poll()
+                if code is not None and code not in (-9, 137):
+                    # A node that was killed on purpose is not a failure; one that exited is.
+                    n.process.check_alive()
+
+    def _log_tails(self) -> str:
+        return "\n".join(log_tail(n.log_path, 25) for n in self.nodes)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Stop every node (data and ports kept; `heal()` or `start()` bring them back)."""
+        # Brokers first, together (controlled shutdown needs the quorum), then controllers.
+        for group in (self.brokers, [n for n in self.nodes if not n.broker]):
+            threads = [threading.Thread(target=n.stop, args=(timeout_s,),
+                                        name=f"stop-node{n.node_id}") for n in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+    def heal(self, timeout_s: float = 180) -> None:
+        """Start every node a test stopped or killed; wait until every broker is registered."""
+        if all(n.alive() for n in self.nodes) and self.registered_brokers() == {
+                b.node_id for b in self.brokers}:
+            return
+        for n in self.nodes:
+            n.start()
+        self.wait_brokers(len(self.brokers), timeout_s)
+
+    # -- metadata -------------------------------------------------------------------------
+    def registered_brokers(self) -> set[int]:
+        """Ids of the brokers the cluster metadata lists (unfenced), asked of any live broker."""
+        live = ",".join(b.internal for b in self.brokers if b.alive())
+        if not live:
+            return set()
+        return run_async(lambda: _broker_ids(live), timeout_s=30)
+
+    def wait_brokers(self, count: int, timeout_s: float = 120) -> None:
+        def ready() -> bool:
+            self._check_processes()
+            if not any(port_open(b.host, b.internal_port) for b in self.brokers if b.alive()):
+                return False
+            return len(self.registered_brokers()) >= count
+
+        wait_until(ready, timeout_s, f"{self.name}: {count} brokers registered", interval_s=1,
+                   on_timeout=self._log_tails)
+
+    def partition(self, topic: str, partition: int = 0) -> dict[str, Any]:
+        """{"leader": id, "replicas": [...], "isr": [...]} of one partition (-1: no leader)."""
+        live = ",".join(b.internal for b in self.brokers if b.alive())
+        return run_async(lambda: _describe_partition(live, topic, partition), timeout_s=30)
+
+    def leader_of(self, topic: str, partition: int = 0) -> int:
+        return int(self.partition(topic, partition)["leader"])
+
+    def wait_isr(self, topic: str, size: int, partitions: int = 1, timeout_s: float = 90,
+                 exactly: bool = False) -> None:
+        """Until every partition's ISR has `size` members (at least, or `exactly`)."""
+        def ok() -> bool:
+            for p in range(partitions):
+                n = len(self.partition(topic, p)["isr"])
+                if (n != size) if exactly else (n < size):
+                    return False
+            return True
+
+        wait_until(ok, timeout_s, f"{self.name}: ISR of {topic} at {size}", interval_s=0.5)
+
+    def wait_leader(self, topic: str, partition: int, not_on: int | None = None,
+                    timeout_s: float = 60) -> int:
+        """Until the partition has a leader (other than `not_on`); returns its id."""
+        found: list[int] = []
+
+        def ok() -> bool:
+            leader = self.leader_of(topic, partition)
+            if leader >= 0 and leader != not_on:
+                found.append(leader)
+                return True
+            return False
+
+        wait_until(ok, timeout_s, f"{self.name}: a leader for {topic}[{partition}]"
+                   + (f" other than node {not_on}" if not_on is not None else ""), interval_s=0.5)
+        return found[-1]
+
+    def create_topic(self, name: str, partitions: int = 3, replication_factor: int | None = None,
+                     **configs: str) -> None:
+        """Create `name` (idempotent) with RF 3 and wait until every partition has a leader."""
+        rf = replication_factor or self.replication_factor
+        run_async(lambda: create_topic(self.bootstrap, name, partitions, configs,
+                                       replication_factor=rf), timeout_s=60)
+
+
+async def _broker_ids(bootstrap: str) -> set[int]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await admin.start()
+        info = await admin.describe_cluster()
+        return {int(b["node_id"]) for b in info.get("brokers", [])}
+    finally:
+        await admin.close()
+
+
+async def _describe_partition(bootstrap: str, topic: str, partition: int) -> dict[str, Any]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await admin.start()
+        (meta,) = await admin.describe_topics([topic])
+        for p in meta.get("partitions", []):
+            if p.get("partition") == partition:
+                return {"leader": p.get("leader", -1), "replicas": list(p.get("replicas", [])),
+                        "isr": list(p.get("isr", []))}
+        raise HarnessError(f"topic {topic!r} has no partition {partition}: {meta}")
+    finally:
+        await admin.close()

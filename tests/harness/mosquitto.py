@@ -195,3 +195,60 @@ class MosquittoService:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+
+class RefusingMosquitto:
+    """A Mosquitto of its own for one test: one anonymous listener that says no.
+
+    `acl` is the text of an `acl_file` (anonymous clients use its leading `topic` lines);
+    `set_acl()` rewrites it and sends SIGHUP, which makes Mosquitto reload it, so a test can
+    lift a refusal while the gateway runs. `max_packet_size` (bytes) makes the broker refuse
+    larger packets. MQTT 5 clients get the refusal as a PUBACK reason code (0x87).
+    """
+
+    def __init__(self, run: RunDir, name: str, acl: str, *, max_packet_size: int | None = None) -> None:
+        self.host = "127.0.0.1"
+        (self.port,) = free_ports(1)
+        self._folder = run.sub(name)
+        self.log_path = run.log(name)
+        self.acl_path = self._folder / "acl"
+        self.config_path = self._folder / "mosquitto.conf"
+        self._acl = acl
+        self._max_packet_size = max_packet_size
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> RefusingMosquitto:
+        binary = require_binary("mosquitto", INSTALL_HINT)
+        self.acl_path.write_text(self._acl)
+        limit = f"max_packet_size {self._max_packet_size}\n" if self._max_packet_size else ""
+        self.config_path.write_text(
+            "user root\npersistence false\nlog_dest stdout\n"
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            f"{limit}listener {self.port} {self.host}\nallow_anonymous true\n"
+            f"acl_file {self.acl_path}\n")
+        self.process = ManagedProcess("mosquitto-refusing", [binary, "-c", self.config_path],
+                                      self.log_path).start()
+        try:
+            wait_until(lambda: self.process.check_alive() or mqtt_connect_probe(self.host, self.port) == 0,
+                       20, f"mosquitto on {self.host}:{self.port}",
+                       on_timeout=lambda: log_tail(self.log_path))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def set_acl(self, acl: str) -> None:
+        import os
+        import signal
+
+        self.acl_path.write_text(acl)
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()

@@ -77,7 +77,8 @@ async def test_bridged_topics_reach_kafka_and_kafka_reaches_mqtt(tmp_path, mosqu
     try:
         # Wait until the bridge subscribed: the log says so.
         await until(
-            lambda: b"event=bridge_up" in (tmp_path / "gateway.log").read_bytes(), 30, "bridge up", interval_s=0.5
+            lambda: b'msg="link up" uplink=bridge' in (tmp_path / "gateway.log").read_bytes(),
+            30, "bridge up", interval_s=0.5,
         )
         for i in range(20):
             pub.publish(f"site/pump{i % 2}/flow", f"flow={i}".encode(), qos=1)

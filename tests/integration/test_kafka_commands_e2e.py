@@ -87,8 +87,8 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
     try:
 
         async def consumer_ready() -> bool:
-            inbound = (await _status(sock)).get("inbound") or [{}]
-            return inbound[0].get("link") == "up"
+            inbound = (await _status(sock))["links"].get("inbound:commands") or {}
+            return inbound.get("up") is True
 
         await until(consumer_ready, 60, "inbound consumer up", interval_s=0.3, ignore=(OSError, DiagnosticsError))
 
@@ -122,7 +122,7 @@ async def test_kafka_commands_write_modbus_and_bad_ones_write_nothing(tmp_path, 
         # Only the good command reached the device, in order after the bad ones.
         holding_writes = [w for w in unit.writes if w[0] == "holding"]
         assert holding_writes == [("holding", 100, [1200])], unit.writes
-        inbound = (await _status(sock))["inbound"][0]
+        inbound = (await _status(sock))["links"]["inbound:commands"]["counters"]
         assert inbound["written"] == 1
         assert inbound["malformed"] == 1
         assert inbound["rejected"] == 2

@@ -18,9 +18,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from gmqtt import Client as MqttClient
 
 from drivers.base import WriteRejected
-from gateway.kafka_inbound import InboundMapping, KafkaInbound
-from gateway.uplinks.kafka import KafkaSettings
+from gateway.inbound.kafka_commands import InboundMapping, KafkaInbound
+from gateway.uplinks.kafka.uplink import KafkaSettings
 from tests.harness.common import until
+from tests.helpers import flat
 from tests.integration.test_kafka_support import unique_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -90,7 +91,7 @@ async def test_kafka_to_mqtt_publish(kafka, mosquitto) -> None:
     try:
         await _produce(kafka.bootstrap, topic, [(b"m1", b"one"), (b"m2", b"two"), (b"m1", b"3")])
         await until(lambda: len(received) >= 3, 45)
-        await until(lambda: inbound.state()["published"] == 3, 45)
+        await until(lambda: flat(inbound.state)["published"] == 3, 45)
     finally:
         await _stop(inbound, task)
         await sub.disconnect()
@@ -128,11 +129,11 @@ async def test_kafka_commands_to_device_writes(kafka) -> None:
     )
     task = await _run(inbound)
     try:
-        await until(lambda: inbound.state()["received"] == 4, 45)
+        await until(lambda: flat(inbound.state)["received"] == 4, 45)
     finally:
         await _stop(inbound, task)
     assert writes == [("meter1", "setpoint", 21.5), ("meter1", "run", True)]
-    st = inbound.state()
+    st = flat(inbound.state)
     assert (st["written"], st["malformed"], st["rejected"]) == (2, 1, 1)
     # Everything, including the bad commands, was committed past: nothing is redone.
     assert await _committed(kafka.bootstrap, group, topic) == 4
@@ -145,8 +146,8 @@ async def test_kafka_commands_to_device_writes(kafka) -> None:
     )
     task = await _run(again)
     try:
-        await until(lambda: again.state()["received"] >= 1, 45)
+        await until(lambda: flat(again.state)["received"] >= 1, 45)
     finally:
         await _stop(again, task)
     assert writes[2:] == [("meter1", "setpoint", 19)]
-    assert again.state()["received"] == 1
+    assert flat(again.state)["received"] == 1

@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from gateway.mappings import Mapping
-from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
+from gateway.uplinks.kafka.mappings import Mapping
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
+from tests.helpers import flat
 from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
@@ -73,10 +74,10 @@ async def test_wrong_password_keeps_the_link_down_and_acks_nothing(
     try:
         async with running(uplink):
             for _ in range(100):
-                if uplink.state()["last_error"]:
+                if flat(uplink.state)["last_error"]:
                     break
                 await asyncio.sleep(0.1)
-            state = uplink.state()
+            state = flat(uplink.state)
         assert state["link"] == "down"
         assert "bootstrap" in state["last_error"], state["last_error"]
         # aiokafka reports the reason itself when bootstrapping fails.
@@ -90,7 +91,7 @@ async def test_wrong_password_keeps_the_link_down_and_acks_nothing(
 def test_tls_without_the_ca_is_refused(kafka) -> None:
     import ssl
 
-    from gateway.uplinks.kafka import client_kwargs
+    from gateway.uplinks.kafka.adapter import client_kwargs
 
     kw = client_kwargs(_settings(kafka, "PLAIN"))
     assert kw["ssl_context"].verify_mode == ssl.CERT_REQUIRED

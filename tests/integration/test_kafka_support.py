@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buffer import AsyncBuffer, BufferSettings, NewRecord
-from gateway.kafka_format import H_GATEWAY, H_SEQ, H_STREAM
-from gateway.uplinks.kafka import KafkaUplink
+from gateway.uplinks.kafka.format import H_GATEWAY, H_SEQ, H_STREAM
+from gateway.uplinks.kafka.uplink import KafkaUplink
+from tests.helpers import flat
 
 GATEWAY_ID = "plant-7/pump-3"
 
@@ -100,7 +101,7 @@ async def wait_acked(uplink: KafkaUplink, task: asyncio.Task[None], seq: int,
     loop = asyncio.get_running_loop()
     end = loop.time() + limit_s
     while True:
-        acked = uplink.state()["acked_seq"] or 0
+        acked = flat(uplink.state)["acked_seq"] or 0
         if acked >= seq:
             return
         if task.done():
@@ -108,7 +109,7 @@ async def wait_acked(uplink: KafkaUplink, task: asyncio.Task[None], seq: int,
             raise AssertionError("uplink stopped early")
         if loop.time() > end:
             raise AssertionError(f"uplink acked up to {acked}, not {seq}, within {limit_s}s; "
-                                 f"state {uplink.state()}")
+                                 f"state {flat(uplink.state)}")
         await asyncio.sleep(0.1)
 
 

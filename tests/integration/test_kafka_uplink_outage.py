@@ -12,8 +12,9 @@ import asyncio
 
 import pytest
 
-from gateway.mappings import Mapping
-from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
+from gateway.uplinks.kafka.mappings import Mapping
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
+from tests.helpers import flat
 from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
@@ -64,11 +65,11 @@ async def test_outage_longer_than_every_timeout_loses_nothing(
         async with running(uplink) as task:
             await feeder.run_for(2.0)
             await wait_acked(uplink, task, feeder.last_seq)
-            assert uplink.state()["link"] == "up"
+            assert flat(uplink.state)["link"] == "up"
 
             getattr(proxy, fault)()
             await feeder.run_for(OUTAGE_S)
-            during = uplink.state()
+            during = flat(uplink.state)
             assert during["link"] == "down", during
             assert during["last_error"]
             acked_during = during["acked_seq"]
@@ -77,8 +78,8 @@ async def test_outage_longer_than_every_timeout_loses_nothing(
             proxy.restore()
             await feeder.run_for(1.0)
             await wait_acked(uplink, task, feeder.last_seq, limit_s=90)
-            assert uplink.state()["link"] == "up"
-            assert uplink.state()["reconnects"] >= 1
+            assert flat(uplink.state)["link"] == "up"
+            assert flat(uplink.state)["reconnects"] >= 1
     finally:
         proxy.restore()
         await buf.close()
@@ -110,7 +111,7 @@ async def test_dns_failure_is_reported_and_retried_without_acking(tmp_path) -> N
     try:
         async with running(uplink):
             await asyncio.wait_for(third_try.wait(), 30)
-            state = uplink.state()
+            state = flat(uplink.state)
         assert state["link"] == "down"
         assert "bootstrap" in state["last_error"]
         assert state["acked_seq"] is None

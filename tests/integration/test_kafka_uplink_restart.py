@@ -14,9 +14,10 @@ import textwrap
 
 import pytest
 
-from gateway.mappings import Mapping
-from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
+from gateway.uplinks.kafka.mappings import Mapping
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
 from tests.harness.common import REPO_ROOT
+from tests.helpers import flat
 from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
@@ -68,7 +69,7 @@ async def test_broker_stopped_and_restarted_mid_stream(kafka, kcat, tmp_path) ->
                 feeding.cancel()
                 await asyncio.gather(feeding, return_exceptions=True)
             await wait_acked(uplink, task, feeder.last_seq, limit_s=90)
-            assert uplink.state()["reconnects"] >= 1  # it did see the broker go away
+            assert flat(uplink.state)["reconnects"] >= 1  # it did see the broker go away
     finally:
         await buf.close()
     messages = await kcat_consume_async(kcat, kafka.bootstrap, topic)
@@ -81,8 +82,8 @@ async def test_broker_stopped_and_restarted_mid_stream(kafka, kcat, tmp_path) ->
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from gateway.mappings import Mapping
-    from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
+    from gateway.uplinks.kafka.mappings import Mapping
+    from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
     from tests.integration.test_kafka_support import GATEWAY_ID, Feeder, open_buffer
 
     async def main(path, bootstrap, topic, feed_s):
@@ -98,7 +99,7 @@ CHILD = textwrap.dedent(
             await feeder.tick()
             print("APPENDED", feeder.last_seq, flush=True)
             await asyncio.sleep(0.05)
-        while (uplink.state()["acked_seq"] or 0) < feeder.last_seq:
+        while (uplink.state.extra["acked_seq"] or 0) < feeder.last_seq:
             await asyncio.sleep(0.1)
         print("DONE", flush=True)
         await uplink.stop()

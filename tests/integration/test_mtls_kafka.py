@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mappings import Mapping
-from gateway.uplinks.kafka import KafkaSettings, KafkaUplink, client_kwargs
+from gateway.uplinks.kafka.adapter import client_kwargs
+from gateway.uplinks.kafka.mappings import Mapping
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
+from tests.helpers import flat
 from tests.integration.test_kafka_support import (
     GATEWAY_ID,
     Feeder,
@@ -87,16 +89,16 @@ async def test_client_certificate_from_the_run_ca_delivers(kafka, kcat, tmp_path
         async with running(uplink) as task:
             await feeder.run_for(1.0)
             await wait_acked(uplink, task, feeder.last_seq, limit_s=45)
-            state = uplink.state()
+            state = flat(uplink.state)
     finally:
         await buf.close()
     assert state["link"] == "up", state
-    assert state["bootstrap_servers"] == [kafka.mtls_bootstrap]
+    assert state["server"] == kafka.mtls_bootstrap
     # Read back through the mTLS listener itself, by a different client library.
     messages = await asyncio.to_thread(kcat_consume, kcat, kafka.mtls_bootstrap, topic,
                                        *_kcat_mtls(kafka))
     counts = check_delivery(messages, feeder.appended, max_duplicates=0)
-    assert counts["messages"] == len(feeder.appended) == state["records_acked"]
+    assert counts["messages"] == len(feeder.appended) == state["delivered"]
 
 
 @pytest.mark.parametrize("which", ["no_certificate", "other_ca"])
@@ -120,12 +122,12 @@ async def test_without_an_accepted_certificate_nothing_is_delivered(
     try:
         async with running(uplink):
             for _ in range(150):
-                state = uplink.state()
-                if state["last_error"] and state["last_error_at"]:
+                state = flat(uplink.state)
+                if state["last_error"] and state["last_error_ms"]:
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # a retry or two: still nothing may get through
-            state = uplink.state()
+            state = flat(uplink.state)
         assert state["link"] == "down", state
         assert state["last_error"], state
         # aiokafka names the address it could not bootstrap from; under TLS 1.3 the broker's
@@ -133,7 +135,7 @@ async def test_without_an_accepted_certificate_nothing_is_delivered(
         # so the text cannot say "certificate".
         port = kafka.mtls_bootstrap.rsplit(":", 1)[1]
         assert "bootstrap" in state["last_error"] and port in state["last_error"], state
-        assert state["acked_seq"] is None and state["records_acked"] == 0, state
+        assert state["acked_seq"] is None and state["delivered"] == 0, state
         assert (await buf.stats())["cursors"]["kafka"]["records"] == len(feeder.appended)
     finally:
         await buf.close()

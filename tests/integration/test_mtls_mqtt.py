@@ -24,7 +24,8 @@ from gmqtt import Client
 from buffer import AsyncBuffer, BufferSettings
 from drivers.base import PointInfo
 from gateway.sparkplug.payload import decode_payload
-from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
+from tests.helpers import flat
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -149,7 +150,7 @@ async def wait_for_error(uplink: SparkplugUplink, log: LogWatch, refusal: str,
             return uplink.last_error
         await asyncio.sleep(0.1)
     raise AssertionError(f"no repeated refusal ({refusal!r}) within {limit_s}s: "
-                         f"{uplink.state()}\n{log.text()[-2000:]}")
+                         f"{flat(uplink.state)}\n{log.text()[-2000:]}")
 
 
 async def test_client_certificate_from_the_run_ca_connects_and_births(
@@ -161,7 +162,7 @@ async def test_client_certificate_from_the_run_ca_connects_and_births(
                               key_file=str(mosquitto.client_key_file)) as uplink:
         nbirth = await watcher.wait_for_topic(f"spBv1.0/{GROUP}/NBIRTH/{edge}", 20)
         await watcher.wait_for_topic(f"spBv1.0/{GROUP}/DBIRTH/{edge}/meter1", 10)
-        state = uplink.state()
+        state = flat(uplink.state)
         client_id = uplink.settings.client_id or ""
     assert state["connected"] is True, state
     assert state["server"] == mosquitto.mtls_url
@@ -195,7 +196,7 @@ async def test_without_an_accepted_certificate_it_never_connects(
     async with running_uplink(mosquitto, tmp_path, edge, **_refused_tls(mosquitto, which)) as uplink:
         # The broker refuses it in the TLS handshake, for the expected reason, every time.
         error = await wait_for_error(uplink, log, REFUSAL[which], 20)
-        state = uplink.state()
+        state = flat(uplink.state)
     assert state["connected"] is False and state["connects"] == 0, state
     assert error.startswith(f"{mosquitto.mtls_url}: "), state
     assert watcher.topics(edge) == [], watcher.topics(edge)

@@ -18,9 +18,10 @@ from drivers.modbus import codec
 from drivers.modbus.config import ModbusDeviceConfig, TcpBusConfig
 from drivers.modbus.driver import ModbusBusDriver
 from drivers.modbus.simserver import SimServer, SimUnit
-from gateway.sparkplug.edge import NodeIdentity, ReportByException
+from gateway.pipeline.report import ReportByException
+from gateway.sparkplug.edge import NodeIdentity
 from gateway.sparkplug.payload import DataType, Metric, Payload, encode_payload
-from gateway.uplinks.mqtt import SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import SparkplugUplink
 from tests.integration.test_sparkplug_session import Broker, TestHost, settings
 
 pytestmark = pytest.mark.integration

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.sparkplug.payload import DataType, Metric, Payload, encode_payload
 from gateway.sparkplug.topics import MessageType
+from tests.helpers import flat
 from tests.integration.test_sparkplug_session import Broker, Rig, TestHost, node_msgs, seqs
 
 pytestmark = pytest.mark.integration
@@ -123,8 +124,8 @@ async def test_tls_with_password_and_failover_to_the_next_server(
     rig.start()
     try:
         await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births over TLS")
-        assert rig.uplink.state()["server"] == f"mqtts://127.0.0.1:{mosquitto.tls_port}"
-        assert f"127.0.0.1:{dead}" in rig.uplink.state()["last_error"]
+        assert flat(rig.uplink.state)["server"] == f"mqtts://127.0.0.1:{mosquitto.tls_port}"
+        assert f"127.0.0.1:{dead}" in flat(rig.uplink.state)["last_error"]
     finally:
         await rig.close()
     msgs = node_msgs(host)
@@ -140,13 +141,13 @@ async def test_wrong_password_is_reported_and_retried(mosquitto, tmp_path: Path)
     rig.start()
     try:
         for _ in range(100):  # the uplink reports through state(), which we poll
-            if rig.uplink.state()["last_error"]:
+            if flat(rig.uplink.state)["last_error"]:
                 break
             await asyncio.sleep(0.1)
     finally:
         await rig.close()
-    assert rig.uplink.state()["connected"] is False
-    assert f"127.0.0.1:{mosquitto.tls_port}" in rig.uplink.state()["last_error"]
+    assert flat(rig.uplink.state)["connected"] is False
+    assert f"127.0.0.1:{mosquitto.tls_port}" in flat(rig.uplink.state)["last_error"]
 
 
 async def test_ncmd_next_server_walks_to_the_next_server(
@@ -160,11 +161,11 @@ async def test_ncmd_next_server_walks_to_the_next_server(
     rig.start()
     try:
         await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
-        assert rig.uplink.state()["server"] == first
+        assert flat(rig.uplink.state)["server"] == first
         host.publish("spBv1.0/plant-7/NCMD/pump-3", encode_payload(Payload(timestamp=1, metrics=[
             Metric("Node Control/Next Server", DataType.Boolean, True)])))
         await host.wait_for(lambda: len(host.of_type("NBIRTH")) >= 2, what="births on server 2")
-        await host.wait_for(lambda: rig.uplink.state()["server"] == second, what="server 2")
+        await host.wait_for(lambda: flat(rig.uplink.state)["server"] == second, what="server 2")
     finally:
         await rig.close()
     msgs = node_msgs(host)

@@ -28,7 +28,8 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from buffer import AsyncBuffer, BufferSettings
 from drivers.base import DeviceEvent, DeviceState, PointInfo, Quality, Sample
-from gateway.sparkplug.edge import NodeIdentity, ReportByException
+from gateway.pipeline.report import ReportByException
+from gateway.sparkplug.edge import NodeIdentity
 from gateway.sparkplug.errors import TopicError
 from gateway.sparkplug.payload import (
     DataType,
@@ -38,7 +39,7 @@ from gateway.sparkplug.payload import (
     encode_payload,
 )
 from gateway.sparkplug.topics import MessageType, Topic, parse_topic
-from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -451,7 +452,7 @@ KILL_SCRIPT = """
 import asyncio, sys
 from buffer import AsyncBuffer, BufferSettings
 from drivers.base import PointInfo
-from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
 async def main():
     buf = await AsyncBuffer.open(sys.argv[3] + "/buffer.db", BufferSettings(10_000_000, 86400.0))

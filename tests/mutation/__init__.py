@@ -17,9 +17,11 @@ TARGETS: dict[str, dict] = {
     "drivers/modbus/codec.py": {"tests": ["tests/unit/test_modbus_codec*.py"]},
     "drivers/modbus/planner.py": {"tests": ["tests/unit/test_modbus_planner*.py"]},
     "drivers/serial_line/codec.py": {"tests": ["tests/unit/test_serial_codec*.py"]},
-    "gateway/mappings.py": {"tests": ["tests/unit/test_mappings_*.py"]},
+    "gateway/uplinks/kafka/mappings.py": {"tests": ["tests/unit/test_mappings_*.py"]},
     "gateway/sparkplug/payload.py": {"tests": ["tests/unit/test_sparkplug_payload*.py"], "sample": 300},
     "gateway/sparkplug/edge.py": {"tests": ["tests/unit/test_sparkplug_edge*.py"]},
-    "gateway/kafka_format.py": {"tests": ["tests/unit/test_kafka_format*.py"]},
+    "gateway/pipeline/report.py": {"tests": ["tests/unit/test_sparkplug_edge*.py"]},
+    "gateway/uplinks/kafka/format.py": {
+        "tests": ["tests/unit/test_kafka_format*.py", "tests/unit/test_clock_publish.py"]},
 }
 DEFAULT_SEED = 18

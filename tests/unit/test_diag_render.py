@@ -5,8 +5,38 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.diagnostics.client import render_status, render_tail_line
+from gateway.runtime.supervisor import links_of
+from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
 NOW = 1_795_000_000_000
+
+
+async def _write(device: str, point: str, value: Any) -> None:
+    raise AssertionError("not called")
+
+
+def real_links() -> dict[str, Any]:
+    """The links section as the supervisor builds it, from real uplinks driven by their events."""
+    mqtt = SparkplugUplink(
+        MqttUplinkSettings(group_id="plant-7", edge_node_id="pump-3", data_dir="/nonexistent",
+                           servers=["mqtts://broker:8883"], primary_host_id="scada-1"),
+        None, {}, _write)
+    mqtt.state.link_up("mqtts://broker:8883")
+    mqtt.state.count("published", 1200)
+    mqtt.state.refuse("spBv1.0/plant-7/DDATA/pump-3/valve7", "PUBACK 0x87 not authorized")
+    mqtt.state.since_ms = NOW - 3_600_000
+    mqtt.state.refused["spBv1.0/plant-7/DDATA/pump-3/valve7"].since_ms = NOW - 60_000
+    assert mqtt._host is not None
+    mqtt._host.online = True
+    kafka = KafkaUplink(KafkaSettings(bootstrap_servers=("kafka:9093",)), None, [], "plant-7/pump-3")
+    kafka.state.link_up("kafka:9093")
+    kafka.state.count("delivered", 5000)
+    kafka.state.link_down("connection refused")
+    kafka.state.since_ms = NOW - 125_000
+    links = links_of([mqtt, kafka])
+    links["primary_host"]["since_ms"] = NOW - 3_000_000
+    return links
 
 
 def full_status() -> dict[str, Any]:
@@ -16,12 +46,7 @@ def full_status() -> dict[str, Any]:
         "uptime_s": 93784.0,
         "now_ms": NOW,
         "clock": {"synced": True, "jumps": 0},
-        "links": {
-            "mqtt": {"up": True, "since_ms": NOW - 3_600_000, "server": "mqtts://broker:8883"},
-            "kafka": {"up": False, "since_ms": NOW - 125_000, "server": "kafka:9093",
-                      "last_error": "connection refused"},
-            "primary_host": {"up": True, "since_ms": NOW - 3_000_000, "host_id": "scada-1"},
-        },
+        "links": real_links(),
         "buffer": {
             "cursors": {
                 "mqtt": {"records": 0, "bytes": 0},
@@ -52,6 +77,10 @@ def test_status_view_answers_the_technicians_questions() -> None:
     assert "DOWN" in kafka and "for 2m05s" in kafka and "last error: connection refused" in kafka
     assert "UP" in line_with(text, "mqtt ") and "for 1h00m" in line_with(text, "mqtt ")
     assert "scada-1" in line_with(text, "primary_host")
+    refused = line_with(text, "REFUSED")
+    assert "spBv1.0/plant-7/DDATA/pump-3/valve7" in refused and "not authorized" in refused
+    assert "for 1m00s" in refused
+    assert "published 1200" in text and "delivered 5000, reconnects 1" in text
     assert "file 40.0 MB, wal 4.0 MB, oldest record 2m05s old" in text
     backlog = line_with(text, "125000 records")
     assert "31.2 MB waiting" in backlog and "oldest unsent 2m05s" in backlog

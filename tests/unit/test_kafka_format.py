@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.kafka_format import (
+from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.uplinks.kafka.format import (
     H_GATEWAY,
     H_SEQ,
     H_STREAM,
@@ -19,8 +20,7 @@ from gateway.kafka_format import (
     estimate_size,
     format_record,
 )
-from gateway.mappings import Mapping
-from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.uplinks.kafka.mappings import Mapping
 
 
 @dataclass
@@ -203,7 +203,7 @@ def test_header_names_are_the_documented_ones() -> None:
 
 
 def test_estimate_size_is_the_v2_record_bound() -> None:
-    from gateway.kafka_format import KafkaMessage
+    from gateway.uplinks.kafka.format import KafkaMessage
 
     msg = KafkaMessage("t", b"key", b"value", [("h1", b"v"), ("head2", b"")], 0)
     # 21 bytes per record (length, attributes, deltas, key/value lengths) + 10 per header
@@ -239,8 +239,8 @@ def test_message_factory_cache_is_per_mapping_stream_topic_and_type_and_bounded(
 
 
 def test_json_values_of_every_kind() -> None:
-    from gateway.kafka_format import _jsonable, _short_float32
     from gateway.sparkplug.payload import DataSet, DataType, Template
+    from gateway.uplinks.kafka.format import _jsonable, _short_float32
 
     assert _jsonable(True) is True and _jsonable(None) is None and _jsonable(7) == 7
     assert _jsonable(float("nan")) == "nan" and _jsonable(float("-inf")) == "-inf"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from drivers.base import DriverError, WriteRejected
-from gateway.kafka_inbound import (
+from gateway.inbound.kafka_commands import (
     Command,
     CommandError,
     InboundError,
@@ -24,7 +24,8 @@ from gateway.kafka_inbound import (
     render_topic,
     validate_template,
 )
-from gateway.uplinks.kafka import KafkaSettings
+from gateway.uplinks.kafka.uplink import KafkaSettings
+from tests.helpers import flat
 
 Msg = namedtuple("Msg", "topic partition offset key value")
 TP = namedtuple("TP", "topic partition")
@@ -153,7 +154,7 @@ async def test_commands_are_written_then_committed_bad_ones_committed_past() -> 
         "write flaky=2", "write flaky=2", "write flaky=2", "commit 4",  # retried, then written
         "write setpoint=22", "commit 5",
     ]
-    st = inbound.state()
+    st = flat(inbound.state)
     assert (st["received"], st["written"], st["malformed"], st["rejected"], st["failed"]) == (
         5, 3, 1, 1, 0
     )
@@ -172,7 +173,7 @@ async def test_unreachable_device_is_failed_after_attempts_and_committed() -> No
     )
     await _run(inbound, consumer, lambda: consumer.commits)
     assert consumer.events == ["write", "write", "commit 1"]
-    assert inbound.state()["failed"] == 1
+    assert flat(inbound.state)["failed"] == 1
 
 
 async def test_publish_is_retried_until_the_broker_takes_it_and_only_then_committed() -> None:

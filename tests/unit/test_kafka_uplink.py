@@ -9,20 +9,23 @@ answers. Real-broker behaviour is covered by tests/integration/test_kafka_*.py.
 from __future__ import annotations
 
 import asyncio
-import random
+import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 from buffer import AsyncBuffer, BufferSettings, NewRecord
-from gateway.kafka_format import H_SEQ, H_STREAM
-from gateway.mappings import Mapping
-from gateway.uplinks.kafka import CURSOR, KafkaSettings, KafkaUplink, backoff_delay
+from gateway.uplinks.kafka.format import H_SEQ, H_STREAM
+from gateway.uplinks.kafka.mappings import Mapping
+from gateway.uplinks.kafka.uplink import CURSOR, KafkaSettings, KafkaUplink
+from tests.harness.common import until
+from tests.helpers import flat
 
 # Outcomes a test can script per send_batch call.
 OK, LOST_ACK, FAIL, HANG, TOO_LARGE = "ok", "lost_ack", "fail", "hang", "too_large"
@@ -47,6 +50,8 @@ class ScriptedProducer:
         self.stopped = True
 
     async def partitions_for(self, topic: str) -> set[int]:
+        if topic in self.world.unauthorized:
+            raise TopicAuthorizationFailedError(topic)
         return set(range(self.world.partitions.get(topic, 1)))
 
     def create_batch(self) -> BatchBuilder:
@@ -55,6 +60,10 @@ class ScriptedProducer:
     async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int):
         # Like an idempotent aiokafka producer: once a batch failed or hangs, later batches
         # of this producer never land (one batch in flight per partition, sequence numbers).
+        if topic in self.world.write_denied:  # describe allowed, write refused (produce level)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(TopicAuthorizationFailedError(topic))
+            return fut
         outcome = self.poisoned or (self.world.outcomes.pop(0) if self.world.outcomes else OK)
         fut = asyncio.get_running_loop().create_future()
         self.world.batch_sizes.append(batch.record_count())
@@ -81,6 +90,8 @@ class World:
         self.partitions: dict[str, int] = {}
         self.refuse_connect = False
         self.producers: list[ScriptedProducer] = []
+        self.unauthorized: set[str] = set()
+        self.write_denied: set[str] = set()
 
     def factory(self, **kwargs: Any) -> ScriptedProducer:
         p = ScriptedProducer(self, **kwargs)
@@ -159,7 +170,7 @@ async def test_forwards_every_record_in_order_and_acks_only_what_kafka_acked(buf
     seqs = await buf.append([_ddata(f"m{i % 3}", i) for i in range(230)])
     uplink = KafkaUplink(_settings(), buf, [TELEMETRY], "plant-7/pump-3",
                          producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     assert len(world.log) == 230
     per_key = _dedup_in_order(world.log)
     assert set(per_key) == {b"plant-7/pump-3/m0", b"plant-7/pump-3/m1", b"plant-7/pump-3/m2"}
@@ -167,8 +178,8 @@ async def test_forwards_every_record_in_order_and_acks_only_what_kafka_acked(buf
         expected = [s for s, i in zip(seqs, range(230), strict=True) if f"m{i % 3}" in key.decode()]
         assert got == expected
     assert max(world.batch_sizes) <= 50  # window bounded by batch_max_records
-    st = uplink.state()
-    assert st["records_sent"] == 230 and st["messages_sent"] == 230
+    st = flat(uplink.state)
+    assert st["delivered"] == 230 and st["messages"] == 230
     assert st["link"] == "stopped"
     assert (await buf.stats())["cursors"][CURSOR]["records"] == 0
     kw = world.producers[0].kwargs
@@ -184,7 +195,7 @@ async def test_unmatched_records_are_counted_and_acked_past_and_fanout_goes_to_e
     seqs = await buf.append(recs)
     uplink = KafkaUplink(_settings(), buf, [TELEMETRY, all_sp], "g/e",
                          producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     topics = sorted((t, int(h[H_SEQ])) for t, _p, _k, _v, h in world.log)
     assert topics == sorted(
         [("plant.telemetry", seqs[0]), ("plant.all", seqs[0]),
@@ -192,8 +203,8 @@ async def test_unmatched_records_are_counted_and_acked_past_and_fanout_goes_to_e
     )
     keys = {t: k for t, _p, k, _v, _h in world.log}
     assert keys["plant.all"] == b"spBv1.0/plant-7/DDATA/pump-3/m1"
-    assert uplink.state()["unmatched"] == 1
-    assert uplink.state()["records_sent"] == 3
+    assert flat(uplink.state)["unmatched"] == 1
+    assert flat(uplink.state)["delivered"] == 2  # the unmatched one is acked past, not delivered
 
 
 @pytest.mark.parametrize("failure", [FAIL, LOST_ACK, HANG])
@@ -204,7 +215,7 @@ async def test_a_failed_window_is_resent_by_a_new_producer_without_loss_or_reord
     world.outcomes = [OK, OK, failure, failure, OK]
     seqs = await buf.append([_ddata(f"m{i % 2}", i) for i in range(400)])
     uplink = KafkaUplink(_settings(), buf, [TELEMETRY], "g/e", producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     per_key = _dedup_in_order(world.log)
     assert per_key[b"plant-7/pump-3/m0"] == seqs[0::2]
     assert per_key[b"plant-7/pump-3/m1"] == seqs[1::2]
@@ -216,8 +227,8 @@ async def test_a_failed_window_is_resent_by_a_new_producer_without_loss_or_reord
         assert duplicates == 0
     assert len(world.producers) == 3  # recreated after each failed window
     assert all(p.stopped for p in world.producers)
-    st = uplink.state()
-    assert st["windows_resent"] == 2
+    st = flat(uplink.state)
+    assert st["resent"] == 2
     assert st["last_error"] is not None
 
 
@@ -227,12 +238,12 @@ async def test_connect_failure_backs_off_and_reports_the_link_down(buf) -> None:
     await buf.append([_ddata("m1", 0)])
     uplink = KafkaUplink(_settings(), buf, [TELEMETRY], "g/e", producer_factory=world.factory)
     await _run_until(uplink, lambda: len(world.producers) >= 3)
-    st = uplink.state()
-    assert st["records_sent"] == 0
+    st = flat(uplink.state)
+    assert st["delivered"] == 0
     assert "Unable to bootstrap" in st["last_error"]
     assert (await buf.stats())["cursors"][CURSOR]["records"] == 1  # nothing acked
     world.refuse_connect = False
-    await _run_until(uplink, lambda: uplink.state()["records_sent"] == 1)
+    await _run_until(uplink, lambda: flat(uplink.state)["delivered"] == 1)
 
 
 async def test_batches_stay_under_batch_max_bytes_and_later_records_wait(buf) -> None:
@@ -242,7 +253,7 @@ async def test_batches_stay_under_batch_max_bytes_and_later_records_wait(buf) ->
         _settings(batch_max_bytes=8 * 1024, batch_max_records=1000),
         buf, [TELEMETRY], "g/e", producer_factory=world.factory,
     )
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     assert max(world.batch_sizes) <= 8  # ~1 KB each with headers
     assert _dedup_in_order(world.log)[b"plant-7/pump-3/m1"] == seqs
     assert len(world.log) == 60
@@ -256,7 +267,7 @@ async def test_broker_size_limit_shrinks_batches(buf) -> None:
         _settings(batch_max_bytes=64 * 1024, batch_max_records=1000),
         buf, [TELEMETRY], "g/e", producer_factory=world.factory,
     )
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     assert world.batch_sizes[0] > world.batch_sizes[1]
     assert len(world.log) == 100
 
@@ -270,9 +281,11 @@ async def test_format_errors_are_counted_and_skipped_not_blocking(buf) -> None:
     )
     uplink = KafkaUplink(_settings(), buf, [as_json, TELEMETRY], "g/e",
                          producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
-    assert uplink.state()["format_errors"] == 1
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
+    assert flat(uplink.state)["quarantined"] == 1
     assert [t for t, *_ in world.log] == ["plant.telemetry"]
+    q = (await buf.stats())["quarantine"]["by_cursor_reason"]["kafka"]
+    assert q == {"format_error:lab-json": 1}, q  # kept, visible, re-sendable: not skipped
 
 
 async def test_key_partitioning_matches_the_java_default_partitioner(buf) -> None:
@@ -280,23 +293,12 @@ async def test_key_partitioning_matches_the_java_default_partitioner(buf) -> Non
     world.partitions["plant.telemetry"] = 6
     await buf.append([_ddata(f"m{i}", i) for i in range(20)])
     uplink = KafkaUplink(_settings(), buf, [TELEMETRY], "g/e", producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["records_sent"] == 20)
+    await _run_until(uplink, lambda: flat(uplink.state)["delivered"] == 20)
     from aiokafka.partitioner import DefaultPartitioner
 
     for _t, p, key, _v, _h in world.log:
         assert p == DefaultPartitioner()(key, list(range(6)), [])
     assert len({p for _t, p, *_ in world.log}) > 1
-
-
-def test_backoff_is_capped_exponential_with_jitter() -> None:
-    rng = random.Random(7)
-    delays = [backoff_delay(a, 1.0, 60.0, rng.random) for a in range(12)]
-    assert all(1.0 <= d <= 60.0 for d in delays)
-    assert delays[0] <= 1.0 + 1e-9
-    assert backoff_delay(10, 1.0, 60.0, lambda: 0.0) == 30.0
-    assert backoff_delay(10, 1.0, 60.0, lambda: 1.0) == 60.0
-    assert backoff_delay(3, 1.0, 60.0, lambda: 1.0) == 8.0
-    assert len({round(backoff_delay(6, 1.0, 60.0, rng.random), 6) for _ in range(20)}) > 10
 
 
 def test_settings_from_config_section() -> None:
@@ -354,7 +356,7 @@ async def test_batch_max_records_bounds_each_partition_batch_and_windows_fill_th
     seqs = await buf.append([_ddata(f"m{i % 12}", i) for i in range(900)])
     uplink = KafkaUplink(_settings(batch_max_records=50), buf, [TELEMETRY], "g/e",
                          producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     sizes = [n for *_, n, _data in world.sent]
     assert max(sizes) <= 50 and sum(sizes) == 900 == len(world.log)
     # A window reads for up to 3 partitions and ends when one batch is full: the 12 keys
@@ -383,8 +385,49 @@ async def test_a_record_for_two_mappings_goes_to_both_or_waits_for_the_next_wind
     seqs = await buf.append([_ddata("m1", i) for i in range(120)])
     uplink = KafkaUplink(_settings(batch_max_records=50), buf, [TELEMETRY, copy], "g/e",
                          producer_factory=world.factory)
-    await _run_until(uplink, lambda: uplink.state()["acked_seq"] == seqs[-1])
+    await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
     assert max(n for *_, n, _d in world.sent) <= 50
     assert _dedup_in_order(world.log) == {b"plant-7/pump-3/m1": seqs}
     assert _dedup_in_order(world.log, "plant.copy") == {b"spBv1.0/plant-7/DDATA/pump-3/m1": seqs}
-    assert uplink.state()["messages_sent"] == 240
+    assert flat(uplink.state)["messages"] == 240
+
+
+EVENTS = Mapping("events", ("spBv1.0/+/DDATA/pump-3/valve",), "plant.events")
+
+
+@pytest.mark.parametrize("level", ["metadata", "produce"])
+async def test_a_refused_topic_is_held_in_order_while_the_others_flow(buf, level) -> None:
+    world = World()
+    (world.unauthorized if level == "metadata" else world.write_denied).add("plant.events")
+    uplink = KafkaUplink(_settings(), buf, [TELEMETRY, EVENTS], "g/e", producer_factory=world.factory)
+    # Stamped now: the quarantine keeps them under the same max_age as the buffer.
+    fresh = lambda dev, i: dataclasses.replace(_ddata(dev, i), ts_ms=int(time.time() * 1000))  # noqa: E731
+    seqs = await buf.append([fresh("valve" if i % 3 == 0 else "m1", i) for i in range(30)])
+    task = asyncio.create_task(uplink.run())
+    try:
+        await until(lambda: (uplink.state.extra["acked_seq"] or 0) >= seqs[-1] and uplink.state.up, 10,
+                    "all acked, link up", interval_s=0.01)
+        # The healthy mapping got everything; the refused topic got nothing; the link is up.
+        events = [v for t, _p, _k, v, _h in world.log if t == "plant.events"]
+        assert events == []
+        assert len([1 for t, *_ in world.log if t == "plant.telemetry"]) == 30
+        st = uplink.state.as_dict()
+        assert st["up"] and "plant.events" in st["refused"], st
+        assert "Authorization" in st["refused"]["plant.events"]["reason"], st
+        held = (await buf.stats())["quarantine"]["by_cursor_reason"]["kafka"]["held:plant.events"]
+        assert held == 10
+        assert len(world.producers) <= 3, "no producer storm"
+        # The refusal is lifted: the held records go, oldest first, and the topic flows again.
+        world.unauthorized.clear()
+        world.write_denied.clear()
+        await buf.append([fresh("valve", 99)])
+        await until(lambda: len([1 for t, *_ in world.log if t == "plant.events"]) >= 11, 10,
+                    "held records delivered", interval_s=0.01)
+        events = [v for t, _p, _k, v, _h in world.log if t == "plant.events"]
+        assert [int(v.split(b":")[1]) for v in events] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 99]
+        await until(lambda: not uplink.state.refused, 10, "topic accepted again", interval_s=0.01)
+        assert (await buf.stats())["quarantine"]["records"] == 0
+    finally:
+        await uplink.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from gateway.logs import JsonFormatter, KeyValueFormatter, StateLog, fields, setup_logging
+from common.logs import JsonFormatter, KeyValueFormatter, StateLog, fields, setup_logging
 
 
 class FakeClock:
@@ -73,7 +73,15 @@ def test_setup_logging_replaces_its_own_handler_on_reload(monkeypatch: pytest.Mo
         setup_logging("debug", "json", stream=second)
         logging.getLogger("gateway.test").debug("hello", extra=fields(a=1))
         assert first.getvalue() == ""
-        assert json.loads(second.getvalue())["a"] == 1
+        line = second.getvalue()
+        assert line.startswith("<7>"), "under journald every line carries its syslog priority"
+        assert json.loads(line[3:])["a"] == 1
+        third = io.StringIO()
+        setup_logging("info", "kv", stream=third)
+        logging.getLogger("gateway.test").warning("careful", extra=fields(b=2))
+        logging.getLogger("gateway.test").error("broken")
+        assert third.getvalue().splitlines()[0].startswith("<4>level=warning ")
+        assert third.getvalue().splitlines()[1].startswith("<3>level=error ")
         with pytest.raises(ValueError, match="log format"):
             setup_logging("info", "xml")
         with pytest.raises(ValueError, match="log level"):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.mappings import (
+from gateway.uplinks.kafka.mappings import (
     Mapping,
     MappingError,
     MappingTable,

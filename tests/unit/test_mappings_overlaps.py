@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import mappings as mp
-from gateway.mappings import Mapping, MappingError, MappingTable, mappings_from_config, topic_matches
+from gateway.uplinks.kafka import mappings as mp
+from gateway.uplinks.kafka.mappings import Mapping, MappingError, MappingTable, mappings_from_config, topic_matches
 
 
 def _m(name: str, *filters: str, **kw) -> Mapping:

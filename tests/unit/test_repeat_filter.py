@@ -2,7 +2,7 @@
 
 import logging
 
-from gateway.supervisor import RepeatFilter
+from common.logs import RepeatFilter
 
 
 def _rec(msg: str) -> logging.LogRecord:
@@ -20,3 +20,26 @@ def test_repeats_are_dropped_new_messages_pass() -> None:
 def test_window_expiry_lets_a_reminder_through() -> None:
     f = RepeatFilter(window_s=0.0)
     assert f.filter(_rec("x")) and f.filter(_rec("x"))
+
+
+def test_on_the_handler_it_sees_child_loggers_and_leaves_others_alone() -> None:
+    import io
+
+    from common.logs import install_handler_filter, setup_logging
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        out = io.StringIO()
+        setup_logging("info", "kv", stream=out)
+        install_handler_filter(RepeatFilter(prefixes=("aiokafka",)))
+        child = logging.getLogger("aiokafka.producer.sender")
+        for _ in range(5):
+            child.warning("Got error produce response, retrying")
+            logging.getLogger("gateway.x").warning("ours")
+        lines = out.getvalue().splitlines()
+        assert sum("retrying" in line for line in lines) == 1
+        assert sum("ours" in line for line in lines) == 5
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from drivers.base import PointInfo, Quality, Sample
+from gateway.pipeline.report import ReportByException
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.edge import (
     AliasTable,
     NodeIdentity,
-    ReportByException,
     build_dbirth,
     build_ddeath,
     build_nbirth,

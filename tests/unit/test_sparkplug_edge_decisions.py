@@ -6,11 +6,11 @@ import logging
 import math
 
 from drivers.base import PointInfo, Quality, Sample
+from gateway.pipeline.report import ReportByException
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.edge import (
     AliasTable,
     NodeIdentity,
-    ReportByException,
     build_dbirth,
     build_nbirth,
     build_ndeath,
@@ -101,12 +101,14 @@ def test_booleans_and_strings_are_compared_not_deadbanded() -> None:
 
 def test_unknown_points_are_logged_once_each(caplog) -> None:
     rbe = ReportByException(NODE, POINTS)
-    with caplog.at_level(logging.WARNING, logger="gateway.sparkplug.edge"):
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline.report"):
         for _ in range(3):
             assert not rbe.offer(s("d1", "nope", 1, 1))
         assert not rbe.offer(s("dX", "t", 1, 1))
-    msgs = [r.getMessage() for r in caplog.records if r.name == "gateway.sparkplug.edge"]
-    assert msgs == ["sample for unknown point d1/nope ignored", "sample for unknown point dX/t ignored"]
+    lines = [(r.getMessage(), r.outpost_fields["device"], r.outpost_fields["point"])
+             for r in caplog.records if r.name == "gateway.pipeline.report"]
+    assert lines == [("sample for unknown point ignored", "d1", "nope"),
+                     ("sample for unknown point ignored", "dX", "t")]
     assert rbe.suppressed == 0 and rbe.drain() == []
 
 
@@ -129,7 +131,8 @@ def test_a_value_that_does_not_fit_is_logged_with_the_point(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="gateway.sparkplug.edge"):
         rbe.offer(s("d1", "n", 70_000, 1))
         rec = rbe.drain()[0]
-    assert "point 'n'" in caplog.text and "reported as bad quality" in caplog.text
+    (rec_log,) = [r for r in caplog.records if r.name == "gateway.sparkplug.edge"]
+    assert "reported as bad quality" in rec_log.getMessage() and rec_log.outpost_fields["point"] == "n"
     m = pb.Payload.FromString(rec.payload).metrics[0]
     assert m.is_null and m.WhichOneof("value") is None
     assert list(m.properties.keys) == ["Quality"] and m.properties.values[0].int_value == 0

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.sparkplug.errors import SparkplugError
-from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
 
 def test_settings_from_config(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.systemd import Notifier, SystemdNotifyError, Watchdog, watchdog_interval_s
+from gateway.runtime.systemd import Notifier, SystemdNotifyError, Watchdog, watchdog_interval_s
 
 
 @pytest.fixture

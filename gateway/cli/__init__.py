@@ -19,10 +19,9 @@ import asyncio
 import json
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from gateway.config import DEFAULT_CONFIG_PATH, load_config, resolve_secrets, warnings
+from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import ConfigError
 
 EXIT_OK = 0
@@ -31,10 +30,9 @@ EXIT_CONFIG = 2
 
 
 def outpost_version() -> str:
-    try:
-        return version("outpost")
-    except PackageNotFoundError:
-        return "0+unknown"
+    from gateway.version import __version__
+
+    return __version__
 
 
 def _default_config() -> str:
@@ -61,14 +59,20 @@ def _socket_path(args: argparse.Namespace) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     paths = args.paths or [args.config or _default_config()]
     worst = EXIT_OK
+    from gateway.config_build import load_checked  # builds what `outpost run` builds, without I/O
+
+    if args.schema:
+        from gateway.config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
     for path in paths:
-        try:
-            cfg = load_config(path)
-            resolve_secrets(cfg, path=path) if args.secrets else None
-        except ConfigError as e:
-            print(str(e), file=sys.stderr)
+        res = load_checked(path, secrets=args.secrets)
+        if not res.ok or res.config is None:
+            print(str(ConfigError(path, res.problems)), file=sys.stderr)
             worst = EXIT_CONFIG
             continue
+        cfg = res.config
         s = cfg.summary()
         uplinks = ", ".join(s["uplinks"]) or "none (buffering only)"
         print(
@@ -76,7 +80,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{s['points']} point(s), uplinks: {uplinks}, {s['mappings']} Kafka mapping(s), "
             f"{s['inbound']} inbound mapping(s)"
         )
-        for w in warnings(cfg):
+        for f in res.files[1:]:
+            print(f"{path}: merged drop-in {f}")
+        for w in res.warnings:
             print(f"{path}: warning: {w}")
     return worst
 
@@ -86,15 +92,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = args.config or _default_config()
-    try:
-        cfg = load_config(path)
-        secrets = resolve_secrets(cfg, path=path)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_CONFIG
-    from gateway.supervisor import run_gateway
+    from gateway.config_build import load_checked
 
-    return asyncio.run(run_gateway(cfg, secrets, config_path=path))
+    # The same gate as `outpost check`: a file it accepts is a file that starts.
+    res = load_checked(path)
+    if not res.ok:
+        print(f"{path}: {len(res.problems)} problem(s) in the configuration", file=sys.stderr)
+        for problem in res.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    assert res.config is not None and res.secrets is not None
+    from gateway.runtime.supervisor import run_gateway
+
+    return asyncio.run(run_gateway(res.config, res.secrets, config_path=path))
 
 
 # --- status / tail -----------------------------------------------------------------------
@@ -209,6 +219,8 @@ def _buffer_command(args: argparse.Namespace, path: Path) -> int:
                 out.close()
         print(f"exported {n} record(s)", file=sys.stderr)
         return EXIT_OK
+    if args.buffer_cmd == "quarantine":
+        return _quarantine_command(args, path)
     if args.buffer_cmd == "purge":
         what = f"cursor {args.cursor!r}" if args.cursor else "every record"
         if not args.yes:
@@ -223,6 +235,43 @@ def _buffer_command(args: argparse.Namespace, path: Path) -> int:
         print(f"purged {n} record(s) (counted as dropped, reason=purged)")
         return EXIT_OK
     return EXIT_CONFIG
+
+
+def _quarantine_command(args: argparse.Namespace, path: Path) -> int:
+    from buffer import diagnostics as bd
+
+    cmd, cursor, reason = args.quarantine_cmd, args.cursor, args.reason
+    if cmd == "list":
+        rows = bd.quarantine_list(str(path), cursor, reason)
+        for r in rows:
+            print(f"{r['cursor']:<6} seq {r['seq']:<10} {r['reason']:<28} {r['stream']}  "
+                  f"{r['payload_bytes']} bytes")
+        print(f"{len(rows)} quarantined record(s)", file=sys.stderr)
+        return EXIT_OK
+    if cmd == "export":
+        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
+        try:
+            n = bd.quarantine_export(str(path), out, cursor, reason)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        print(f"exported {n} quarantined record(s)", file=sys.stderr)
+        return EXIT_OK
+    if cmd == "retry":
+        n = bd.quarantine_retry(str(path), cursor, reason, seqs=args.seq)
+        print(f"{n} record(s) go back to their uplink")
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("outpost buffer quarantine drop: refusing without --yes when not at a terminal",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        if input("Drop these quarantined records for good? Type 'drop': ").strip() != "drop":
+            print("nothing dropped")
+            return EXIT_OK
+    n = bd.quarantine_drop(str(path), cursor, reason, seqs=args.seq)
+    print(f"dropped {n} quarantined record(s) (counted as dropped, reason=quarantine_dropped)")
+    return EXIT_OK
 
 
 def _parse_since(value: str) -> int:
@@ -259,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(c)
     c.add_argument("paths", nargs="*", help="files to check (default: --config or the default path)")
     c.add_argument("--secrets", action="store_true", help="also resolve ${ENV} and *_file secrets")
+    c.add_argument("--schema", action="store_true", help="print the JSON Schema of the file (for editors) and exit")
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser("run", help="run the gateway")
@@ -286,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     try:
-        from gateway import probe_cli
+        from gateway.cli import probe as probe_cli
     except ImportError:  # the probe arrives with the drivers
         probe_cli = None  # type: ignore[assignment]
     if probe_cli is not None:
@@ -302,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--cursor", help="only records this uplink has not yet delivered")
     be.add_argument("--output", "-o", help="file (default stdout)")
     be.add_argument("--format", choices=["jsonl"], default="jsonl", help="one JSON object per record")
+    bq = bsub.add_parser("quarantine", help="records an uplink could not deliver, kept aside with why")
+    qsub = bq.add_subparsers(dest="quarantine_cmd", required=True)
+    for name, text in (("list", "one line per quarantined record (no payload)"),
+                       ("export", "quarantined records as JSON lines, payloads in base64"),
+                       ("retry", "send them again: each goes back to its uplink (gateway stopped)"),
+                       ("drop", "delete them, counted as dropped (gateway stopped; asks first)")):
+        q = qsub.add_parser(name, help=text)
+        q.add_argument("--cursor", help="only this uplink's (mqtt, kafka)")
+        q.add_argument("--reason", help='only this reason, e.g. "too_large" or "held:plant.events"')
+        if name in ("retry", "drop"):
+            q.add_argument("--seq", type=int, action="append", help="only this record (repeatable)")
+        if name == "drop":
+            q.add_argument("--yes", action="store_true", help="do not ask")
+        if name == "export":
+            q.add_argument("--output", "-o", help="file (default stdout)")
     bp = bsub.add_parser("purge", help="delete records (asks for confirmation)")
     bp.add_argument("--cursor", help="only advance this uplink's cursor past everything")
     bp.add_argument("--yes", action="store_true", help="do not ask")
@@ -312,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "probe":
-        from gateway import probe_cli
+        from gateway.cli import probe as probe_cli
 
         return asyncio.run(probe_cli.run(args))
     return args.func(args)

@@ -21,17 +21,20 @@ gateway put into service must not replay a topic's history of commands to its de
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import string
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.backoff import Backoff
+from common.logs import fields
 from drivers.base import DriverError, WriteRejected
-from gateway.errors import OutpostError
-from gateway.uplinks.kafka import KafkaSettings, backoff_delay, client_kwargs
+from gateway.errors import OutpostError, UplinkError
+from gateway.uplinks.core import UplinkState
+from gateway.uplinks.kafka.adapter import client_kwargs, new_consumer
+from gateway.uplinks.kafka.settings import KafkaSettings
+from gateway.writes import CommandJsonError, Specs, check_write, loads_command_json
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,9 @@ def parse_command(raw: bytes | None, where: str = "") -> Command:
     if raw is None:
         raise CommandError(f"{prefix}empty message (no value)")
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(f"{prefix}not JSON ({exc})") from None
+        doc = loads_command_json(raw)  # NaN, Infinity and 5000-digit numbers are refused
+    except CommandJsonError as exc:
+        raise CommandError(f"{prefix}{exc}") from None
     if not isinstance(doc, dict):
         raise CommandError(f"{prefix}expected a JSON object, got {type(doc).__name__}")
     missing = [k for k in ("device", "point", "value") if k not in doc]
@@ -133,14 +136,11 @@ class InboundMapping:
         )
 
 
-def _default_consumer_factory(*topics: str, **kwargs: Any) -> Any:
-    from aiokafka import AIOKafkaConsumer
-
-    return AIOKafkaConsumer(*topics, **kwargs)
-
-
 class _Stopping(Exception):
     pass
+
+
+COUNTERS = ("received", "published", "written", "malformed", "rejected", "failed", "refused")
 
 
 class KafkaInbound:
@@ -156,6 +156,7 @@ class KafkaInbound:
         auto_offset_reset: str = "latest",
         write_attempts: int = 3,
         consumer_factory: Callable[..., Any] | None = None,
+        specs: Specs | None = None,
     ) -> None:
         if mapping.action == "mqtt_publish" and publish is None:
             raise InboundError(f"kafka inbound {mapping.name!r}: mqtt_publish needs an MQTT link")
@@ -165,27 +166,16 @@ class KafkaInbound:
         self.mapping = mapping
         self._publish = publish
         self._write = write
+        self._specs = specs  # gateway.writes: the check DCMD applies, before any attempt
         self._auto_offset_reset = auto_offset_reset
         self._write_attempts = max(1, write_attempts)
-        self._consumer_factory = consumer_factory or _default_consumer_factory
+        self._consumer_factory = consumer_factory or new_consumer
         self._stopping = asyncio.Event()
         self._consumer: Any = None
-        self._counts = dict.fromkeys(
-            ("received", "published", "written", "malformed", "rejected", "failed"), 0
-        )
-        self._link = "down"
-        self._since = time.time()
-        self._last_error: str | None = None
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "name": self.mapping.name,
-            "group_id": self.mapping.group_id,
-            "link": self._link,
-            "since": self._since,
-            **self._counts,
-            "last_error": self._last_error,
-        }
+        self.state = UplinkState(f"inbound:{mapping.name}", counters=COUNTERS, logger=log)
+        self.state.server = settings.where
+        self.state.extra.update({"name": mapping.name, "group_id": mapping.group_id})
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
 
     async def stop(self) -> None:
         """Ask `run()` to return after the message in hand (its owner awaits the task)."""
@@ -194,7 +184,6 @@ class KafkaInbound:
     async def run(self) -> None:
         from aiokafka.errors import KafkaError
 
-        attempt = 0
         while not self._stopping.is_set():
             consumer = self._consumer_factory(
                 *self.mapping.kafka_topics,
@@ -205,23 +194,21 @@ class KafkaInbound:
             )
             try:
                 await asyncio.wait_for(consumer.start(), timeout=self._s.request_timeout_s + 5)
-                self._set_link("up")
-                attempt = 0
+                self.state.link_up(self._s.where)
+                self._backoff.reset()
                 await self._consume(consumer)
             except _Stopping:
                 break
             except (KafkaError, OSError, TimeoutError) as exc:
-                self._set_link("down", exc)
-                delay = backoff_delay(attempt, self._s.reconnect_min_s, self._s.reconnect_max_s)
-                attempt += 1
-                await self._sleep(delay)
+                self.state.link_down(str(exc) or type(exc).__name__)
+                await self._sleep(self._backoff.next())
             finally:
                 try:
                     await asyncio.wait_for(consumer.stop(), timeout=self._s.request_timeout_s + 5)
                 except Exception as exc:
-                    log.warning("kafka inbound %r: consumer did not close: %s",
-                                self.mapping.name, exc)
-        self._set_link("stopped")
+                    log.warning("kafka inbound consumer did not close",
+                                extra=fields(inbound=self.mapping.name, reason=str(exc)))
+        self.state.stopped()
 
     async def _consume(self, consumer: Any) -> None:
         from aiokafka.errors import CommitFailedError
@@ -237,79 +224,86 @@ class KafkaInbound:
                         await consumer.commit({tp: msg.offset + 1})
                     except CommitFailedError as exc:
                         # The group rebalanced; the new owner resumes from the last commit.
-                        log.warning("kafka inbound %r: commit failed (%s)", self.mapping.name, exc)
+                        log.warning("kafka inbound commit failed",
+                                    extra=fields(inbound=self.mapping.name, reason=str(exc)))
                         return
 
     async def _handle(self, msg: Any) -> None:
-        self._counts["received"] += 1
-        where = f"kafka inbound {self.mapping.name!r} {msg.topic}[{msg.partition}]@{msg.offset}"
+        """Handle one message; nothing it can contain stops the partition (DESIGN rule 7)."""
+        self.state.count("received")
+        where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
         try:
             if self.mapping.action == "mqtt_publish":
                 await self._do_publish(msg, where)
             else:
                 await self._do_command(msg, where)
+        except (_Stopping, asyncio.CancelledError):
+            raise
         except CommandError as exc:
-            self._counts["malformed"] += 1
-            log.warning("%s: skipped: %s", where, exc)
+            self.state.count("malformed")
+            self.state.error(f"malformed:{type(exc).__name__}", "kafka command skipped",
+                             inbound=self.mapping.name, where=where, reason=str(exc))
+        except Exception as exc:  # whatever else one message causes, it is counted and passed
+            self.state.count("malformed")
+            self.state.error(f"crash:{type(exc).__name__}", "kafka message could not be handled, skipped",
+                             inbound=self.mapping.name, where=where,
+                             reason=f"{type(exc).__name__}: {exc}")
 
     async def _do_publish(self, msg: Any, where: str) -> None:
         assert self._publish is not None and self.mapping.mqtt_topic_template is not None
         topic = render_topic(
             self.mapping.mqtt_topic_template, topic=msg.topic, key=msg.key, partition=msg.partition
         )
-        attempt = 0
+        backoff = Backoff(0.2, 10.0)
         while True:
             try:
                 await self._publish(topic, msg.value or b"", self.mapping.qos)
-                self._counts["published"] += 1
+                self.state.count("published")
                 return
+            except UplinkError as exc:
+                if not exc.retriable:  # refused for this message (too large): never deliverable
+                    self.state.count("refused")
+                    self.state.error(f"refused:{topic}", "kafka message refused by MQTT, skipped",
+                                     inbound=self.mapping.name, where=where, topic=topic, reason=str(exc))
+                    return
+                failure: Exception = exc
             except Exception as exc:
-                # The local broker is down or restarting: hold this partition until it is back.
-                if attempt == 0:
-                    log.warning("%s: publish to MQTT %r failed, retrying: %s", where, topic, exc)
-                self._last_error = f"publish {topic!r}: {exc}"
-                await self._sleep(backoff_delay(attempt, 0.2, 10.0))
-                attempt += 1
-                if self._stopping.is_set():
-                    raise _Stopping from None
+                failure = exc
+            # The local broker is down, restarting or refusing this topic: hold this
+            # partition (order) until it takes the message.
+            self.state.error(f"publish:{topic}", "publish to MQTT failed, retrying",
+                             inbound=self.mapping.name, where=where, topic=topic, reason=str(failure))
+            await self._sleep(backoff.next())
+            if self._stopping.is_set():
+                raise _Stopping from None
 
     async def _do_command(self, msg: Any, where: str) -> None:
         assert self._write is not None
         cmd = parse_command(msg.value, where="")
+        backoff = Backoff(0.5, 5.0)
         for attempt in range(self._write_attempts):
             try:
-                await self._write(cmd.device, cmd.point, cmd.value)
-                self._counts["written"] += 1
-                log.info("%s: wrote %r to %s.%s", where, cmd.value, cmd.device, cmd.point)
+                value = cmd.value if self._specs is None else check_write(self._specs, cmd.device, cmd.point, cmd.value)
+                await self._write(cmd.device, cmd.point, value)
+                self.state.count("written")
+                log.info("kafka command written", extra=fields(
+                    inbound=self.mapping.name, where=where, device=cmd.device, point=cmd.point,
+                    value=value))
                 return
             except WriteRejected as exc:
-                self._counts["rejected"] += 1
-                self._last_error = f"{cmd.device}.{cmd.point}: {exc}"
-                log.warning("%s: write %s.%s = %r rejected: %s",
-                            where, cmd.device, cmd.point, cmd.value, exc)
+                self.state.count("rejected")
+                self.state.error(f"rejected:{cmd.device}.{cmd.point}", "kafka command rejected",
+                                 inbound=self.mapping.name, where=where, device=cmd.device,
+                                 point=cmd.point, value=cmd.value, reason=str(exc))
                 return
             except DriverError as exc:
-                self._last_error = f"{cmd.device}.{cmd.point}: {exc}"
                 if not exc.retriable or attempt + 1 == self._write_attempts:
-                    self._counts["failed"] += 1
-                    log.error("%s: write %s.%s = %r failed: %s",
-                              where, cmd.device, cmd.point, cmd.value, exc)
+                    self.state.count("failed")
+                    self.state.error(f"failed:{cmd.device}.{cmd.point}", "kafka command write failed",
+                                     inbound=self.mapping.name, where=where, device=cmd.device,
+                                     point=cmd.point, value=cmd.value, reason=str(exc))
                     return
-                await self._sleep(backoff_delay(attempt, 0.5, 5.0))
-
-    def _set_link(self, link: str, exc: BaseException | None = None) -> None:
-        if exc is not None:
-            text = str(exc) or type(exc).__name__
-            if self._link == "up" or text != self._last_error:
-                log.warning("kafka inbound %r to %s is down: %s",
-                            self.mapping.name, self._s.where, text)
-            self._last_error = text
-        elif link == "up" and self._link != "up":
-            log.info("kafka inbound %r consuming %s", self.mapping.name,
-                     ",".join(self.mapping.kafka_topics))
-        if link != self._link:
-            self._link = link
-            self._since = time.time()
+                await self._sleep(backoff.next())
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -324,6 +318,7 @@ def inbound_from_config(
     *,
     publish: PublishFn | None,
     write: WriteFn | None,
+    specs: Specs | None = None,
 ) -> list[KafkaInbound]:
     """One KafkaInbound per `[[kafka.inbound]]` entry of the lead's KafkaSection."""
     return [
@@ -332,6 +327,7 @@ def inbound_from_config(
             InboundMapping.from_config(s, default_name=f"inbound[{i}]"),
             publish=publish,
             write=write,
+            specs=specs,
         )
         for i, s in enumerate(section.inbound)
     ]

@@ -9,7 +9,10 @@ births are the backlog: sent with `is_historical`, oldest first, paced, while li
 keep flowing beside them. Births and deaths go at QoS 0 as the specification says.
 
 We own reconnects: gmqtt's own reconnect would reuse the session (clean_session=False) and
-the old Will, which Sparkplug forbids, so each connection is a fresh gmqtt Client.
+the old Will, which Sparkplug forbids, so each connection is a fresh `MqttConnection` of the
+shared client layer (gateway.uplinks.mqtt.client), which also reads every PUBACK's reason
+code: a publish the broker refused is never taken for a delivered one. Link state, counters
+and their log lines go through the uplink contract (gateway.uplinks.core).
 """
 
 from __future__ import annotations
@@ -17,20 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gmqtt import Client, Message
-from gmqtt.mqtt.constants import MQTTv50, MQTTv311
-from gmqtt.storage import PersistentStorage
+from gmqtt import Message
 
+from common.backoff import Backoff
+from common.logs import fields as _fields
 from drivers.base import DeviceEvent, DeviceState, DriverError, Sample, now_ms
-from gateway.config import parse_server_url
 from gateway.errors import UplinkError
+from gateway.records import H_TYPE, SPARKPLUG_DATA_TYPES, clock_fix
 from gateway.sparkplug.edge import (
     AliasTable,
     NodeIdentity,
@@ -50,6 +51,18 @@ from gateway.sparkplug.node import (
     parse_ncmd,
 )
 from gateway.sparkplug.topics import MessageType, TopicError, parse_topic, state_topic
+from gateway.uplinks.core import Outcome, UplinkState
+from gateway.uplinks.mqtt.client import (
+    RC_SUCCESS,
+    ConnectionLost,
+    MqttClientSettings,
+    MqttConnection,
+    MqttError,
+    PacketTooLarge,
+    ServerList,
+    puback_outcome,
+    reason_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,72 +109,45 @@ class MqttUplinkSettings:
             reconnect_min=m.reconnect_min, reconnect_max=m.reconnect_max,
         )
 
+    def client(self) -> MqttClientSettings:
+        return MqttClientSettings(
+            servers=tuple(self.servers), username=self.username, password=self.password,
+            ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file,
+            keepalive=self.keepalive, protocol=self.protocol, connect_timeout=self.connect_timeout)
 
-class AckTracker(PersistentStorage):
-    """gmqtt's in-flight store, extended to tell us which mid a publish got and its PUBACK."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_mid: int | None = None
-        self.waiters: dict[int, asyncio.Future[None]] = {}
-
-    def push_message(self, mid: int, raw_package: bytes) -> None:
-        super().push_message(mid, raw_package)
-        self.last_mid = mid
-
-    def remove_message_by_mid(self, mid: int) -> None:
-        super().remove_message_by_mid(mid)
-        fut = self.waiters.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    def ack_future(self) -> asyncio.Future[None]:
-        """Resolved by the PUBACK of the QoS 1 publish just made; call right after publish()."""
-        if self.last_mid is None:
-            raise UplinkError("the QoS 1 publish was not queued")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters[self.last_mid] = fut
-        return fut
+    @property
+    def default_client_id(self) -> str:
+        return self.client_id or f"outpost-{self.group_id}-{self.edge_node_id}"
 
 
 class _SessionEnded(Exception):
     """The connection is gone or must be dropped (lost, host offline, next server)."""
 
 
-class _QuietReconnectFilter(logging.Filter):
-    # We disable gmqtt's reconnect on purpose; its complaint about it is noise.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max number of failed connection attempts" not in record.getMessage()
+class _Refused(UplinkError):
+    """The broker refused a publish: nothing of the batch is acknowledged to the buffer."""
+
+    retriable = True
 
 
-_gmqtt_log = logging.getLogger("gateway.uplinks.mqtt.gmqtt")
-_gmqtt_log.addFilter(_QuietReconnectFilter())
+COUNTERS = ("published", "historical", "held", "quarantined", "births", "rebirths", "connects",
+            "commands", "commands_rejected", "writes_failed", "refused", "skipped")
+HELD_PREFIX = "held:"
 
 
-def clock_fix(clock: Any, headers: Mapping[str, str]) -> tuple[int, bool]:
-    """(correction in ms, flag) for a record stamped on an untrusted clock; (0, False) otherwise.
+@dataclass(slots=True)
+class _Held:
+    """A topic the broker refuses (not authorised, quota): its records wait in the buffer's
+    quarantine, in order, until a probe is accepted; then they are drained oldest first."""
 
-    Never holds a record back: a reading is published at once, corrected when the clock has
-    synchronised since it was taken (same boot), else flagged.
-    """
-    if "clock" not in headers:
-        return 0, False
-    if clock is None:
-        return 0, True
-    from gateway.clock import Resolution
+    topic: str
+    backoff: Backoff
+    draining: bool = False
+    next_probe: float = 0.0
 
-    res = clock.resolve_record(headers, held_for_s=0.0, max_hold_s=0.0)
-    if res.action is Resolution.PUBLISH:
-        return int(res.delta_ms or 0), False
-    return 0, True
-
-
-def _server(url: str) -> tuple[str, int, bool]:
-    try:
-        s = parse_server_url(url)  # the config's parser: one URL syntax everywhere
-    except ValueError as exc:
-        raise SparkplugError(f"mqtt.servers: {exc}") from None
-    return s.host, s.port, s.tls
+    @property
+    def reason_key(self) -> str:
+        return (HELD_PREFIX + self.topic)[:200]
 
 
 class SparkplugUplink:
@@ -170,10 +156,10 @@ class SparkplugUplink:
     def __init__(self, settings: MqttUplinkSettings, buffer: Any,
                  devices: Mapping[str, Sequence[PointLike]], write_cb: WriteCallback, *,
                  snapshot: Snapshot | None = None, clock: Any = None) -> None:
-        if not settings.servers:
-            raise SparkplugError("mqtt.servers: at least one server is needed")
-        for url in settings.servers:
-            _server(url)  # fail at construction, not in the middle of run()
+        try:
+            self._servers = ServerList(settings.servers)  # fails here, not in the middle of run()
+        except MqttError as exc:
+            raise SparkplugError(str(exc)) from None
         self.settings = settings
         self.buffer = buffer
         self.devices = {d: list(p) for d, p in devices.items()}
@@ -185,9 +171,7 @@ class SparkplugUplink:
         self._bdseq_store = BdSeqStore(settings.data_dir)
         self._seq = SeqCounter()
         self._host = PrimaryHostState(settings.primary_host_id) if settings.primary_host_id else None
-        self._client: Client | None = None
-        self._acks: AckTracker | None = None
-        self._lost = asyncio.Event()
+        self._conn: MqttConnection | None = None
         self._host_changed = asyncio.Event()
         self._stopping = False
         self._stop_event = asyncio.Event()
@@ -203,37 +187,37 @@ class SparkplugUplink:
         self._last_rebirth = 0.0
         self._next_server = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._server_index = 0
         self._established = False
         self.bdseq: int | None = None
-        self.counters = {"published": 0, "historical": 0, "births": 0, "rebirths": 0,
-                         "connects": 0, "commands": 0, "commands_rejected": 0, "writes_failed": 0}
-        self.connected_server: str | None = None
-        self.last_error: str = ""
-        self._logged_error = ""
-        self._failed_attempts = 0
+        self.state = UplinkState("mqtt", counters=COUNTERS, logger=log)
+        self.counters = self.state.counters  # the contract's counters, by their short name
+        self.state.on_render = self._note_session
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._refusal_backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._held: dict[str, _Held] = {}
 
     # -- what the runtime calls ----------------------------------------------------------
 
     def on_device_event(self, ev: DeviceEvent) -> None:
         """Queue a device state change; the publish loop sends DDEATH/DBIRTH in order."""
         if ev.device not in self.devices:
-            log.warning("device event for unknown device %r ignored", ev.device)
+            log.warning("device event for unknown device ignored", extra=_fields(device=ev.device))
             return
         self._events.append(ev)
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "connected": self.connected_server is not None,
-            "server": self.connected_server,
+    @property
+    def last_error(self) -> str:
+        return self.state.last_error or ""
+
+    def _note_session(self) -> None:
+        """Sparkplug facts shown beside the link in `outpost status`."""
+        self.state.extra.update({
             "bdseq": self.bdseq,
             "seq_next": self._seq.peek,
             "primary_host": None if self._host is None else {
                 "id": self._host.host_id, "online": self._host.online},
             "devices_dead": sorted(self._dead),
-            "last_error": self.last_error,
-            **self.counters,
-        }
+        })
 
     async def stop(self) -> None:
         """Planned shutdown: run() publishes NDEATH, sends DISCONNECT and returns.
@@ -248,105 +232,68 @@ class SparkplugUplink:
                 await asyncio.wait_for(self._finished.wait(), 15.0)
         await self._cancel_tasks()
 
-    def _link_down(self, error: str) -> None:
-        """Log a link failure once: repeats of the same error while down go to debug only."""
-        self.last_error = error
-        self._failed_attempts += 1
-        if error != self._logged_error:
-            self._logged_error = error
-            log.warning("MQTT link down: %s (retrying with backoff; repeats are not logged)", error)
-        else:
-            log.debug("MQTT link still down: %s (attempt %d)", error, self._failed_attempts)
-
     async def run(self) -> None:
         """Connect, birth, publish; reconnects with backoff until cancelled or stopped."""
         await self.buffer.register_cursor(CURSOR)
-        delay = self.settings.reconnect_min
+        await self._load_held()
         self._running = True
         self._finished.clear()
         try:
             while not self._stopping:
-                url = self.settings.servers[self._server_index]
+                url = self._servers.current
                 self._established = False
                 try:
                     await self._session(url)
                 except _SessionEnded as exc:
                     if not self._stopping:
-                        self._link_down(f"{url}: session ended: {exc}")
+                        self.state.link_down(f"{url}: session ended: {exc}", server=url)
                 except (OSError, TimeoutError, SparkplugError, UplinkError) as exc:
-                    self._link_down(f"{url}: {exc}")
-                except Exception as exc:  # gmqtt raises its own MQTTConnectError
-                    if type(exc).__name__ != "MQTTConnectError":
-                        raise
-                    self._link_down(f"{url}: refused the connection: {exc}")
+                    self.state.link_down(f"{url}: {exc}", server=url)
                 finally:
                     await self._drop_client()
                 if self._stopping:
                     break
                 if self._established and not self._next_server:
-                    delay = self.settings.reconnect_min
+                    self._backoff.reset()  # the session worked: start the backoff over
                 else:
-                    self._server_index = (self._server_index + 1) % len(self.settings.servers)
+                    self._servers.advance()
                 self._next_server = False
+                self._note_session()
                 with contextlib.suppress(TimeoutError):  # stop() ends the backoff early
-                    await asyncio.wait_for(self._stop_event.wait(),
-                                           delay * random.uniform(0.8, 1.2))
-                delay = min(self.settings.reconnect_max, delay * 2)
+                    await asyncio.wait_for(self._stop_event.wait(), self._backoff.next())
         finally:
             await self._cancel_tasks()
             await self._drop_client()
+            self.state.stopped()
             self._running = False
             self._finished.set()
 
     # -- one connection --------------------------------------------------------------------
 
     async def _session(self, url: str) -> None:
-        host, port, tls = _server(url)
         st = self.settings
         # Failed attempts do not use up a bdSeq: NBIRTHs of successive sessions go +1.
         self.bdseq = await asyncio.to_thread(self._bdseq_store.candidate)
         will = Message(self.node.topic(MessageType.NDEATH), build_ndeath(self.bdseq),
                        qos=1, retain=False)
-        self._acks = AckTracker()
-        client = Client(st.client_id or f"outpost-{st.group_id}-{st.edge_node_id}",
-                        clean_session=True, will_message=will, persistent_storage=self._acks,
-                        logger=_gmqtt_log)
-        client.set_config({"reconnect_retries": -2, "reconnect_delay": 3600})
-        if st.username:
-            client.set_auth_credentials(st.username, st.password)
-        self._lost = asyncio.Event()
-        client.on_message = self._on_message
-        client.on_disconnect = lambda *_a, **_k: self._lost.set()
-        subacks: dict[int, asyncio.Future[Any]] = {}
-
-        def on_subscribe(_client: Any, mid: int, qos: Any, _props: Any) -> None:
-            fut = subacks.pop(mid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(qos)
-
-        client.on_subscribe = on_subscribe
-        self._client = client
-        ctx = self._ssl_context() if tls else False
-        version = MQTTv50 if st.protocol == "5" else MQTTv311
-        await self._connect(client, host, port, ctx, version, tls)
+        conn = MqttConnection(st.client(), st.default_client_id, clean_session=True, will=will,
+                              on_message=self._on_message)
+        self._conn = conn
+        await conn.open(url)
         await asyncio.to_thread(self._bdseq_store.commit, self.bdseq)
-        self.counters["connects"] += 1
-        log.info("connected to MQTT server %s with bdSeq %d after %d failed attempt(s)", url, self.bdseq,
-                 self._failed_attempts)
-        self._failed_attempts = 0
-        self._logged_error = ""
+        self.state.count("connects")
+        log.info("connected", extra=_fields(server=url, bdseq=self.bdseq))
 
         # Commands (and STATE) are subscribed before any birth, at QoS 1.
         topics = [self.node.topic(MessageType.NCMD),
                   f"spBv1.0/{st.group_id}/DCMD/{st.edge_node_id}/+"]
         if self._host is not None:
             topics.append(state_topic(self._host.host_id))
-        for t in topics:
-            mid = client.subscribe(t, qos=1)
-            subacks[mid] = asyncio.get_running_loop().create_future()
-        await self._until(asyncio.gather(*subacks.values()), st.connect_timeout)
-        self.connected_server = url
+        await conn.subscribe(topics, qos=1)
         self._established = True
+        self.state.link_up(url)
+        self._note_session()
+        client = conn
 
         while not self._stopping:
             if self._host is not None:
@@ -361,66 +308,22 @@ class SparkplugUplink:
         if self._stopping:
             await self._goodbye(client)
 
-    async def _connect(self, client: Client, host: str, port: int, ctx: Any, version: Any, tls: bool) -> None:
-        """CONNECT and wait for CONNACK, or for the connection to drop, or for the timeout.
-
-        gmqtt's connect() does not return when the server drops the connection before
-        CONNACK (a TLS 1.3 server refusing a client certificate resets after the handshake),
-        so we race it against the disconnect and say which of the three it was.
-        """
-        st = self.settings
-        connect = asyncio.ensure_future(
-            client.connect(host, port, ssl=ctx, keepalive=max(1, int(st.keepalive)), version=version))
-        lost = asyncio.ensure_future(self._lost.wait())
-        try:
-            done, _ = await asyncio.wait({connect, lost}, timeout=st.connect_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (connect, lost):
-                t.cancel()
-            await asyncio.gather(connect, lost, return_exceptions=True)
-        if connect in done:
-            connect.result()  # MQTTConnectError / OSError as they are
-            return
-        if lost in done:
-            hint = (" (a TLS server that requires a client certificate refuses a missing or untrusted"
-                    " one this way: check cert_file/key_file)" if tls else "")
-            raise ConnectionError(f"the server closed the connection before CONNACK{hint}")
-        raise TimeoutError(f"no CONNACK within {st.connect_timeout:g}s")
-
-    async def _until(self, aw: Awaitable[Any], limit_s: float | None = None) -> Any:
+    async def _conn_until(self, aw: Awaitable[Any], limit_s: float | None = None) -> Any:
         """Await `aw` unless the connection is lost first (then _SessionEnded)."""
-        task = asyncio.ensure_future(aw)
-        lost = asyncio.ensure_future(self._lost.wait())
+        assert self._conn is not None
         try:
-            done, _ = await asyncio.wait({task, lost}, timeout=limit_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        if not done:
-            raise TimeoutError("no answer from the MQTT server in time")
-        raise _SessionEnded("connection lost")
+            return await self._conn.until(aw, limit_s)
+        except ConnectionLost as exc:
+            raise _SessionEnded(str(exc)) from None
 
     async def _wait_host_online(self) -> None:
         assert self._host is not None
         while not self._host.online and not self._stopping:
             self._host_changed.clear()
-            log.info("waiting for primary host %r to be online", self._host.host_id)
-            await self._until(self._host_changed.wait())
+            log.info("waiting for primary host", extra=_fields(host_id=self._host.host_id))
+            await self._conn_until(self._host_changed.wait())
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        st = self.settings
-        ctx = ssl.create_default_context(cafile=st.ca_file)
-        if st.cert_file:
-            ctx.load_cert_chain(st.cert_file, st.key_file)
-        return ctx
-
-    async def _births(self, client: Client) -> None:
+    async def _births(self, client: MqttConnection) -> None:
         """NBIRTH (seq 0), then a DBIRTH per live device; takes the historical watermark."""
         stats = await self.buffer.stats()
         self._node_watermark = int(stats.get("last_seq") or 0)
@@ -437,10 +340,10 @@ class SparkplugUplink:
             if device in self._dead:
                 continue
             self._dbirth(client, device, points)
-        self.counters["births"] += 1
-        log.info("NBIRTH bdSeq %d and %d DBIRTH published", self.bdseq, len(self._born))
+        self.state.count("births")
+        log.info("births published", extra=_fields(bdseq=self.bdseq, dbirths=len(self._born)))
 
-    def _dbirth(self, client: Client, device: str, points: Sequence[PointLike]) -> None:
+    def _dbirth(self, client: MqttConnection, device: str, points: Sequence[PointLike]) -> None:
         client.publish(self.node.topic(MessageType.DBIRTH, device),
                        build_dbirth(device, points, self.snapshot(device), self.aliases,
                                     now_ms(), self._seq.take()), qos=0, retain=False)
@@ -455,7 +358,7 @@ class SparkplugUplink:
                 self._dead.discard(ev.device)
         self._events.clear()
 
-    async def _handle_events(self, client: Client) -> None:
+    async def _handle_events(self, client: MqttConnection) -> None:
         events, self._events = self._events, []
         for ev in events:
             if ev.state is DeviceState.OFFLINE and ev.device not in self._dead:
@@ -464,16 +367,16 @@ class SparkplugUplink:
                     client.publish(self.node.topic(MessageType.DDEATH, ev.device),
                                    build_ddeath(now_ms(), self._seq.take()), qos=0, retain=False)
                     self._born.discard(ev.device)
-                    log.info("DDEATH %s (%s)", ev.device, ev.reason or "offline")
+                    log.info("DDEATH", extra=_fields(device=ev.device, reason=ev.reason or "offline"))
             elif ev.state is DeviceState.ONLINE and ev.device in self._dead:
                 self._dead.discard(ev.device)
                 # Records stored before this DBIRTH are history for this device.
                 stats = await self.buffer.stats()
                 self._watermarks[self.node.stream(ev.device)] = int(stats.get("last_seq") or 0)
                 self._dbirth(client, ev.device, self.devices[ev.device])
-                log.info("DBIRTH %s", ev.device)
+                log.info("DBIRTH", extra=_fields(device=ev.device))
 
-    async def _publish_loop(self, client: Client) -> None:
+    async def _publish_loop(self, client: MqttConnection) -> None:
         """Publish the buffer in two lanes until the session ends or a rebirth is due.
 
         Live lane: records stored after the births' watermark, as they come, oldest first.
@@ -489,13 +392,12 @@ class SparkplugUplink:
         acked = 0
         tokens, last = 1.0, time.monotonic()
         while not self._stopping:
-            if self._lost.is_set():
+            if client.lost.is_set():
                 raise _SessionEnded("connection lost")
             if self._rebirth_requested:
                 return
             if self._host is not None and not self._host.online:
-                log.warning("primary host %r went offline: NDEATH and disconnect",
-                            self._host.host_id)
+                log.warning("primary host offline: NDEATH and disconnect", extra=_fields(host_id=self._host.host_id))
                 await self._goodbye(client)
                 raise _SessionEnded("primary host offline")
             if self._next_server:
@@ -507,9 +409,13 @@ class SparkplugUplink:
 
             live = await self.buffer.read(CURSOR, limit=st.batch_max_records, after_seq=live_after)
             if live:
-                await self._publish_batch(client, live)
-                self._note_delivered(live[0].seq, live[-1].seq)
-                live_after = live[-1].seq
+                todo = [r for r in live if not self._is_delivered(r.seq)]
+                refused = await self._publish_batch(client, todo)
+                live_after = live[-1].seq if refused is None else refused - 1
+                progressed = True
+                if refused is not None:
+                    await self._hold_refused(client)
+            if self._held and await self._serve_held(client):
                 progressed = True
 
             if backlog:
@@ -522,14 +428,18 @@ class SparkplugUplink:
                     batch = [r for r in batch if r.seq <= watermark]
                     if not batch:
                         backlog = False
-                        log.info("backlog flushed up to seq %d", watermark)
+                        log.info("backlog flushed", extra=_fields(upto_seq=watermark))
                     else:
                         todo = [r for r in batch if not self._is_delivered(r.seq)]
-                        await self._publish_batch(client, todo)
+                        refused = await self._publish_batch(client, todo)
                         tokens -= len(todo)
-                        await self.buffer.ack(CURSOR, batch[-1].seq)
-                        self._forget_delivered(batch[-1].seq)
+                        upto = batch[-1].seq if refused is None else refused - 1
+                        if upto >= batch[0].seq:
+                            await self.buffer.ack(CURSOR, upto)
+                            self._forget_delivered(upto)
                         progressed = True
+                        if refused is not None:
+                            await self._hold_refused(client)
             if not backlog and live_after > max(acked, watermark):
                 # Everything from the watermark to live_after is delivered: move the cursor.
                 await self.buffer.ack(CURSOR, live_after)
@@ -537,40 +447,167 @@ class SparkplugUplink:
                 acked = live_after
             if not progressed:
                 if backlog:  # wait for the next backlog token, or for live records
-                    await self._until(self.buffer.wait_for_records(
+                    await self._conn_until(self.buffer.wait_for_records(
                         CURSOR, max(0.01, min(0.2, 1.0 / st.historical_max_per_s)),
                         after_seq=live_after))
                 else:
-                    await self._until(self.buffer.wait_for_records(CURSOR, 0.2,
+                    await self._conn_until(self.buffer.wait_for_records(CURSOR, 0.2,
                                                                    after_seq=live_after))
 
-    @staticmethod
-    def _inflight_limit(client: Client) -> int:
-        """QoS 1 publishes we may have in flight: the broker's CONNACK Receive Maximum.
+    async def _publish_batch(self, client: MqttConnection, records: Sequence[Any]) -> int | None:
+        """Publish at QoS 1 within the broker's Receive Maximum and wait for every PUBACK.
 
-        gmqtt lowers its packet-id pool to that value and raises OverflowError beyond it
-        (Mosquitto grants 20), so a backlog must never be pushed out all at once.
+        Every outcome is classified (DESIGN rule 6). Delivered, or skipped as not for MQTT:
+        noted as delivered. Refused for this record (too large for the broker, payload
+        format): quarantined in the buffer, so the cursor moves past it. Refused for its topic
+        (not authorised, quota, bad topic): quarantined as held for that topic, which is then
+        held (its later records go aside too, in order) and probed until it accepts. A record
+        of a held topic goes aside without being sent. Retriable (packet id in use): the seq
+        of the first such record is returned, so the caller moves the cursor only up to it.
+        A refusal is never an ack.
         """
-        handler = getattr(client, "_package_handler", None)
-        ids = getattr(handler, "id_generator", None)
-        pool = getattr(ids, "_max", 20) or 20
-        return max(1, min(pool - 2, 100))
-
-    async def _publish_batch(self, client: Client, records: Sequence[Any]) -> None:
-        """Publish at QoS 1 with a sliding window of PUBACKs and wait for all of them."""
         timeout = max(30.0, 3 * self.settings.keepalive)
-        window = asyncio.Semaphore(self._inflight_limit(client))
-        futures = []
+        window = asyncio.Semaphore(client.inflight_limit())
+        pending: list[tuple[Any, str, asyncio.Future[int]]] = []
+        aside: list[tuple[Any, str, str]] = []  # (record, quarantine reason, log detail)
         for rec in records:
-            await self._until(window.acquire(), timeout)
-            fut = self._publish_record(client, rec, self._is_historical(rec))
-            if fut is None:
-                window.release()
+            topic = self._topic_of(rec)
+            if topic is not None and topic in self._held:
+                aside.append((rec, self._held[topic].reason_key, "topic held"))
                 continue
+            await self._conn_until(window.acquire(), timeout)
+            try:
+                sent = self._publish_record(client, rec, self._is_historical(rec))
+            except PacketTooLarge as exc:
+                window.release()
+                aside.append((rec, "too_large", str(exc)))
+                continue
+            if sent is None:
+                window.release()
+                self._note_delivered(rec.seq, rec.seq)
+                continue
+            topic, fut = sent
             fut.add_done_callback(lambda _f: window.release())
-            futures.append(fut)
-        if futures:
-            await self._until(asyncio.gather(*futures), timeout)
+            pending.append((rec, topic, fut))
+        if pending:
+            await self._conn_until(asyncio.gather(*(f for _, _, f in pending)), timeout)
+        delivered = historical = 0
+        retry_from: int | None = None
+        for rec, topic, fut in pending:
+            code = fut.result()
+            outcome = puback_outcome(code)
+            if outcome is Outcome.DELIVERED:
+                self._note_delivered(rec.seq, rec.seq)
+                delivered += 1
+                historical += self._is_historical(rec)
+            elif outcome is Outcome.REFUSED_DESTINATION:
+                self._hold(topic, f"PUBACK {reason_text(code)}")
+                aside.append((rec, self._held[topic].reason_key, f"PUBACK {reason_text(code)}"))
+            elif outcome is Outcome.REFUSED_RECORD:
+                aside.append((rec, f"refused_0x{code:02x}", f"PUBACK {reason_text(code)}"))
+            else:
+                self.state.count("refused")
+                retry_from = rec.seq if retry_from is None else min(retry_from, rec.seq)
+        self.state.count("published", delivered)
+        self.state.count("historical", historical)
+        for rec, reason, detail in sorted(aside, key=lambda a: a[0].seq):
+            if retry_from is not None and rec.seq > retry_from:
+                continue  # offered again with the retriable one, in order
+            await self.buffer.quarantine(CURSOR, rec.seq, reason)
+            self._note_delivered(rec.seq, rec.seq)  # handled: the cursor may pass it
+            if reason.startswith(HELD_PREFIX):
+                self.state.count("held")
+            else:
+                self.state.count("quarantined")
+                self.state.error(f"quarantine:{reason}", "record quarantined: the broker refuses it",
+                                 seq=rec.seq, stream=rec.stream, reason=detail)
+        return retry_from
+
+    def _topic_of(self, rec: Any) -> str | None:
+        """The MQTT topic a record is published on (None: not for MQTT, or not this node's)."""
+        mtype = rec.headers.get(H_TYPE, "")
+        if mtype not in SPARKPLUG_DATA_TYPES:
+            return None
+        try:
+            device = self.node.device_of_stream(rec.stream)
+        except PayloadError:
+            return None
+        return self.node.topic(MessageType(mtype), device)
+
+    # -- held destinations: refused topics, probed until they accept --------------------------
+
+    def _hold(self, topic: str, reason: str) -> None:
+        if topic not in self._held:
+            st = self.settings
+            self._held[topic] = _Held(topic, Backoff(st.reconnect_min, st.reconnect_max))
+        held = self._held[topic]
+        held.draining = False
+        held.next_probe = time.monotonic() + held.backoff.next()
+        self.state.refuse(topic, reason)
+
+    async def _load_held(self) -> None:
+        """After a restart: topics with records held in the buffer are probed first."""
+        stats = await self.buffer.stats()
+        reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(CURSOR, {})
+        st = self.settings
+        for reason in reasons:
+            if reason.startswith(HELD_PREFIX):
+                topic = reason[len(HELD_PREFIX):]
+                self._held.setdefault(topic, _Held(topic, Backoff(st.reconnect_min, st.reconnect_max)))
+
+    async def _serve_held(self, client: MqttConnection) -> bool:
+        """Probe each held topic with its oldest record; drain a topic that accepts again.
+
+        Records of a held topic read meanwhile keep going aside behind the older ones, so the
+        drain delivers them all oldest first; the topic flows directly again only once
+        nothing of it is held. Returns True when something was sent.
+        """
+        sent = False
+        now = time.monotonic()
+        for topic, held in list(self._held.items()):
+            if not held.draining and now < held.next_probe:
+                continue
+            limit = self.settings.batch_max_records if held.draining else 1
+            batch = await self.buffer.quarantine_list(CURSOR, held.reason_key, limit=limit)
+            if not batch:
+                del self._held[topic]
+                self.state.accept(topic)
+                log.info("held topic flows again", extra=_fields(topic=topic))
+                continue
+            delivered: list[int] = []
+            refused = ""
+            futures = []
+            for rec in batch:
+                try:
+                    out = self._publish_record(client, rec, True)
+                except PacketTooLarge as exc:
+                    refused = str(exc)  # it stays held; the operator decides (outpost buffer quarantine)
+                    break
+                if out is None:
+                    delivered.append(rec.seq)  # skipped (not encodable): counted by _skip
+                else:
+                    futures.append((rec, out[1]))
+            if futures:
+                await self._conn_until(asyncio.gather(*(f for _, f in futures)),
+                                       max(30.0, 3 * self.settings.keepalive))
+            for rec, fut in futures:
+                code = fut.result()
+                if puback_outcome(code) is Outcome.DELIVERED:
+                    delivered.append(rec.seq)
+                elif not refused:
+                    refused = f"PUBACK {reason_text(code)}"
+            if delivered:
+                await self.buffer.quarantine_delivered(CURSOR, delivered)
+                n = len(futures) - (1 if refused and futures else 0)
+                self.state.count("published", max(0, min(n, len(delivered))))
+                self.state.count("historical", max(0, min(n, len(delivered))))
+                sent = True
+            if refused:
+                self._hold(topic, refused)
+            else:
+                held.draining = True
+                held.backoff.reset()
+        return sent
 
     # Records PUBACKed but not yet passed by the cursor (live data sent during a backlog).
     # Kept across reconnects and rebirths of this process so they are not sent twice.
@@ -597,69 +634,61 @@ class SparkplugUplink:
     def _is_historical(self, rec: Any) -> bool:
         return rec.seq <= max(self._node_watermark, self._watermarks.get(rec.stream, 0))
 
-    def _publish_record(self, client: Client, rec: Any, historical: bool) -> asyncio.Future[None] | None:
-        mtype = rec.headers.get("type", "")
-        if mtype not in ("DDATA", "NDATA"):
+    def _publish_record(self, client: MqttConnection, rec: Any,
+                        historical: bool) -> tuple[str, asyncio.Future[int]] | None:
+        # Raises PacketTooLarge (before sending) when the broker's Maximum Packet Size is exceeded.
+        """Stamp and publish one record: (topic, PUBACK future), or None if it is not for MQTT."""
+        mtype = rec.headers.get(H_TYPE, "")
+        if mtype not in SPARKPLUG_DATA_TYPES:
             return None  # bridged MQTT messages are for the Kafka uplink only
         try:
             device = self.node.device_of_stream(rec.stream)
         except PayloadError as exc:
-            log.warning("record %d skipped: %s", rec.seq, exc)
+            self._skip(rec, exc)
             return None
         if device is not None and device not in self._born:
             # Stored while the device was dead: history, never live data after a DDEATH.
             historical = True
-        correction_ms, unsynced = clock_fix(self.clock, rec.headers)
+        fix = clock_fix(self.clock, rec.headers)
         try:
-            data = stamp_data(rec.payload, seq=self._seq.take(), ts_ms=now_ms(), device=device,
+            # seq is taken only once the record stamped: a skipped record leaves no gap.
+            data = stamp_data(rec.payload, seq=self._seq.peek, ts_ms=now_ms(), device=device,
                               aliases=self.aliases, historical=historical,
-                              correction_ms=correction_ms, clock_unsynced=unsynced)
+                              correction_ms=fix.correction_ms, clock_unsynced=fix.unsynced)
         except PayloadError as exc:
-            log.warning("record %d skipped: %s", rec.seq, exc)
+            self._skip(rec, exc)
             return None
-        assert self._acks is not None
-        client.publish(self.node.topic(MessageType(mtype), device), data, qos=1, retain=False)
-        self.counters["published"] += 1
-        if historical:
-            self.counters["historical"] += 1
-        return self._acks.ack_future()
+        topic = self.node.topic(MessageType(mtype), device)
+        fut = client.publish(topic, data, qos=1, retain=False)
+        self._seq.take()
+        assert fut is not None
+        return topic, fut
 
-    async def _goodbye(self, client: Client) -> None:
+    def _skip(self, rec: Any, exc: Exception) -> None:
+        self.state.count("skipped")
+        self.state.error(f"skip:{type(exc).__name__}", "record skipped",
+                         seq=rec.seq, stream=rec.stream, reason=str(exc))
+
+    async def _goodbye(self, client: MqttConnection) -> None:
         """Planned end of session: publish NDEATH (QoS 1, wait for PUBACK), then DISCONNECT.
 
         The specification asks for an NDEATH published by the edge node followed by
         DISCONNECT (tck-id-operational-behavior-edge-node-intentional-disconnect-*); a normal
         DISCONNECT then makes the broker discard the Will, so hosts see exactly one NDEATH.
-        This is the same for MQTT 3.1.1 and 5.
         """
-        self.connected_server = None
         try:
             client.publish(self.node.topic(MessageType.NDEATH), build_ndeath(self.bdseq or 0),
                            qos=1, retain=False)
-            assert self._acks is not None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._acks.wait_empty(), 5.0)
-            await client.disconnect()
+            await client.wait_acks(5.0)
         except Exception as exc:  # the socket may already be gone: the Will covers it
-            log.info("disconnect: %s", exc)
+            log.info("NDEATH not confirmed", extra=_fields(reason=str(exc)))
+        await client.close(RC_SUCCESS)
 
     async def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        self.connected_server = None
-        self._lost.set()
-        if client is None:
-            return
-        if self._acks is not None:
-            for fut in self._acks.waiters.values():
-                if not fut.done():
-                    fut.cancel()
-            self._acks.waiters.clear()
-        conn = client._connection  # gmqtt has no public abort
-        with contextlib.suppress(Exception):
-            if conn is not None and not conn.is_closing():
-                # Abrupt close, no DISCONNECT: a dropped session must leave the Will (NDEATH)
-                # to the broker; a clean DISCONNECT would discard it.
-                conn._transport.abort()
+        """Abrupt close, no DISCONNECT: a dropped session leaves the Will (NDEATH) to the broker."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, set()
@@ -671,20 +700,19 @@ class SparkplugUplink:
 
     # -- inbound messages -----------------------------------------------------------------
 
-    def _on_message(self, _client: Any, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
+    def _on_message(self, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
         try:
             t = parse_topic(topic)
         except TopicError as exc:
-            log.warning("message on %r ignored: %s", topic, exc)
+            log.warning("message ignored", extra=_fields(topic=topic, reason=str(exc)))
             return 0
         if t.message_type is MessageType.STATE and self._host is not None:
             try:
                 if self._host.update(payload):
-                    log.info("primary host %r is %s", t.host_id,
-                             "online" if self._host.online else "offline")
+                    log.info("primary host state", extra=_fields(host_id=t.host_id, online=self._host.online))
                     self._host_changed.set()
             except PayloadError as exc:
-                log.warning("%s", exc)
+                log.warning("bad STATE message", extra=_fields(reason=str(exc)))
         elif t.message_type is MessageType.NCMD:
             self._on_ncmd(payload)
         elif t.message_type is MessageType.DCMD and t.device_id is not None:
@@ -694,32 +722,32 @@ class SparkplugUplink:
     def _on_ncmd(self, payload: bytes) -> None:
         cmd, rejected = parse_ncmd(payload)
         for r in rejected:
-            self.counters["commands_rejected"] += 1
-            log.warning("%s", r)
+            self.state.count("commands_rejected")
+            log.warning("command rejected", extra=_fields(reason=str(r)))
         if cmd.rebirth:
             now = time.monotonic()
             if now - self._last_rebirth < self.settings.rebirth_debounce:
-                log.info("NCMD rebirth ignored: the last one was %.1fs ago", now - self._last_rebirth)
+                log.info("NCMD rebirth ignored", extra=_fields(last_s_ago=round(now - self._last_rebirth, 1)))
             else:
                 self._last_rebirth = now
                 self._rebirth_requested = True
-                self.counters["rebirths"] += 1
-                log.info("NCMD rebirth: NBIRTH and DBIRTHs again with bdSeq %s", self.bdseq)
+                self.state.count("rebirths")
+                log.info("NCMD rebirth", extra=_fields(bdseq=self.bdseq))
         if cmd.next_server:
             self._next_server = True
 
     def _on_dcmd(self, device: str, payload: bytes) -> None:
         points = self.devices.get(device)
         if points is None:
-            self.counters["commands_rejected"] += 1
-            log.warning("DCMD for unknown device %r ignored", device)
+            self.state.count("commands_rejected")
+            log.warning("DCMD for unknown device ignored", extra=_fields(device=device))
             return
         writes, rejected = parse_dcmd(device, payload, points, self.aliases)
         for r in rejected:
-            self.counters["commands_rejected"] += 1
-            log.warning("%s", r)
+            self.state.count("commands_rejected")
+            log.warning("command rejected", extra=_fields(reason=str(r)))
         for w in writes:
-            self.counters["commands"] += 1
+            self.state.count("commands")
             task = asyncio.get_running_loop().create_task(
                 self._write(w.device, w.point, w.value), name=f"dcmd-write {w.device}/{w.point}")
             self._tasks.add(task)
@@ -728,11 +756,11 @@ class SparkplugUplink:
     async def _write(self, device: str, point: str, value: Any) -> None:
         try:
             await self.write_cb(device, point, value)
-            log.info("DCMD %s/%s = %r written", device, point, value)
+            log.info("DCMD written", extra=_fields(device=device, point=point, value=value))
         except DriverError as exc:
-            self.counters["writes_failed"] += 1
-            log.warning("DCMD %s/%s = %r failed: %s", device, point, value, exc)
+            self.state.count("writes_failed")
+            log.warning("DCMD write failed", extra=_fields(device=device, point=point, value=value, reason=str(exc)))
         except Exception:
-            self.counters["writes_failed"] += 1
-            log.exception("DCMD %s/%s = %r: write callback crashed", device, point, value)
+            self.state.count("writes_failed")
+            log.exception("DCMD write crashed", extra=_fields(device=device, point=point, value=value))
 

@@ -24,8 +24,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from common.logs import StateLog
 from gateway.errors import OutpostError
-from gateway.logs import StateLog
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / ".demo"  # replaced by --state-dir
 STACK_STATE = ROOT / ".services" / "stack" / "state.json"
 METER_PORT = 15020

@@ -7,8 +7,11 @@ logged, counted and restarted with backoff while the others go on. `run_gateway(
 bounded time), SIGHUP (reload: an invalid file is reported and the running configuration
 stays), systemd readiness and watchdog pings, and serves the status socket and metrics.
 
-Data path: driver -> `_on_sample` -> ReportByException -> (every flush_interval) one buffer
-transaction -> uplinks read through their own cursors and ack after the remote side did.
+Data path (folders in order): drivers/ -> `_on_sample` -> gateway/pipeline/ (report by
+exception, clock stamping, one buffer transaction per flush_interval) -> buffer/ -> each
+uplink in gateway/uplinks/ reads through its own cursor and acks after the remote side did.
+Every uplink and inbound consumer reports through one `UplinkState` (gateway.uplinks.core),
+from which `outpost status`, the metrics and the systemd status line are rendered.
 """
 
 from __future__ import annotations
@@ -22,16 +25,19 @@ import signal
 import time
 from typing import Any
 
-from buffer import AsyncBuffer, BufferCorrupt, BufferError, BufferFull, BufferSettings, NewRecord
+from buffer import AsyncBuffer, BufferCorrupt, BufferError, BufferSettings
+from common.logs import RepeatFilter, StateLog, fields, install_handler_filter, setup_logging
 from drivers.base import DeviceEvent, DeviceState, Driver, DriverError, Quality, Sample, WriteRejected
 from drivers.registry import build_drivers
 from gateway.clock import ClockGuard
-from gateway.config import OutpostConfig, Secrets, load_config, resolve_secrets
-from gateway.errors import ConfigError
-from gateway.logs import StateLog, setup_logging
-from gateway.sparkplug.edge import NodeIdentity, ReportByException
-from gateway.systemd import Notifier, Watchdog, watchdog_interval_s
-from gateway.tasks import TaskOwner
+from gateway.config import OutpostConfig, Secrets
+from gateway.config_build import load_checked, reload_report
+from gateway.pipeline.report import ReportByException
+from gateway.pipeline.writer import RecordWriter
+from gateway.runtime.systemd import Notifier, Watchdog, watchdog_interval_s
+from gateway.runtime.tasks import TaskOwner
+from gateway.sparkplug.edge import NodeIdentity
+from gateway.writes import Specs, check_write, specs_from_config
 
 log = logging.getLogger("outpost.gateway")
 
@@ -43,9 +49,9 @@ STOP_TIMEOUT_S = 20.0
 
 
 def _version() -> str:
-    from gateway.cli import outpost_version
+    from gateway.version import __version__
 
-    return outpost_version()
+    return __version__
 
 
 class DeviceStatus:
@@ -70,6 +76,16 @@ class DeviceStatus:
         }
 
 
+def links_of(uplinks: list[Any]) -> dict[str, Any]:
+    """`links` of the status document: every uplink's state, plus the Primary Host's."""
+    links: dict[str, Any] = {u.state.name: u.state.as_dict() for u in uplinks}
+    host = links.get("mqtt", {}).get("primary_host")
+    if host:
+        links["primary_host"] = {"up": bool(host.get("online")), "host_id": host.get("id"),
+                                 "since_ms": host.get("since_ms")}
+    return links
+
+
 class Gateway:
     def __init__(self, cfg: OutpostConfig, secrets: Secrets, *, config_path: str = "") -> None:
         self.cfg = cfg
@@ -84,6 +100,7 @@ class Gateway:
         self.driver_by_device: dict[str, Driver] = {}
         self.devices: dict[str, DeviceStatus] = {}
         self.rbe: ReportByException | None = None
+        self.writer: RecordWriter | None = None
         self.mqtt: Any = None
         self.kafka: Any = None
         self.bridge: Any = None
@@ -91,20 +108,22 @@ class Gateway:
         self.status_server: Any = None
         self.metrics_server: Any = None
         self.metrics: Any = None
-        self._pending: list[NewRecord] = []
+        self._pending_carry: list[Any] = []  # records of a writer being replaced (reload, recovery)
+        self._dropped_in_memory = 0
         self._device_metrics: dict[str, tuple[Any, Any]] = {}  # device -> (samples_read, errors) handles
-        self._flush_now = asyncio.Event()
         self.recover_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._polling = False
         self.counters = {
             "samples": 0,
-            "records_stored": 0,
-            "dropped_in_memory": 0,
             "reloads": 0,
             "reload_failures": 0,
             "buffer_recoveries": 0,
         }
+        self.last_reload_error: str | None = None
+        self.last_reload: dict[str, Any] | None = None  # gateway.config_build.reload_report
+        self.write_specs: Specs = {}
+        self.notifier: Any = None  # systemd Notifier, set by run_gateway
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -128,12 +147,8 @@ class Gateway:
         if stats.get("oldest_ts_ms"):
             with contextlib.suppress(Exception):
                 self.clock.raise_floor(int(stats.get("newest_ts_ms") or stats["oldest_ts_ms"]))
-        log.info(
-            "event=buffer_open path=%s records=%s bytes=%s",
-            stats.get("path"),
-            stats.get("records"),
-            stats.get("bytes"),
-        )
+        log.info("buffer open", extra=fields(path=stats.get("path"), records=stats.get("records"),
+                                              bytes=stats.get("bytes")))
 
     async def _sync_cursors(self) -> None:
         assert self.buffer is not None
@@ -143,7 +158,7 @@ class Gateway:
             await self.buffer.register_cursor(name)
         for name in set(stats.get("cursors", {})) - wanted:
             # An uplink removed from the config must not pin records forever.
-            log.warning("event=cursor_removed cursor=%s note=uplink_no_longer_configured", name)
+            log.warning("buffer cursor removed: uplink no longer configured", extra=fields(cursor=name))
             await self.buffer.unregister_cursor(name)
 
     async def _start_pipeline(self) -> None:
@@ -157,39 +172,48 @@ class Gateway:
             self._device_metrics = {
                 name: (m.samples_read.labels(device=name), m.errors.labels(device=name)) for name in infos
             }
+        self.write_specs = specs_from_config(cfg)
         node = NodeIdentity(cfg.gateway.group_id, cfg.gateway.edge_node_id)
         self.rbe = ReportByException(node, infos)
+        self.writer = RecordWriter(
+            self.rbe, self.buffer, self.clock, batch_max_records=cfg.buffer.batch_max_records,
+            max_pending=MAX_PENDING_RECORDS, on_corrupt=self.recover_requested.set, states=self.statelog)
+        self.writer.pending, self._pending_carry = self._pending_carry, []
+        self.writer.dropped_in_memory = self._dropped_in_memory
         self.drivers = build_drivers(cfg.buses, cfg.devices, self._on_sample, self._on_event)
         self.driver_by_device = {dev: drv for drv in self.drivers for dev in drv.devices()}
 
         if cfg.mqtt is not None:
-            from gateway.uplinks.mqtt import MqttUplinkSettings, SparkplugUplink
+            from gateway.uplinks.mqtt.sparkplug import MqttUplinkSettings, SparkplugUplink
 
             settings = MqttUplinkSettings.from_config(cfg, self.secrets.mqtt_password)
             settings.software = f"outpost {_version()}"
             self.mqtt = SparkplugUplink(
                 settings, self.buffer, infos, self.write, snapshot=self.rbe.snapshot, clock=self.clock
             )
+            self.mqtt.state.bind_metrics(self.metrics)
             self.owner.start("uplink:mqtt", self.mqtt.run)
         if cfg.kafka is not None:
-            from gateway.mappings import Mapping, MappingTable
-            from gateway.uplinks.kafka import KafkaSettings, KafkaUplink
+            from gateway.uplinks.kafka.mappings import Mapping, MappingTable
+            from gateway.uplinks.kafka.uplink import KafkaSettings, KafkaUplink
 
             ksettings = KafkaSettings.from_config(cfg.kafka, sasl_password=self.secrets.kafka_sasl_password)
             table = MappingTable(
                 Mapping.from_config(m, f"mapping-{i}") for i, m in enumerate(cfg.kafka.mappings)
             )
-            self.kafka = KafkaUplink(ksettings, self.buffer, table, cfg.gateway.gateway_id)
+            self.kafka = KafkaUplink(ksettings, self.buffer, table, cfg.gateway.gateway_id, clock=self.clock)
+            self.kafka.state.bind_metrics(self.metrics)
             self.owner.start("uplink:kafka", self.kafka.run)
             needs_bridge = any(m.subscribe for m in cfg.kafka.mappings) or any(
                 i.action == "mqtt_publish" for i in cfg.kafka.inbound
             )
             if needs_bridge and cfg.mqtt is not None:
-                from gateway.uplinks.bridge import LocalBridge
+                from gateway.inbound.bridge import LocalBridge
 
                 self.bridge = LocalBridge(cfg, self.secrets.mqtt_password, self.buffer, table)
+                self.bridge.state.bind_metrics(self.metrics)
                 self.owner.start("bridge:mqtt", self.bridge.run)
-            from gateway.kafka_inbound import InboundMapping, KafkaInbound
+            from gateway.inbound.kafka_commands import InboundMapping, KafkaInbound
 
             self.inbound = []
             for i, sec in enumerate(cfg.kafka.inbound):
@@ -199,14 +223,17 @@ class Gateway:
                     mapping,
                     publish=self.bridge.publish if self.bridge is not None else None,
                     write=self.write,
+                    specs=self.write_specs,
                 )
+                inbound.state.bind_metrics(self.metrics)
                 self.inbound.append(inbound)
                 self.owner.start(f"inbound:{mapping.name}", inbound.run)
 
         self._polling = True
         for drv in self.drivers:
             self.owner.start(f"driver:{drv.name}", drv.run)
-        self.owner.start("buffer-writer", self._writer_loop)
+        writer = self.writer
+        self.owner.start("buffer-writer", lambda: writer.run(self.cfg.buffer.flush_interval))
         self.owner.start("housekeeping", self._housekeeping_loop)
 
     async def _start_diagnostics(self) -> None:
@@ -222,14 +249,14 @@ class Gateway:
         try:
             await self.status_server.start()
         except Exception as e:  # diagnostics must never stop the data path
-            log.error("event=status_socket_failed path=%s error=%r", d.socket_path, str(e))
+            log.error("status socket failed", extra=fields(path=d.socket_path, reason=str(e)))
             self.status_server = None
         if d.metrics_listen:
             self.metrics_server = MetricsServer(registry, d.metrics_listen)
             try:
                 await self.metrics_server.start()
             except Exception as e:
-                log.error("event=metrics_listen_failed listen=%s error=%r", d.metrics_listen, str(e))
+                log.error("metrics listener failed", extra=fields(listen=d.metrics_listen, reason=str(e)))
                 self.metrics_server = None
 
     async def _stop_pipeline(self) -> None:
@@ -239,6 +266,9 @@ class Gateway:
             await self.owner.stop(f"driver:{drv.name}")
         await self.owner.stop("buffer-writer")
         await self._flush()  # commit the last samples before anything else goes
+        if self.writer is not None:  # what the buffer did not take waits for the next writer
+            self._pending_carry = self.writer.pending
+            self._dropped_in_memory = self.writer.dropped_in_memory
         for inbound in self.inbound:
             await inbound.stop()
             await self.owner.stop(f"inbound:{inbound.mapping.name}")
@@ -282,27 +312,47 @@ class Gateway:
         await self._open_buffer()
         self.counters["buffer_recoveries"] += 1
         await self._start_pipeline()
-        log.error("event=buffer_recovered recoveries=%d", self.counters["buffer_recoveries"])
+        log.error("buffer recovered", extra=fields(recoveries=self.counters["buffer_recoveries"]))
 
     async def reload(self, path: str) -> bool:
-        """Apply a new configuration file; an invalid one leaves everything as it runs."""
-        try:
-            cfg = load_config(path)
-            secrets = resolve_secrets(cfg, path=path)
-        except ConfigError as e:
-            self.counters["reload_failures"] += 1
-            log.error("event=reload_rejected path=%s problems=%d\n%s", path, len(e.problems), e)
-            return False
+        """Apply a new configuration file; one that fails for any reason leaves everything as
+        it runs, and says why in the log and in `outpost status`."""
+        res = await asyncio.to_thread(load_checked, path)
+        self.last_reload = reload_report(res, time.time())
+        if not res.ok:
+            return self._reload_failed(path, res.problems)
+        cfg, secrets = res.config, res.secrets
+        assert cfg is not None and secrets is not None
         if cfg.gateway.data_dir != self.cfg.gateway.data_dir or cfg.buffer != self.cfg.buffer:
-            log.warning("event=reload_partial note=gateway.data_dir_and_buffer_need_a_restart")
+            log.warning("reload: gateway.data_dir and [buffer] changes need a restart")
             cfg = cfg.model_copy(update={"buffer": self.cfg.buffer, "gateway": self.cfg.gateway})
-        log.info("event=reload_start path=%s", path)
+        log.info("reload", extra=fields(path=path))
+        old = (self.cfg, self.secrets)
         await self._stop_pipeline()
         self.cfg, self.secrets = cfg, secrets
-        await self._start_pipeline()
+        try:
+            await self._start_pipeline()
+        except Exception as e:  # the new file checked out but does not start: back to the old one
+            log.error("reload failed to start: going back to the running configuration",
+                      extra=fields(path=path, reason=f"{type(e).__name__}: {e}"))
+            await self._stop_pipeline()
+            self.cfg, self.secrets = old
+            await self._start_pipeline()
+            self.last_reload = {**self.last_reload, "ok": False, "kept_running_configuration": True,
+                                "problems": [f"{type(e).__name__}: {e}"]}
+            return self._reload_failed(path, [f"could not start: {type(e).__name__}: {e}"], logged=True)
         self.counters["reloads"] += 1
-        log.info("event=reload_done devices=%d", len(cfg.devices))
+        self.last_reload_error = None
+        log.info("reload done", extra=fields(devices=len(cfg.devices)))
         return True
+
+    def _reload_failed(self, path: str, problems: list[str], *, logged: bool = False) -> bool:
+        self.counters["reload_failures"] += 1
+        self.last_reload_error = f"{len(problems)} problem(s): " + "; ".join(problems)
+        if not logged:
+            log.error("reload rejected: the running configuration stays",
+                      extra=fields(path=path, problems=len(problems), detail="; ".join(problems)))
+        return False
 
     # -- data path ----------------------------------------------------------------------
 
@@ -347,11 +397,9 @@ class Gateway:
             if not online:
                 st.last_error = ev.reason or st.last_error
         if online:
-            self.statelog.recovered(f"device:{ev.device}", f"event=device_online device={ev.device}")
+            self.statelog.recovered(f"device:{ev.device}", "device online", device=ev.device)
         else:
-            self.statelog.problem(
-                f"device:{ev.device}", f"event=device_offline device={ev.device} reason={ev.reason!r}"
-            )
+            self.statelog.problem(f"device:{ev.device}", "device offline", device=ev.device, reason=ev.reason)
             if self.rbe is not None:
                 self.rbe.forget(ev.device)
         if self.mqtt is not None:
@@ -362,69 +410,30 @@ class Gateway:
         drv = self.driver_by_device.get(device)
         if drv is None:
             raise WriteRejected(f"write {device}/{point}: no such device")
-        log.info("event=write device=%s point=%s value=%r", device, point, value)
+        # The one write check (gateway.writes) for every path: DCMD, Kafka commands, any later.
+        value = check_write(self.write_specs, device, point, value)
+        log.info("write", extra=fields(device=device, point=point, value=value))
         await drv.write(device, point, value)
 
-    async def _writer_loop(self) -> None:
-        interval = self.cfg.buffer.flush_interval
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), interval)
-            self._flush_now.clear()
-            await self._flush()
-
     async def _flush(self) -> None:
-        if self.rbe is None or self.buffer is None:  # stopping before the pipeline ever started
-            return
-        records = self.rbe.drain()
-        if records:
-            extra = self.clock.record_headers()
-            if extra:
-                records = [NewRecord(r.stream, r.payload, r.ts_ms, {**r.headers, **extra}) for r in records]
-            self._pending.extend(records)
-        if not self._pending:
-            return
-        limit = self.cfg.buffer.batch_max_records
-        while self._pending:
-            batch = self._pending[:limit]
-            try:
-                await self.buffer.append(batch)
-            except BufferCorrupt as e:
-                # Found while running: the records stay in memory; the owner reopens the
-                # buffer (which moves the bad file aside) and restarts the pipeline.
-                log.error("event=buffer_corrupt error=%r action=reopen", str(e))
-                self.recover_requested.set()
-                return
-            except (BufferFull, BufferError) as e:
-                # `block` policy or a failing disk: keep the records in memory (bounded) and retry.
-                self.statelog.problem("buffer:append", f"event=buffer_refused error={e!r}")
-                overflow = len(self._pending) - MAX_PENDING_RECORDS
-                if overflow > 0:
-                    del self._pending[:overflow]
-                    self.counters["dropped_in_memory"] += overflow
-                    log.error(
-                        "event=records_dropped reason=buffer_refused count=%d total=%d",
-                        overflow,
-                        self.counters["dropped_in_memory"],
-                    )
-                return
-            del self._pending[: len(batch)]
-            self.counters["records_stored"] += len(batch)
-            self.statelog.recovered("buffer:append", "event=buffer_accepting")
+        if self.writer is not None and self.buffer is not None:
+            await self.writer.flush()
 
     async def _housekeeping_loop(self) -> None:
         while True:
             await asyncio.sleep(5.0)
             for ev in self.clock.poll():
-                log.warning("event=clock kind=%s detail=%s", getattr(ev, "kind", ev), getattr(ev, "detail", ""))
+                log.warning("clock", extra=fields(kind=getattr(ev, "kind", ev), detail=getattr(ev, "detail", "")))
+            if self.notifier is not None:
+                self.notifier.status(await self.status_line())
             if self.metrics is not None and self.buffer is not None:
                 try:
                     await self._update_metrics()
                 except BufferCorrupt as e:
-                    log.error("event=buffer_corrupt error=%r action=reopen", str(e))
+                    log.error("buffer corrupt: reopening it", extra=fields(reason=str(e)))
                     self.recover_requested.set()
                 except Exception as e:  # metrics never stop the gateway
-                    log.debug("metrics update failed: %r", e)
+                    log.debug("metrics update failed", extra=fields(reason=repr(e)))
 
     async def _update_metrics(self) -> None:
         assert self.buffer is not None
@@ -438,39 +447,36 @@ class Gateway:
             m.buffer_dropped.inc(max(0.0, n - m.buffer_dropped.value(reason=reason)), reason=reason)
         clock = self.clock.status()
         m.clock_synced.set(1 if clock.get("synced") else 0)
-        links = self._links()
-        for name, link in links.items():
-            m.link_up.labels(link=name).set(1 if link.get("up") else 0)
 
     # -- status -------------------------------------------------------------------------
 
+    def healthy(self, watchdog_interval_s: float) -> bool:
+        """For the systemd watchdog: the event loop runs (we are called) and the buffer writer
+        flushed recently (a buffer thread stuck in a write would stop it)."""
+        if self.writer is None or not self._polling:
+            return True
+        limit = max(3 * self.cfg.buffer.flush_interval, 2 * watchdog_interval_s, 10.0)
+        return self.writer.heartbeat_age_s() < limit
+
+    def uplinks(self) -> list[Any]:
+        """Every running uplink and inbound consumer: each has a `state` (UplinkState)."""
+        return [u for u in (self.mqtt, self.kafka, self.bridge, *self.inbound) if u is not None]
+
     def _links(self) -> dict[str, Any]:
-        links: dict[str, Any] = {}
-        if self.mqtt is not None:
-            st = self.mqtt.state()
-            links["mqtt"] = {
-                "up": bool(st.get("connected")),
-                "server": st.get("server"),
-                "since_ms": st.get("since_ms"),
-                "last_error": st.get("last_error", ""),
-                "bdseq": st.get("bdseq"),
-                "published": st.get("published"),
-                "historical": st.get("historical"),
-            }
-            host = st.get("primary_host")
-            if host:
-                links["primary_host"] = {"up": bool(host.get("online")), "host_id": host.get("id")}
-        if self.kafka is not None:
-            st = self.kafka.state()
-            since = st.get("since")
-            links["kafka"] = {
-                "up": st.get("link") == "up",
-                "since_ms": int(since * 1000) if isinstance(since, int | float) else since,
-                "server": self.cfg.kafka.bootstrap_servers[0] if self.cfg.kafka else None,
-                "last_error": st.get("last_error") or "",
-                "records_acked": st.get("records_acked"),
-            }
-        return links
+        return links_of(self.uplinks())
+
+    async def status_line(self) -> str:
+        """The systemd status line: devices, every link, and the buffer depth."""
+        parts = [f"{sum(1 for d in self.devices.values() if d.online is not False)}/{len(self.devices)} devices"]
+        parts += [u.state.summary() for u in self.uplinks()]
+        if self.buffer is not None:
+            try:
+                stats = await asyncio.wait_for(self.buffer.stats(), 2.0)
+                depth = max((c.get("records", 0) for c in stats.get("cursors", {}).values()), default=0)
+                parts.append(f"buffer {depth} records")
+            except Exception as e:
+                parts.append(f"buffer unreadable ({type(e).__name__})")
+        return "; ".join(parts)
 
     async def status(self) -> dict[str, Any]:
         buffer: dict[str, Any] = {}
@@ -482,10 +488,12 @@ class Gateway:
                     "records": stats.get("records"),
                     "oldest_age_s": stats.get("oldest_age_s"),
                     "dropped": stats.get("dropped", {}),
+                    "quarantine": stats.get("quarantine", {}),
                     "file_bytes": stats.get("file_size_bytes"),
                     "wal_bytes": stats.get("wal_size_bytes"),
-                    "pending_in_memory": len(self._pending),
-                    "dropped_in_memory": self.counters["dropped_in_memory"],
+                    "pending_in_memory": len(self.writer.pending) if self.writer else len(self._pending_carry),
+                    "dropped_in_memory": self.writer.dropped_in_memory if self.writer else self._dropped_in_memory,
+                    "stored": self.writer.stored if self.writer else 0,
                 }
             except Exception as e:
                 buffer = {"error": repr(e)}
@@ -499,35 +507,9 @@ class Gateway:
             "devices": {name: st.as_dict() for name, st in self.devices.items()},
             "tasks": self.owner.status(),
             "counters": dict(self.counters),
-            "inbound": [i.state() for i in self.inbound],
+            "reload_error": self.last_reload_error,
+            "reload": self.last_reload,
         }
-
-
-class RepeatFilter(logging.Filter):
-    """Drop a library's repeats of the same message for `window_s`: one line per new error.
-
-    aiokafka and gmqtt log every failed connection attempt; while a cellular link is down
-    that is a line per retry on an SD card. The first occurrence (with its reason, such as
-    a SASL failure that only aiokafka reports) is kept.
-    """
-
-    def __init__(self, window_s: float = 600.0) -> None:
-        super().__init__()
-        self.window_s = window_s
-        self._last: dict[str, float] = {}
-        self.suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.levelno}:{record.getMessage()}"
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.window_s:
-            self.suppressed += 1
-            return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = now
-        return True
 
 
 def tune_gc() -> None:
@@ -542,9 +524,10 @@ def tune_gc() -> None:
 
 
 def _quiet_client_libraries(level: str) -> None:
+    # On the handler, not on the libraries' loggers: a logger's filter never sees what its
+    # child loggers (aiokafka.producer.sender, gmqtt.mqtt.handler) log.
     if level != "debug":
-        for name in ("aiokafka", "gmqtt"):
-            logging.getLogger(name).addFilter(RepeatFilter())
+        install_handler_filter(RepeatFilter(prefixes=("aiokafka", "gmqtt", "outpost.mqtt.gmqtt")))
 
 
 async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str = "") -> int:
@@ -562,22 +545,19 @@ async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str 
     try:
         await gw.start()
     except (BufferError, DriverError, OSError) as e:
-        log.error("event=start_failed error=%r", str(e))
+        log.error("start failed", extra=fields(reason=str(e)))
         await gw.stop()
         return 1
     tune_gc()
+    gw.notifier = notifier
     interval = watchdog_interval_s()
     if interval:
-        watchdog = Watchdog(notifier, interval)
+        watchdog = Watchdog(notifier, interval, healthy=lambda: gw.healthy(interval))
         watchdog.start()
-    notifier.ready(status=f"running {len(cfg.devices)} device(s)")
-    log.info(
-        "event=started gateway=%s devices=%d uplinks=%s version=%s",
-        cfg.gateway.gateway_id,
-        len(cfg.devices),
-        ",".join(cfg.summary()["uplinks"]) or "none",
-        _version(),
-    )
+    notifier.ready(status=await gw.status_line())
+    log.info("started", extra=fields(gateway=cfg.gateway.gateway_id, devices=len(cfg.devices),
+                                     uplinks=",".join(cfg.summary()["uplinks"]) or "none",
+                                     version=_version()))
     while not stop.is_set():
         waiters = [
             asyncio.ensure_future(stop.wait()),
@@ -592,15 +572,16 @@ async def run_gateway(cfg: OutpostConfig, secrets: Secrets, *, config_path: str 
         if reload_requested.is_set() and not stop.is_set():
             reload_requested.clear()
             notifier.reloading()
-            await gw.reload(config_path)
-            notifier.ready(status="reloaded")
-    log.info("event=stopping")
+            ok = await gw.reload(config_path)
+            status = await gw.status_line()
+            notifier.ready(status=status if ok else f"reload REJECTED, running the previous configuration; {status}")
+    log.info("stopping")
     notifier.stopping()
     try:
         await asyncio.wait_for(gw.stop(), STOP_TIMEOUT_S)
     except TimeoutError:
-        log.error("event=stop_timeout seconds=%s", STOP_TIMEOUT_S)
+        log.error("stop timed out", extra=fields(seconds=STOP_TIMEOUT_S))
     if watchdog is not None:
         await watchdog.stop()
-    log.info("event=stopped")
+    log.info("stopped")
     return 0

@@ -23,13 +23,19 @@ import struct
 from typing import Any, NamedTuple, Protocol
 
 from gateway.errors import UplinkError
-from gateway.mappings import Mapping
+from gateway.records import H_TOPIC as R_TOPIC
+from gateway.records import H_TYPE as R_TYPE
+from gateway.records import NO_FIX, SPARKPLUG_DATA_TYPES, ClockFix
+from gateway.sparkplug.edge import correct_timestamps
+from gateway.sparkplug.errors import PayloadError
+from gateway.uplinks.kafka.mappings import Mapping
 
 H_GATEWAY = "outpost-gateway"
 H_STREAM = "outpost-stream"
 H_SEQ = "outpost-seq"
 H_TOPIC = "outpost-topic"
 H_TYPE = "outpost-type"
+H_CLOCK = "outpost-clock"  # "corrected" or "unsynced"; absent for a trusted clock
 
 
 class KafkaFormatError(UplinkError):
@@ -59,22 +65,30 @@ class KafkaMessage(NamedTuple):
     timestamp_ms: int
 
 
-def format_record(record: RecordLike, mapping: Mapping, gateway_id: str) -> KafkaMessage:
-    """The Kafka message for `record` under `mapping`; raises KafkaFormatError."""
-    source_topic = record.headers.get("topic", record.stream)
-    msg_type = record.headers.get("type", "")
+def format_record(record: RecordLike, mapping: Mapping, gateway_id: str,
+                  fix: ClockFix = NO_FIX) -> KafkaMessage:
+    """The Kafka message for `record` under `mapping`; raises KafkaFormatError.
+
+    `fix` is the clock rule's answer for this record (gateway.records.clock_fix): its
+    timestamps are corrected, or flagged with the `outpost-clock: unsynced` header (and the
+    `clock_unsynced` metric property in Sparkplug bytes, `"clock": "unsynced"` in JSON).
+    """
+    source_topic = record.headers.get(R_TOPIC, record.stream)
+    msg_type = record.headers.get(R_TYPE, "")
     key = (record.stream if mapping.key == "device" else source_topic).encode()
+    payload, ts_ms = apply_clock(record, fix)
     if mapping.format == "json":
         value = sparkplug_to_json(
-            record.payload,
+            payload,
             topic=source_topic,
             msg_type=msg_type,
             gateway_id=gateway_id,
             stream=record.stream,
             seq=record.seq,
+            clock=clock_word(fix),
         )
     else:
-        value = bytes(record.payload)
+        value = bytes(payload)
     headers = [
         (H_GATEWAY, gateway_id.encode()),
         (H_STREAM, record.stream.encode()),
@@ -82,7 +96,29 @@ def format_record(record: RecordLike, mapping: Mapping, gateway_id: str) -> Kafk
         (H_TOPIC, source_topic.encode()),
         (H_TYPE, msg_type.encode()),
     ]
-    return KafkaMessage(mapping.kafka_topic, key, value, headers, record.ts_ms)
+    if fix.changes_anything:
+        headers.append((H_CLOCK, clock_word(fix).encode()))
+    return KafkaMessage(mapping.kafka_topic, key, value, headers, ts_ms)
+
+
+def clock_word(fix: ClockFix) -> str:
+    """`unsynced`, `corrected` or "" (a trusted clock): the value of the `outpost-clock` header."""
+    if fix.unsynced:
+        return "unsynced"
+    return "corrected" if fix.correction_ms else ""
+
+
+def apply_clock(record: RecordLike, fix: ClockFix) -> tuple[bytes, int]:
+    """(payload, timestamp ms) of `record` with the clock rule applied (Sparkplug data only)."""
+    payload = record.payload if type(record.payload) is bytes else bytes(record.payload)
+    if not fix.changes_anything or record.headers.get(R_TYPE) not in SPARKPLUG_DATA_TYPES:
+        return payload, record.ts_ms
+    try:
+        payload = correct_timestamps(payload, correction_ms=fix.correction_ms,
+                                     clock_unsynced=fix.unsynced)
+    except PayloadError as exc:
+        raise KafkaFormatError(f"record seq {record.seq}: {exc}") from None
+    return payload, record.ts_ms + fix.correction_ms
 
 
 def estimate_size(msg: KafkaMessage) -> int:
@@ -115,14 +151,15 @@ class MessageFactory:
         self._gw_header = (H_GATEWAY, gateway_id.encode())
         self._cache: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
 
-    def make(self, record: RecordLike, mapping: Mapping) -> tuple[KafkaMessage, int]:
+    def make(self, record: RecordLike, mapping: Mapping,
+             fix: ClockFix = NO_FIX) -> tuple[KafkaMessage, int]:
         """The message and its `estimate_size`; raises KafkaFormatError like format_record."""
-        if mapping.format == "json":
-            msg = format_record(record, mapping, self._gateway_id)
+        if mapping.format == "json" or fix.changes_anything:
+            msg = format_record(record, mapping, self._gateway_id, fix)
             return msg, estimate_size(msg)
         headers_in = record.headers
-        topic = headers_in.get("topic", record.stream)
-        msg_type = headers_in.get("type", "")
+        topic = headers_in.get(R_TOPIC, record.stream)
+        msg_type = headers_in.get(R_TYPE, "")
         kafka_topic, key, gw_h, stream_h, topic_h, type_h, fixed = self.parts(
             mapping, record.stream, topic, msg_type
         )
@@ -214,9 +251,13 @@ def sparkplug_to_json(
     gateway_id: str,
     stream: str,
     seq: int,
+    clock: str = "",
 ) -> bytes:
-    """Decode a Sparkplug B payload (with the project's codec) into the `json` document."""
-    from gateway.sparkplug.errors import PayloadError
+    """Decode a Sparkplug B payload (with the project's codec) into the `json` document.
+
+    `clock` ("unsynced" or "corrected") is added as the document's `clock` field when the
+    timestamps were taken on an unsynchronised clock (see the README's clock rule).
+    """
     from gateway.sparkplug.payload import decode_payload
 
     try:
@@ -247,4 +288,6 @@ def sparkplug_to_json(
         "timestamp": decoded.timestamp,
         "metrics": metrics,
     }
+    if clock:
+        doc["clock"] = clock
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()

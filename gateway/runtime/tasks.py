@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from common.backoff import Backoff
+from common.logs import fields
 
 log = logging.getLogger("outpost.tasks")
 
@@ -28,14 +30,17 @@ class TaskInfo:
     last_error: str = ""
     last_crash_ts: float = 0.0
     state: str = "starting"  # running | backoff | stopped | failed | done
+    next_delay_s: float = 0.0  # the backoff before the last restart (it grows while crashing)
     started_at: float = field(default_factory=time.time)
 
 
 class TaskOwner:
-    def __init__(self, *, backoff_min_s: float = 1.0, backoff_max_s: float = 60.0) -> None:
+    def __init__(self, *, backoff_min_s: float = 1.0, backoff_max_s: float = 60.0,
+                 rand: Callable[[], float] | None = None) -> None:
         self._tasks: dict[str, TaskInfo] = {}
         self._backoff_min = backoff_min_s
         self._backoff_max = backoff_max_s
+        self._rand = rand  # the backoff's jitter source (tests pass a fixed one)
         self._stopping = False
 
     def start(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True) -> None:
@@ -47,7 +52,8 @@ class TaskOwner:
         info.task = asyncio.create_task(self._guard(info), name=f"outpost:{name}")
 
     async def _guard(self, info: TaskInfo) -> None:
-        failures_in_a_row = 0
+        backoff = (Backoff(self._backoff_min, self._backoff_max) if self._rand is None
+                   else Backoff(self._backoff_min, self._backoff_max, rand=self._rand))
         while True:
             info.state = "running"
             started = time.monotonic()
@@ -64,22 +70,17 @@ class TaskOwner:
                 info.last_crash_ts = time.time()
                 # A task that ran for a while before crashing starts its backoff over.
                 if time.monotonic() - started > self._backoff_max:
-                    failures_in_a_row = 0
-                failures_in_a_row += 1
+                    backoff.reset()
                 if not info.restart or self._stopping:
                     info.state = "failed"
-                    log.error("event=task_failed task=%s error=%r", info.name, info.last_error, exc_info=e)
+                    log.error("task failed", extra=fields(task=info.name, reason=info.last_error), exc_info=e)
                     return
-                delay = min(self._backoff_max, self._backoff_min * 2 ** (failures_in_a_row - 1))
-                delay *= random.uniform(0.5, 1.0)
-                log.error(
-                    "event=task_crashed task=%s crashes=%d restart_in_s=%.1f error=%r",
-                    info.name,
-                    info.crashes,
-                    delay,
-                    info.last_error,
-                    exc_info=failures_in_a_row == 1 and e,
-                )
+                first = backoff.attempt == 0
+                delay = backoff.next()
+                info.next_delay_s = delay
+                log.error("task crashed, restarting", extra=fields(
+                    task=info.name, crashes=info.crashes, restart_in_s=round(delay, 3),
+                    reason=info.last_error), exc_info=first and e)
                 info.state = "backoff"
                 await asyncio.sleep(delay)
                 info.restarts += 1
@@ -99,7 +100,7 @@ class TaskOwner:
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for t in pending:
-                log.error("event=task_stuck task=%s note=did_not_stop_within_%ss", t.get_name(), timeout_s)
+                log.error("task did not stop in time", extra=fields(task=t.get_name(), seconds=timeout_s))
         self._tasks.clear()
 
     def names(self) -> list[str]:

@@ -1,9 +1,16 @@
-"""Structured logging for a process that runs for years under journald.
+"""Structured logging for a process that runs for years under journald: one line shape.
 
 Every line is `key=value` fields (or one JSON object) on stdout, where journald picks it
-up. `StateLog` turns a condition that repeats every poll (a link that stays down, a device
-that keeps timing out) into exactly two lines: one when the state changes and one when it
-recovers, the latter carrying how many repetitions were suppressed and for how long.
+up: a short message that names the event (`msg="link down"`) and the facts as fields
+(`fields(link="kafka", reason=...)`), never `event=...` spelled inside the message text.
+Under systemd (JOURNAL_STREAM set) each line starts with its syslog priority (`<4>`), which
+journald turns into the entry's priority with `SyslogLevelPrefix=yes` (the default), so
+`journalctl -u outpost -p warning` works.
+
+`StateLog` is the one log-once mechanism: a condition that repeats every poll (a link that
+stays down, a device that keeps timing out) becomes exactly two lines: one when the state
+changes and one when it recovers, the latter carrying how many repetitions were suppressed
+and for how long. `once()` logs a condition that does not recover by itself once per key.
 
     setup_logging("INFO", fmt="kv")
     log = logging.getLogger("gateway.uplink.mqtt")
@@ -67,9 +74,10 @@ class KeyValueFormatter(logging.Formatter):
     journal (systemd sets JOURNAL_STREAM) and kept otherwise (a terminal, a file).
     """
 
-    def __init__(self, *, with_time: bool) -> None:
+    def __init__(self, *, with_time: bool, priority_prefix: bool = False) -> None:
         super().__init__()
         self.with_time = with_time
+        self.priority_prefix = priority_prefix
 
     def format(self, record: logging.LogRecord) -> str:
         parts: list[str] = []
@@ -82,11 +90,25 @@ class KeyValueFormatter(logging.Formatter):
             parts.append(f"{key}={_kv_value(value)}")
         if record.exc_info:
             parts.append("exc=" + _kv_value(self.formatException(record.exc_info)))
-        return " ".join(parts)
+        line = " ".join(parts)
+        return f"<{_syslog_priority(record.levelno)}>{line}" if self.priority_prefix else line
+
+
+def _syslog_priority(levelno: int) -> int:
+    """syslog severity of a logging level: 3 error (and above), 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.ERROR:
+        return 2 if levelno >= logging.CRITICAL else 3
+    if levelno >= logging.WARNING:
+        return 4
+    return 6 if levelno >= logging.INFO else 7
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers that parse JSON."""
+
+    def __init__(self, *, priority_prefix: bool = False) -> None:
+        super().__init__()
+        self.priority_prefix = priority_prefix
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -99,7 +121,8 @@ class JsonFormatter(logging.Formatter):
             doc.setdefault(key, value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, separators=(",", ":"))
+        line = json.dumps(doc, default=str, separators=(",", ":"))
+        return f"<{_syslog_priority(record.levelno)}>{line}" if self.priority_prefix else line
 
 
 def _iso_utc(created: float) -> str:
@@ -121,10 +144,11 @@ def setup_logging(level: str | int = "INFO", fmt: str = "kv", stream: TextIO | N
             raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
         level = numeric
     handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    journal = "JOURNAL_STREAM" in os.environ
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(priority_prefix=journal))
     else:
-        handler.setFormatter(KeyValueFormatter(with_time="JOURNAL_STREAM" not in os.environ))
+        handler.setFormatter(KeyValueFormatter(with_time=not journal, priority_prefix=journal))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
@@ -201,6 +225,36 @@ class StateLog:
         self._log.log(level, message, extra=fields(**extra))
         return True
 
+    def once(self, key: str, message: str, *, level: int = logging.WARNING, **kv: Any) -> bool:
+        """Log `message` the first time `key` is seen, count it silently after that.
+
+        For conditions that do not recover by themselves (a record that cannot be formatted,
+        an unknown point): one line per reason, the counters tell the rest.
+        """
+        if key in self._open:
+            self._open[key].suppressed += 1
+            return False
+        if len(self._open) >= self.MAX_KEYS:
+            self._open.clear()  # bounded: a flood of distinct reasons cannot grow memory
+        return self.problem(key, message, level=level, **kv)
+
+    MAX_KEYS = 4096
+
+    def first_in(self, key: str, window_s: float) -> bool:
+        """True (and noted) when `key` was not seen in the last `window_s`; counts repeats.
+
+        The bookkeeping behind `RepeatFilter`: decides without writing a line itself.
+        """
+        now = self._clock()
+        state = self._open.get(key)
+        if state is not None and now - state.since < window_s:
+            state.suppressed += 1
+            return False
+        if len(self._open) >= self.MAX_KEYS:
+            self._open.clear()
+        self._open[key] = _Open(since=now)
+        return True
+
     def is_open(self, key: str) -> bool:
         return key in self._open
 
@@ -210,3 +264,33 @@ class StateLog:
     def suppressed(self, key: str) -> int:
         state = self._open.get(key)
         return 0 if state is None else state.suppressed
+
+
+class RepeatFilter(logging.Filter):
+    """Log-once for client libraries we do not write: a repeat of the same message within
+    `window_s` is dropped (aiokafka and gmqtt log every failed connection attempt; while a
+    cellular link is down that is a line per retry on an SD card). The first occurrence,
+    with its reason (a SASL failure only aiokafka reports), is kept. StateLog's bookkeeping.
+    """
+
+    def __init__(self, window_s: float = 600.0, *, prefixes: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.prefixes = prefixes  # on a handler: only these loggers (and their children)
+        self._seen = StateLog(logging.getLogger(__name__))
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.prefixes and not record.name.startswith(self.prefixes):
+            return True
+        if self._seen.first_in(f"{record.name}:{record.levelno}:{record.getMessage()}", self.window_s):
+            return True
+        self.suppressed += 1
+        return False
+
+
+def install_handler_filter(flt: logging.Filter) -> None:
+    """Add `flt` to the handler setup_logging() installed (it sees every logger's records)."""
+    for h in logging.getLogger().handlers:
+        if getattr(h, _HANDLER_MARK, False):
+            h.addFilter(flt)

@@ -1,0 +1,1 @@
+"""Samples to records: report by exception, clock stamping, the flush into the buffer."""

@@ -1,0 +1,1 @@
+"""The running gateway: the supervisor that owns every task, task ownership, systemd."""

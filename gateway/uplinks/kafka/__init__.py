@@ -1,0 +1,1 @@
+"""Kafka: mappings, formats, a pure batching accumulator, the aiokafka adapter and the pump."""
