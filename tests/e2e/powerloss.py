@@ -470,7 +470,11 @@ def run_mode(mode: str, cycles: int, seed: int, scenarios: tuple[str, ...] = SCE
              work: Path | None = None, progress: bool = False,
              keep: bool = False) -> dict[str, Any]:
     own = work is None
-    work = Path(tempfile.mkdtemp(prefix=f"opl-{mode[0]}-")) if own else work
+    # LazyFS takes a --config-path that contains "-o" (any case) for a mount option and falls
+    # back to config/default.toml: no hyphen in the name, and never such a path.
+    work = Path(tempfile.mkdtemp(prefix=f"opl_{mode[0]}_")) if own else work
+    if "-o" in str(work).lower():
+        raise ValueError(f"{work}: LazyFS cannot take a path containing '-o' (it reads it as a mount option)")
     suite = Suite(mode, work, seed)
     suite.mount()
     failed = False
