@@ -49,7 +49,14 @@ PYTHON_VERSION = "3.11"  # Debian Bookworm and Raspberry Pi OS Bookworm
 GLIBC_MINORS = range(17, 37)
 # Packages with no wheel for an architecture on PyPI, built here as pure-Python wheels.
 PURE_BUILDS = {"armv7l": ("aiokafka",)}
-SOURCE_PARTS = ("pyproject.toml", "README.md", "LICENSE", "gateway", "drivers", "buffer")
+SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE")
+
+
+def source_parts() -> tuple[str, ...]:
+    """The files a wheel build needs and the top-level packages pyproject.toml ships."""
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = sorted({pattern.rstrip("*").split(".")[0] for pattern in find["include"]})
+    return (*SOURCE_FILES, *packages)
 
 
 class DistError(Exception):
@@ -116,7 +123,7 @@ def platform_args(arch: str) -> list[str]:
 
 def build_outpost_wheel(python: str, work: Path, version: str | None) -> Path:
     src = work / "outpost-src"
-    for part in SOURCE_PARTS:
+    for part in source_parts():
         p = ROOT / part
         if p.is_dir():
             shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
@@ -139,6 +146,11 @@ def build_outpost_wheel(python: str, work: Path, version: str | None) -> Path:
     run([python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
          "-w", str(out), str(src)])
     (wheel,) = out.glob("outpost-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    missing = [p for p in source_parts() if (ROOT / p / "__init__.py").exists() and f"{p}/__init__.py" not in names]
+    if missing:
+        raise DistError(f"{wheel.name} lacks the package(s) {missing}: check [tool.setuptools.packages.find]")
     return wheel
 
 
