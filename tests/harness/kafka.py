@@ -1017,7 +1017,8 @@ class SecuredKafka:
         self.log4j_path.write_text(_CLUSTER_LOG4J)
         if not (self.data_dir / "meta.properties").exists():
             run_checked([*_cluster_jvm("128m", self.log4j_path), "kafka.tools.StorageTool",
-                         "format", "-t", _cluster_id(), "-c", str(self.config_path),
+                         # `=`: a cluster id may begin with "-", which argparse takes for an option
+                         "format", f"--cluster-id={_cluster_id()}", "-c", str(self.config_path),
                          "--ignore-formatted"], f"formatting {self.name}'s data dir", timeout_s=300)
         first = self.process is None
         self.process = ManagedProcess(
