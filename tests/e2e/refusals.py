@@ -183,6 +183,11 @@ class MqttWatcher:
             client.subscribe(f, qos=1)
             await asyncio.wait_for(subscribed.wait(), 10)
 
+    async def reconnect(self) -> None:
+        """A new connection and subscriptions (after the broker restarted); data is kept."""
+        await self.stop()
+        await self.start()
+
     async def publish(self, topic: str, payload: bytes) -> None:
         assert self._client is not None
         self._client.publish(topic, payload, qos=1)
@@ -259,15 +264,18 @@ def counter_audit(deliveries: list[Delivery], upto: int | None = None) -> dict[s
     fresh: list[int] = []
     dups = 0
     got: set[int] = set()
+    dup_values: list[int] = []
     for v in seen:
         if v in got:
             dups += 1
+            dup_values.append(v)
         else:
             got.add(v)
             fresh.append(v)
     inversions = [(a, b) for a, b in itertools.pairwise(fresh) if a >= b]
     return {"max": top, "expected": top + 1, "delivered": len(distinct & set(range(top + 1))),
             "holes": len(holes), "hole_examples": holes[:8], "duplicates": dups,
+            "duplicate_range": [min(dup_values), max(dup_values)] if dup_values else None,
             "in_order": not inversions, "order_examples": inversions[:5],
             "arrival_head": seen[:12]}
 
@@ -506,8 +514,9 @@ def ascii_registers(text: str, registers: int) -> list[int]:
     return [(raw[i] << 8) | raw[i + 1] for i in range(0, len(raw), 2)]
 
 
-def dcmd_payload(metrics: list[tuple[str, int, int]]) -> bytes:
-    """A DCMD payload: (name, datatype code, integer value) per metric."""
+def dcmd_payload(metrics: list[tuple[str, int, int]], bad_property_on: str | None = None) -> bytes:
+    """A DCMD payload: (name, datatype code, integer value) per metric; `bad_property_on`
+    gets a property whose type (9999) no Sparkplug version defines."""
     p = pb.Payload()
     p.timestamp = int(time.time() * 1000)
     for name, dt, value in metrics:
@@ -515,6 +524,11 @@ def dcmd_payload(metrics: list[tuple[str, int, int]]) -> bytes:
         m.name = name
         m.datatype = dt
         m.int_value = value
+        if name == bad_property_on:
+            m.properties.keys.append("odd")
+            v = m.properties.values.add()
+            v.type = 9999
+            v.int_value = 1
     return p.SerializeToString()
 
 
@@ -673,6 +687,7 @@ async def case_mqtt_too_large(env: Env, p: Params, r: CaseResult) -> None:
                           "largest_ddata_bytes": max((d.extra["bytes"] for d in watch.ddata), default=0)})
         # Lift: the operator raises the broker's limit and re-sends the quarantine.
         await asyncio.to_thread(broker.restart, max_packet_size=None)
+        await watch.reconnect()
         await gw.wait(lambda s: link(s, "mqtt")["up"], 30, "mqtt up after the broker restart")
         retry = await asyncio.to_thread(run_cli_sub, gw.config_path, "buffer", "quarantine", "retry")
         r.figures["quarantine_retry"] = {"rc": retry.returncode, "out": (retry.stdout + retry.stderr)[-400:]}
@@ -791,11 +806,11 @@ async def case_kafka_topics(env: Env, p: Params, r: CaseResult) -> None:
 async def case_malformed_commands(env: Env, p: Params, r: CaseResult) -> None:
     """A 5000-digit JSON integer before a valid Kafka command; a DCMD with an unknown datatype."""
     edge = "c4"
-    table = {a: 0 for a in range(4)}
+    table = {a: 0 for a in range(5)}
     store = TimedStore({1: table})
     server = await modbus_server(store)
     points = "".join(f'[[devices.points]]\nname = "sp{i}"\ntable = "holding"\naddress = {i}\n'
-                     'type = "uint16"\nwritable = true\n' for i in range(4))
+                     'type = "uint16"\nwritable = true\n' for i in range(5))
     devices = "[[devices]]\nname = \"plc\"\nbus = \"plc-bus\"\nunit_id = 1\ninterval = \"500ms\"\n" + points
     broker = RefusingMosquitto(env.run, f"mosq-c4-{uuid.uuid4().hex[:4]}", ALLOW_ALL).start()
     cmd_topic, group = unique("c4.cmd"), unique("c4-cmd")
@@ -820,9 +835,11 @@ async def case_malformed_commands(env: Env, p: Params, r: CaseResult) -> None:
             bool(written_sp1) and written_sp1[-1][3] == [42])
         r.checks["offsets committed past both"] = committed == 2
         r.checks["malformed one never written"] = not any(w[2] == 0 for w in store.writes)
-        # DCMD: an unknown datatype (9999) on sp2, a valid UInt16 on sp3.
+        # DCMD: an unknown metric datatype (9999) on sp2, a property of unknown type (9999)
+        # on sp4, and a plain valid UInt16 on sp3.
         await watch.publish(f"spBv1.0/{GROUP}/DCMD/{edge}/plc",
-                            dcmd_payload([("sp2", 9999, 5), ("sp3", UINT16, 7)]))
+                            dcmd_payload([("sp2", 9999, 5), ("sp3", UINT16, 7), ("sp4", UINT16, 9)],
+                                         bad_property_on="sp4"))
         await poll_until(lambda: any(w[2] == 3 for w in store.writes), 15)
         st = await gw.status()
         written_sp3 = [w for w in store.writes if w[2] == 3]
@@ -830,6 +847,7 @@ async def case_malformed_commands(env: Env, p: Params, r: CaseResult) -> None:
             bool(written_sp3) and written_sp3[-1][3] == [7])
         r.checks["DCMD: unknown datatype not written"] = not any(w[2] == 2 for w in store.writes)
         r.checks["no task crash"] = not task_crashes(st)
+        r.figures["sp4_with_unknown_property_type_written"] = any(w[2] == 4 for w in store.writes)
         r.expected, r.delivered = 2, len({w[2] for w in store.writes} & {1, 3})
         r.lost = r.expected - r.delivered
         r.checks["lost == 0"] = r.lost == 0
@@ -846,7 +864,8 @@ async def case_malformed_commands(env: Env, p: Params, r: CaseResult) -> None:
 @case(5, "kafka_record_larger_than_batch_max_bytes")
 async def case_kafka_too_large(env: Env, p: Params, r: CaseResult) -> None:
     """A record larger than `batch_max_bytes`: counted (quarantined) and visible."""
-    strings, length = 8, 125
+    # `json` records of this device take ~2.5 kB with short strings, ~6.5 kB with long ones.
+    strings, length = 16, 125
     table = {a: 0x2020 for a in range(strings * length)}
     store = TimedStore({1: table})
     server = await modbus_server(store)
@@ -856,7 +875,7 @@ async def case_kafka_too_large(env: Env, p: Params, r: CaseResult) -> None:
                'interval = "200ms"\n' + points)
     topic = unique("c5.t")
     await asyncio.to_thread(env.kafka.create_topic, topic)
-    setup = KafkaSetup(mappings=[("all", f"spBv1.0/{GROUP}/DDATA/c5/#", topic)], batch_max_bytes=1024)
+    setup = KafkaSetup(mappings=[("all", f"spBv1.0/{GROUP}/DDATA/c5/#", topic)], batch_max_bytes=4096)
     gw = Gateway(env, 5, mqtt_url=None, devices=devices, buses=modbus_bus(server.port), kafka=setup)
     watch = KafkaWatcher(env, topic)
     try:
