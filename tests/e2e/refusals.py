@@ -166,8 +166,12 @@ class MqttWatcher:
                     p.ParseFromString(payload)
                     named = [(m.name, _metric_value(m)) for m in p.metrics]
                     values = [v for n, v in named if n == "n"] or [v for _, v in named]
+                    # Sparkplug sends a backlog as history beside live data: order is kept
+                    # per lane, so the audit checks it per lane.
+                    historical = any(m.is_historical for m in p.metrics)
                     self.ddata.append(Delivery(now, parts[4], values,
-                                               {"bytes": len(payload), "metrics": len(named)}))
+                                               {"bytes": len(payload), "metrics": len(named),
+                                                "historical": historical}))
             elif not topic.startswith("spBv1.0/"):
                 self.other.append((now, topic, bytes(payload)))
             return 0
@@ -256,12 +260,16 @@ def of_device(deliveries: list[Delivery], device: str) -> list[Delivery]:
 
 
 def counter_audit(deliveries: list[Delivery], upto: int | None = None) -> dict[str, Any]:
-    """Counter values 0, 1, 2, ... in arrival order: holes, duplicates, order."""
+    """Counter values 0, 1, 2, ... in arrival order: holes, duplicates, order (per lane:
+    live and historical Sparkplug messages are two lanes; Kafka has one)."""
     seen: list[int] = [int(v) for d in deliveries for v in d.values if isinstance(v, int | float)]
+    lanes: dict[bool, list[int]] = {}
+    for d in deliveries:
+        lanes.setdefault(bool(d.extra.get("historical")), []).extend(
+            int(v) for v in d.values if isinstance(v, int | float))
     distinct = set(seen)
     top = max(distinct, default=-1) if upto is None else upto
     holes = sorted(set(range(top + 1)) - distinct)
-    fresh: list[int] = []
     dups = 0
     got: set[int] = set()
     dup_values: list[int] = []
@@ -271,8 +279,15 @@ def counter_audit(deliveries: list[Delivery], upto: int | None = None) -> dict[s
             dup_values.append(v)
         else:
             got.add(v)
-            fresh.append(v)
-    inversions = [(a, b) for a, b in itertools.pairwise(fresh) if a >= b]
+    inversions = []
+    for lane in lanes.values():
+        firsts: list[int] = []
+        met: set[int] = set()
+        for v in lane:
+            if v not in met:
+                met.add(v)
+                firsts.append(v)
+        inversions += [(a, b) for a, b in itertools.pairwise(firsts) if a >= b]
     return {"max": top, "expected": top + 1, "delivered": len(distinct & set(range(top + 1))),
             "holes": len(holes), "hole_examples": holes[:8], "duplicates": dups,
             "duplicate_range": [min(dup_values), max(dup_values)] if dup_values else None,
@@ -933,19 +948,29 @@ async def case_kafka_too_large(env: Env, p: Params, r: CaseResult) -> None:
 
 
 def damage_pages(path: Path, fraction_from: float = 0.3, fraction_to: float = 0.7, every: int = 3) -> list[int]:
-    """Garbage over every `every`-th page between two fractions of the file (not its first
-    pages: the schema); returns the page numbers overwritten."""
-    page = 4096
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as c:
+    """Garbage over every `every`-th page between two fractions of the buffer file, where
+    only old, unsent records live (not the first pages: the schema; not the last: where
+    appends go), such that the running gateway meets it on its next read of those records.
+
+    Its connection keeps recent pages in its cache and in the WAL, so first a truncating
+    checkpoint moves every page into the file, then the pages are overwritten, then a write
+    of the same `user_version` makes every other connection drop its page cache.
+    """
+    with contextlib.closing(sqlite3.connect(str(path), timeout=10, isolation_level=None)) as c:
+        busy, _frames, _done = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise RuntimeError(f"{path}: the truncating checkpoint was blocked by a reader")
         page = c.execute("PRAGMA page_size").fetchone()[0]
-    pages = path.stat().st_size // page
-    hit = list(range(max(2, int(pages * fraction_from)), int(pages * fraction_to), every))
-    with open(path, "r+b") as f:
-        for n in hit:
-            f.seek(n * page)
-            f.write(b"\xff" * page)
-        f.flush()
-        os.fsync(f.fileno())
+        pages = path.stat().st_size // page
+        hit = list(range(max(2, int(pages * fraction_from)), int(pages * fraction_to), every))
+        with open(path, "r+b") as f:
+            for n in hit:
+                f.seek(n * page)
+                f.write(b"\xff" * page)
+            f.flush()
+            os.fsync(f.fileno())
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        c.execute(f"PRAGMA user_version = {int(version)}")
     return hit
 
 
