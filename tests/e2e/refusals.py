@@ -444,13 +444,30 @@ def cursor_records(st: dict[str, Any] | None, name: str) -> int | None:
 
 
 def quarantined(st: dict[str, Any] | None) -> int | None:
-    """Records in the buffer's quarantine as `outpost status` shows them (None: not shown)."""
+    """Records quarantined for good (not `held:`), as `outpost status` shows them (None: no
+    quarantine in status)."""
+    return quarantine_split(st)[1]
+
+
+def quarantine_split(st: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(held, quarantined): records in the quarantine because their destination refused
+    them (reason `held:<destination>`, delivered in order once it accepts), and records no
+    retry can deliver (too large, not encodable). (None, None): no quarantine in status."""
     q = ((st or {}).get("buffer") or {}).get("quarantine")
-    if isinstance(q, dict):
-        return int(q.get("records") or 0)
-    if isinstance(q, int):
-        return q
-    return None
+    if not isinstance(q, dict):
+        return None, None
+    by_reason = q.get("by_reason") or {}
+    held = sum(int(v) for k, v in by_reason.items() if str(k).startswith("held"))
+    return held, int(q.get("records") or 0) - held
+
+
+def held_records(st: dict[str, Any] | None, cursor: str) -> int | None:
+    """Records a refused destination holds: in the quarantine as `held:...` where the
+    gateway holds them there, else behind the uplink's cursor."""
+    held, _ = quarantine_split(st)
+    if held:
+        return held
+    return cursor_records(st, cursor)
 
 
 def task_crashes(st: dict[str, Any] | None) -> dict[str, int]:
@@ -625,7 +642,7 @@ async def case_mqtt_acl(env: Env, p: Params, r: CaseResult) -> None:
         st = await gw.status()
         t1 = time.monotonic()
         refused_seen = of_device(watch.ddata, "refused")
-        r.held = cursor_records(st, "mqtt")
+        r.held = held_records(st, "mqtt")
         r.quarantined = quarantined(st)
         r.healthy_stalled_s = longest_gap([d.t for d in of_device(watch.ddata, "healthy")], t0 + 2, t1)
         mq = link(st, "mqtt")
@@ -642,8 +659,8 @@ async def case_mqtt_acl(env: Env, p: Params, r: CaseResult) -> None:
         connects_before = broker.connections(gw.client_id)
         broker.set_acl(ALLOW_ALL)
         t_lift = time.monotonic()
-        await gw.wait(lambda s: cursor_records(s, "mqtt") is not None and cursor_records(s, "mqtt") < 20
-                      and not refused_of(s, "mqtt"), p.drain_timeout_s, "mqtt drained after the lift")
+        await gw.wait(lambda s: (held_records(s, "mqtt") or 0) < 20 and not refused_of(s, "mqtt"),
+                      p.drain_timeout_s, "mqtt drained after the lift")
         await poll_until(lambda: len(watch.other) >= n_cmds, p.drain_timeout_s)
         committed_after = await asyncio.to_thread(env.kafka.committed, group, cmd_topic)
         await asyncio.sleep(1.0)
@@ -722,20 +739,20 @@ async def case_mqtt_too_large(env: Env, p: Params, r: CaseResult) -> None:
                           "mqtt_counters": link(st, "mqtt").get("counters"),
                           "mqtt_refused": link(st, "mqtt").get("refused"),
                           "largest_ddata_bytes": max((d.extra["bytes"] for d in watch.ddata), default=0)})
-        # Lift: the operator raises the broker's limit and re-sends the quarantine.
+        # The readings up to here; the restart below starts the simulator's counters over.
+        fill_counters(r, {d: counter_audit(of_device(watch.ddata, d)) for d in ("healthy", "twin")})
+        # Lift: the operator raises the broker's limit, stops the gateway, re-sends the
+        # quarantine (`outpost buffer quarantine retry`) and starts it again.
+        await gw.stop()
         await asyncio.to_thread(broker.restart, max_packet_size=None)
         await watch.reconnect()
-        await gw.wait(lambda s: link(s, "mqtt")["up"], 30, "mqtt up after the broker restart")
         retry = await asyncio.to_thread(run_cli_sub, gw.config_path, "buffer", "quarantine", "retry")
         r.figures["quarantine_retry"] = {"rc": retry.returncode, "out": (retry.stdout + retry.stderr)[-400:]}
-        deadline = time.monotonic() + p.drain_timeout_s / 2
-        long_seen = False
-        while time.monotonic() < deadline and not long_seen:
-            long_seen = any(isinstance(v, str) and len(v) >= 2 * length for d in of_device(watch.ddata, "big")
-                            for v in d.values)
-            await asyncio.sleep(0.3)
+        gw.start()
+        long_seen = await poll_until(lambda: any(
+            isinstance(v, str) and len(v) >= 2 * length for d in of_device(watch.ddata, "big") for v in d.values),
+            p.drain_timeout_s)
         r.checks["quarantined record delivered after the limit is raised and it is re-sent"] = long_seen
-        fill_counters(r, {d: counter_audit(of_device(watch.ddata, d)) for d in ("healthy", "twin")})
         r.expected += 1  # the oversized record's reading
         r.delivered += int(long_seen)
         r.lost += int(not long_seen and not r.quarantined)
@@ -794,7 +811,7 @@ async def case_kafka_topics(env: Env, p: Params, r: CaseResult) -> None:
         t1 = time.monotonic()
         st = await gw.status()
         k = link(st, "kafka")
-        r.held = cursor_records(st, "kafka")
+        r.held = held_records(st, "kafka")
         r.quarantined = quarantined(st)
         r.healthy_stalled_s = longest_gap([d.t for d in watchers["healthy"].messages], t0 + 5, t1)
         refused = k.get("refused") or {}
@@ -815,7 +832,7 @@ async def case_kafka_topics(env: Env, p: Params, r: CaseResult) -> None:
         watchers["missing"] = KafkaWatcher(env, missing_t)
         await watchers["missing"].start()
         with contextlib.suppress(TimeoutError):
-            await gw.wait(lambda s: not refused_of(s, "kafka") and (cursor_records(s, "kafka") or 0) < 50,
+            await gw.wait(lambda s: not refused_of(s, "kafka") and (held_records(s, "kafka") or 0) < 50,
                           p.drain_timeout_s, "kafka drained after the lift")
         await asyncio.sleep(2.0)
         audits = {name: counter_audit(w.messages) for name, w in watchers.items()}
@@ -942,22 +959,19 @@ async def case_kafka_too_large(env: Env, p: Params, r: CaseResult) -> None:
             isinstance(v, str) and v.startswith("ok") for d in big_after for v in d.values)
         r.checks["healthy device stalled at most 2 s"] = (r.healthy_stalled_s or 99) <= 2.0
         r.figures.update({"kafka_counters": k.get("counters"), "kafka_last_error": k.get("last_error")})
-        # Lift: a larger batch_max_bytes (reload) and the quarantine re-sent.
+        fill_counters(r, {d: counter_audit(of_device(watch.messages, d)) for d in ("healthy", "twin")})
+        # Lift: the gateway stopped, a larger batch_max_bytes, the quarantine re-sent
+        # (`outpost buffer quarantine retry`), the gateway started again.
+        await gw.stop()
         gw.kafka = KafkaSetup(mappings=setup.mappings, batch_max_bytes=1_000_000)
         gw.write_config()
-        assert gw.proc.proc is not None
-        os.kill(gw.proc.proc.pid, signal.SIGHUP)
-        await asyncio.sleep(3.0)
         retry = await asyncio.to_thread(run_cli_sub, gw.config_path, "buffer", "quarantine", "retry")
         r.figures["quarantine_retry"] = {"rc": retry.returncode, "out": (retry.stdout + retry.stderr)[-400:]}
-        deadline = time.monotonic() + p.drain_timeout_s / 2
-        long_seen = False
-        while time.monotonic() < deadline and not long_seen:
-            long_seen = any(isinstance(v, str) and len(v) >= 2 * length
-                            for d in of_device(watch.messages, "big") for v in d.values)
-            await asyncio.sleep(0.3)
+        gw.start()
+        long_seen = await poll_until(lambda: any(
+            isinstance(v, str) and len(v) >= 2 * length for d in of_device(watch.messages, "big") for v in d.values),
+            p.drain_timeout_s)
         r.checks["quarantined record delivered after the limit is raised and it is re-sent"] = long_seen
-        fill_counters(r, {d: counter_audit(of_device(watch.messages, d)) for d in ("healthy", "twin")})
         r.expected += 1
         r.delivered += int(long_seen)
         r.lost += int(not long_seen and not r.quarantined)
@@ -1018,7 +1032,8 @@ async def case_corruption(env: Env, p: Params, r: CaseResult) -> None:
         t_lift = time.monotonic()
         drained = True
         try:
-            st = await gw.wait(lambda s: cursor_records(s, "mqtt") is not None and cursor_records(s, "mqtt") < 50,
+            st = await gw.wait(lambda s: cursor_records(s, "mqtt") is not None
+                               and cursor_records(s, "mqtt") + (held_records(s, "mqtt") or 0) < 50,
                                p.drain_timeout_s, "mqtt drained after the lift")
         except (TimeoutError, RuntimeError) as exc:
             drained = False
@@ -1121,10 +1136,10 @@ async def case_kill_during_flush(env: Env, p: Params, r: CaseResult) -> None:
     try:
         await watch.start()
         gw.start()
-        await gw.wait(lambda s: (cursor_records(s, "kafka") or 0) > 0, 30, "records for kafka")
+        await gw.wait(lambda s: (held_records(s, "kafka") or 0) > 0, 30, "records for kafka")
         await asyncio.sleep(p.backlog_s)
         st = await gw.status()
-        r.held = cursor_records(st, "kafka")
+        r.held = held_records(st, "kafka")
         await asyncio.to_thread(env.kafka.lift_topic_refusal, topic)
         lifted = True
         target = max(50, (r.held or 0) // 4)
@@ -1133,7 +1148,7 @@ async def case_kill_during_flush(env: Env, p: Params, r: CaseResult) -> None:
         await gw.proc.kill9()
         await asyncio.sleep(1.0)
         gw.start()
-        await gw.wait(lambda s: (cursor_records(s, "kafka") or 0) < 100, p.drain_timeout_s,
+        await gw.wait(lambda s: (held_records(s, "kafka") or 0) < 100, p.drain_timeout_s,
                       "kafka drained after the restart")
         await asyncio.sleep(2.0)
         keys = [(h.get("outpost-stream"), h.get("outpost-seq")) for h in watch.headers]
