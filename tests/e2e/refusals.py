@@ -8,9 +8,10 @@ writes to a device) and runs one case per numbered item of issue 11 against a re
 fewer readings, shorter refusals, every case) on the pytest fixtures.
 
 Every case prints the same figures:
-- `expected`: readings the case's devices produced that the gateway had to deliver (a
-  counter point per device: value k is tick k, so the delivered values of a device must be
-  0..max without a hole; max is the newest value seen on any destination of that device);
+- `expected`: readings the case's devices produced that the gateway had to deliver: a
+  counter point `n` per device (value k is tick k), up to the newest value delivered;
+  produced means seen by `outpost tail` on the status socket before the buffer (the
+  simulator skips a tick it is too late for), or delivered;
 - `delivered`: of those, the readings an independent consumer saw (a gmqtt subscriber on
   MQTT, kcat as the Kafka admin user on Kafka);
 - `held`: records the refused destination's cursor held in the buffer just before the
@@ -42,6 +43,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -54,7 +56,7 @@ from gmqtt import Client
 from pymodbus.constants import ExcCodes
 
 from drivers.modbus.simserver import SimServer, SimUnit
-from gateway.diagnostics.client import fetch_status
+from gateway.diagnostics.client import fetch_status, tail
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from tests.harness.common import REPO_ROOT, RunDir
 from tests.harness.gateway import GatewayProcess
@@ -259,17 +261,62 @@ def of_device(deliveries: list[Delivery], device: str) -> list[Delivery]:
     return [d for d in deliveries if d.device == device]
 
 
-def counter_audit(deliveries: list[Delivery], upto: int | None = None) -> dict[str, Any]:
+class SampleTail:
+    """`outpost tail --point n` on the gateway's socket: every counter value the devices
+    produced, seen before the buffer (the reference for `expected`: the simulator skips a
+    tick it was too late for, and such a value was never produced)."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self.values: dict[str, set[int]] = {}
+        self.dropped = 0
+        self.connected = False
+        self._thread = threading.Thread(target=self._run, name=f"tail:{socket.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                for ev in tail(str(self.socket), point="n", timeout_s=5):
+                    self.connected = True
+                    if "dropped" in ev:
+                        self.dropped += int(ev["dropped"])
+                        continue
+                    smp = ev.get("sample", ev)
+                    if isinstance(smp.get("value"), int | float):
+                        self.values.setdefault(str(smp.get("device")), set()).add(int(smp["value"]))
+            except Exception:
+                if self.connected:
+                    return  # the gateway went away
+                time.sleep(0.02)
+
+    def produced(self, device: str) -> set[int] | None:
+        return None if self.dropped or device not in self.values else self.values[device]
+
+
+def counter_audit(deliveries: list[Delivery], produced: set[int] | None = None) -> dict[str, Any]:
     """Counter values 0, 1, 2, ... in arrival order: holes, duplicates, order (per lane:
-    live and historical Sparkplug messages are two lanes; Kafka has one)."""
+    live and historical Sparkplug messages are two lanes; Kafka has one).
+
+    Expected: every value up to the newest delivered one that was produced: seen by the
+    tail (`produced`), delivered, or older than the first value the tail saw (it connects
+    a moment after the devices start). Without a tail, every value from 0 up.
+    """
     seen: list[int] = [int(v) for d in deliveries for v in d.values if isinstance(v, int | float)]
     lanes: dict[bool, list[int]] = {}
     for d in deliveries:
         lanes.setdefault(bool(d.extra.get("historical")), []).extend(
             int(v) for v in d.values if isinstance(v, int | float))
     distinct = set(seen)
-    top = max(distinct, default=-1) if upto is None else upto
-    holes = sorted(set(range(top + 1)) - distinct)
+    top = max(distinct, default=-1)
+    if produced:
+        expected = {v for v in produced | distinct | set(range(min(produced))) if v <= top}
+    else:
+        expected = set(range(top + 1))
+    holes = sorted(expected - distinct)
     dups = 0
     got: set[int] = set()
     dup_values: list[int] = []
@@ -288,7 +335,8 @@ def counter_audit(deliveries: list[Delivery], upto: int | None = None) -> dict[s
                 met.add(v)
                 firsts.append(v)
         inversions += [(a, b) for a, b in itertools.pairwise(firsts) if a >= b]
-    return {"max": top, "expected": top + 1, "delivered": len(distinct & set(range(top + 1))),
+    return {"max": top, "expected": len(expected), "delivered": len(distinct & expected),
+            "reference": "tail" if produced else "contiguous",
             "holes": len(holes), "hole_examples": holes[:8], "duplicates": dups,
             "duplicate_range": [min(dup_values), max(dup_values)] if dup_values else None,
             "in_order": not inversions, "order_examples": inversions[:5],
@@ -350,6 +398,7 @@ class Gateway:
         self.mqtt_url, self.devices, self.kafka, self.buses, self.buffer = (
             mqtt_url, devices, kafka, buses, buffer)
         self.proc = GatewayProcess(self.config_path, self.folder / "gateway.log")
+        self.tail: SampleTail | None = None  # the first run's
         self.write_config()
 
     def config_text(self) -> str:
@@ -390,6 +439,15 @@ class Gateway:
 
     def start(self) -> None:
         self.proc.start()
+        if self.tail is None:
+            self.tail = SampleTail(self.socket)
+            self.tail.start()
+
+    def produced(self, device: str) -> set[int] | None:
+        return None if self.tail is None else self.tail.produced(device)
+
+    def audit(self, deliveries: list[Delivery], device: str) -> dict[str, Any]:
+        return counter_audit(of_device(deliveries, device), self.produced(device))
 
     async def stop(self) -> None:
         await self.proc.stop()
@@ -596,12 +654,15 @@ def fill_counters(r: CaseResult, audits: dict[str, dict[str, Any]]) -> None:
     holes = {d: set(a.pop("_holes")) for d, a in audits.items()}
     skipped: set[int] = set()
     for d, hs in holes.items():
+        if audits[d]["reference"] == "tail":
+            continue  # the tail saw what was produced: a hole is a loss
         for v in hs:
-            others = [e for e, a in audits.items() if e != d and a["max"] >= v]
+            others = [e for e, a in audits.items() if e != d and a["max"] >= v
+                      and a["reference"] != "tail"]
             if others and all(v in holes[e] for e in others):
                 skipped.add(v)
     for d, a in audits.items():
-        mine = {v for v in skipped if v <= a["max"]}
+        mine = {v for v in skipped if v <= a["max"]} if a["reference"] != "tail" else set()
         a["skipped_by_source"] = len(mine)
         a["expected"] -= len(mine)
         a["holes"] = len(holes[d] - mine)
@@ -664,8 +725,8 @@ async def case_mqtt_acl(env: Env, p: Params, r: CaseResult) -> None:
         await poll_until(lambda: len(watch.other) >= n_cmds, p.drain_timeout_s)
         committed_after = await asyncio.to_thread(env.kafka.committed, group, cmd_topic)
         await asyncio.sleep(1.0)
-        healthy = counter_audit(of_device(watch.ddata, "healthy"))
-        refused = counter_audit(of_device(watch.ddata, "refused"))
+        healthy = gw.audit(watch.ddata, "healthy")
+        refused = gw.audit(watch.ddata, "refused")
         fill_counters(r, {"healthy": healthy, "refused": refused})
         bridged = [json.loads(payload)["k"] for _t, _topic, payload in watch.other]
         r.checks["refused device delivered in order after the lift"] = refused["in_order"] and refused["holes"] == 0
@@ -740,7 +801,7 @@ async def case_mqtt_too_large(env: Env, p: Params, r: CaseResult) -> None:
                           "mqtt_refused": link(st, "mqtt").get("refused"),
                           "largest_ddata_bytes": max((d.extra["bytes"] for d in watch.ddata), default=0)})
         # The readings up to here; the restart below starts the simulator's counters over.
-        fill_counters(r, {d: counter_audit(of_device(watch.ddata, d)) for d in ("healthy", "twin")})
+        fill_counters(r, {d: gw.audit(watch.ddata, d) for d in ("healthy", "twin")})
         # Lift: the operator raises the broker's limit, stops the gateway, re-sends the
         # quarantine (`outpost buffer quarantine retry`) and starts it again.
         await gw.stop()
@@ -835,7 +896,7 @@ async def case_kafka_topics(env: Env, p: Params, r: CaseResult) -> None:
             await gw.wait(lambda s: not refused_of(s, "kafka") and (held_records(s, "kafka") or 0) < 50,
                           p.drain_timeout_s, "kafka drained after the lift")
         await asyncio.sleep(2.0)
-        audits = {name: counter_audit(w.messages) for name, w in watchers.items()}
+        audits = {name: gw.audit(w.messages, name) for name, w in watchers.items()}
         fill_counters(r, audits)
         top = audits["healthy"]["max"]
         for name in ("denied", "missing"):
@@ -959,7 +1020,7 @@ async def case_kafka_too_large(env: Env, p: Params, r: CaseResult) -> None:
             isinstance(v, str) and v.startswith("ok") for d in big_after for v in d.values)
         r.checks["healthy device stalled at most 2 s"] = (r.healthy_stalled_s or 99) <= 2.0
         r.figures.update({"kafka_counters": k.get("counters"), "kafka_last_error": k.get("last_error")})
-        fill_counters(r, {d: counter_audit(of_device(watch.messages, d)) for d in ("healthy", "twin")})
+        fill_counters(r, {d: gw.audit(watch.messages, d) for d in ("healthy", "twin")})
         # Lift: the gateway stopped, a larger batch_max_bytes, the quarantine re-sent
         # (`outpost buffer quarantine retry`), the gateway started again.
         await gw.stop()
@@ -1041,7 +1102,7 @@ async def case_corruption(env: Env, p: Params, r: CaseResult) -> None:
             st = await gw.status()
         await asyncio.sleep(1.0)
         buf = (st or {}).get("buffer") or {}
-        audits = {f"d{i}": counter_audit(of_device(watch.ddata, f"d{i}")) for i in range(6)}
+        audits = {f"d{i}": gw.audit(watch.ddata, f"d{i}") for i in range(6)}
         fill_counters(r, audits)
         counted_lost = 0
         salv = buf.get("salvage") or buf.get("salvaged")
@@ -1227,7 +1288,7 @@ async def case_pinned_wal(env: Env, p: Params, r: CaseResult) -> None:
             st = await gw.status()
             after.append(int(((st or {}).get("buffer") or {}).get("wal_bytes") or 0))
             await asyncio.sleep(0.5)
-        audits = {f"d{i}": counter_audit(of_device(watch.ddata, f"d{i}")) for i in range(8)}
+        audits = {f"d{i}": gw.audit(watch.ddata, f"d{i}") for i in range(8)}
         fill_counters(r, audits)
         r.held = cursor_records(st, "mqtt")
         r.quarantined = quarantined(st)
