@@ -7,6 +7,14 @@ file and joins it.
 
 A caller cancelled while its call runs on the thread does not undo the call: an append
 that commits after its caller was cancelled is stored (and read again later), never lost.
+
+Corruption met by any call (append, read, ack, ...) heals the buffer on the spot: the file
+is moved aside, a fresh one takes its place and the readable records are salvaged into it
+(`Buffer.recover`); the call then raises `BufferCorrupt` with `retriable=True` and
+`recovered=True`, and the same call made again works on the new file.
+
+With `synchronous="normal"`, a timer fsyncs the WAL `normal_sync_interval_s` after the
+oldest unsynced commit, so an idle gateway does not leave its last commits unsynced.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from buffer.core import Buffer, BufferSettings, NewRecord, Record
-from buffer.errors import BufferClosed, BufferFull
+from buffer.core import Buffer, BufferSettings, NewRecord, QuarantinedRecord, Record
+from buffer.errors import BufferClosed, BufferCorrupt, BufferFull
 
 T = TypeVar("T")
 
@@ -38,6 +46,10 @@ class AsyncBuffer:
         self._appended = asyncio.Event()
         self._acked = asyncio.Event()
         self._closed = False
+        self._generation = 0            # bumped by each recovery from corruption
+        self.recoveries = 0
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._sync_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], settings: BufferSettings) -> AsyncBuffer:
@@ -54,7 +66,56 @@ class AsyncBuffer:
         if self._closed:
             raise BufferClosed(f"{self.path}: buffer is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        generation = self._generation
+        try:
+            result = await loop.run_in_executor(self._executor,
+                                                functools.partial(fn, *args, **kwargs))
+        except BufferCorrupt as e:
+            if self._closed:
+                raise
+            moved = await loop.run_in_executor(self._executor, self._recover, generation)
+            err = BufferCorrupt(f"{e}; the buffer recovered: "
+                                f"{f'file moved to {moved}, ' if moved else ''}readable records "
+                                f"salvaged; retry the call", retriable=True)
+            err.recovered = True
+            raise err from e
+        self._arm_sync_timer()
+        return result
+
+    def _recover(self, generation: int) -> str | None:
+        """On the buffer thread: recover once per corruption, however many calls met it."""
+        if generation != self._generation:
+            return None         # an earlier call already moved the file aside
+        moved = self._buf.recover()
+        self._generation += 1
+        self.recoveries += 1
+        return moved
+
+    def _arm_sync_timer(self) -> None:
+        if (self.settings.synchronous != "normal" or self._sync_timer is not None
+                or self._sync_task is not None or self._closed):
+            return
+        due = self._buf.sync_due_in()     # a plain attribute read, safe from the loop
+        if due is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._sync_timer = loop.call_later(due, self._sync_tick)
+
+    def _sync_tick(self) -> None:
+        self._sync_timer = None
+        if self._closed:
+            return
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_now())
+
+    async def _sync_now(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._buf.sync_if_due)
+        except Exception:       # logged by the buffer; tried again after the next commit
+            pass
+        finally:
+            self._sync_task = None
+        self._arm_sync_timer()
 
     @staticmethod
     def _wake(event: asyncio.Event) -> asyncio.Event:
@@ -117,9 +178,11 @@ class AsyncBuffer:
     async def cursors(self) -> list[str]:
         return await self._run(self._buf.cursors)
 
-    async def unregister_cursor(self, name: str) -> None:
-        await self._run(self._buf.unregister_cursor, name)
+    async def unregister_cursor(self, name: str, reason: str = "uplink_removed") -> int:
+        """Remove a cursor; returns how many records were dropped with it (counted)."""
+        n = await self._run(self._buf.unregister_cursor, name, reason)
         self._acked = self._wake(self._acked)
+        return n
 
     async def purge(self, cursor: str | None = None) -> int:
         count = await self._run(self._buf.purge, cursor)
@@ -129,6 +192,32 @@ class AsyncBuffer:
     async def checkpoint(self, mode: str = "PASSIVE") -> dict[str, Any]:
         return await self._run(self._buf.checkpoint, mode)
 
+    async def quarantine(self, cursor: str, seq: int, reason: str) -> bool:
+        return await self._run(self._buf.quarantine, cursor, seq, reason)
+
+    async def quarantine_list(self, cursor: str | None = None, reason: str | None = None, *,
+                              seqs: Sequence[int] | None = None,
+                              limit: int | None = None) -> list[QuarantinedRecord]:
+        return await self._run(self._buf.quarantine_list, cursor, reason, seqs=seqs,
+                               limit=limit)
+
+    async def quarantine_retry(self, cursor: str | None = None, reason: str | None = None, *,
+                               seqs: Sequence[int] | None = None) -> int:
+        n = await self._run(self._buf.quarantine_retry, cursor, reason, seqs=seqs)
+        if n:
+            self._appended = self._wake(self._appended)
+        return n
+
+    async def quarantine_drop(self, cursor: str | None = None, reason: str | None = None, *,
+                              seqs: Sequence[int] | None = None) -> int:
+        return await self._run(self._buf.quarantine_drop, cursor, reason, seqs=seqs)
+
+    async def quarantine_delivered(self, cursor: str, seqs: Sequence[int]) -> int:
+        return await self._run(self._buf.quarantine_delivered, cursor, seqs)
+
+    async def sync(self) -> None:
+        await self._run(self._buf.sync)
+
     async def stats(self) -> dict[str, Any]:
         return await self._run(self._buf.stats)
 
@@ -137,6 +226,14 @@ class AsyncBuffer:
         if self._closed:
             return
         loop = asyncio.get_running_loop()
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        if self._sync_task is not None:
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        if self._sync_timer is not None:    # re-armed by that task: close() syncs anyway
+            self._sync_timer.cancel()
+            self._sync_timer = None
         try:
             await loop.run_in_executor(self._executor, self._buf.close)
         finally:

@@ -40,7 +40,21 @@ log = logging.getLogger("outpost.buffer")
 
 WHEN_FULL = ("drop_oldest", "block")
 SYNCHRONOUS = ("full", "normal")
-DROP_REASONS = ("age", "size", "disk_full", "purged")
+DROP_REASONS = ("age", "size", "disk_full", "purged", "uplink_removed", "corrupt",
+                "quarantine_dropped")
+# Drops that are an operator's or a recovery's act, not a retention episode to log as one.
+_NOT_EPISODES = frozenset({"purged", "uplink_removed", "corrupt", "quarantine_dropped"})
+
+# Record headers the gateway writes for a reading stamped on an untrusted clock (see
+# gateway/clock.py: H_CLOCK, H_OFFSET, H_BOOT). The buffer reads them only to measure a
+# record's age for `max_age` (see README, "Age and the clock").
+CLOCK_HEADER = "clock"
+CLOCK_UNSYNCED = "unsynced"
+CLOCK_OFFSET_HEADER = "clock_offset_ns"
+CLOCK_BOOT_HEADER = "boot_id"
+# A header key no caller may use: marks records re-sent (quarantine retry) or salvaged for
+# some cursors only. It is stored in the header set and hidden from `Record.headers`.
+TARGET_KEY = "\x00outpost.for"
 
 # Bytes a record costs on disk beyond its payload, used only to look ahead before an
 # append whether the batch will fit under the size cap (measured ~30-35 B, see README).
@@ -50,6 +64,9 @@ _VACUUM_INTERVAL_S = 5.0
 _DISK_CHECK_INTERVAL_S = 10.0
 _VACUUM_STEP_PAGES = 2048
 _DISK_FULL_RETRIES = 6
+_PIN_RECHECK_S = 1.0
+_BUSY_TIMEOUT_MS = 5000
+_SALVAGE_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +81,10 @@ class BufferSettings:
     vacuum_slack_bytes: int = 8 * 1024 * 1024     # free pages kept for reuse before vacuuming
     check_on_open: str = "quick"                  # "quick" (PRAGMA quick_check) | "none"
     reserve_bytes: int = 4 * 1024 * 1024          # file kept allocated, released on ENOSPC
+    # synchronous="normal" only: the WAL is fsynced at most this long after a commit, and
+    # as soon as this many records were committed since the last sync (the loss window).
+    normal_sync_interval_s: float = 1.0
+    normal_sync_records: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_size_bytes, int) or self.max_size_bytes <= 0:
@@ -78,7 +99,12 @@ class BufferSettings:
             raise ValueError(f"check_on_open must be 'quick' or 'none', got {self.check_on_open!r}")
         if self.reserve_bytes < 0:
             raise ValueError(f"reserve_bytes must be >= 0, got {self.reserve_bytes!r}")
-        for name in ("checkpoint_wal_bytes", "wal_max_bytes", "vacuum_slack_bytes"):
+        if not (isinstance(self.normal_sync_interval_s, int | float)
+                and 0 < self.normal_sync_interval_s <= 60):
+            raise ValueError("normal_sync_interval_s must be in (0, 60] seconds, got "
+                             f"{self.normal_sync_interval_s!r}")
+        for name in ("checkpoint_wal_bytes", "wal_max_bytes", "vacuum_slack_bytes",
+                     "normal_sync_records"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -104,6 +130,20 @@ class Record:
 
 
 @dataclass(slots=True)
+class QuarantinedRecord:
+    """A record one uplink could not deliver, kept aside with why (see Buffer.quarantine)."""
+
+    cursor: str
+    seq: int
+    reason: str
+    at_ms: int
+    stream: str
+    ts_ms: int
+    headers: Mapping[str, str]
+    payload: bytes
+
+
+@dataclass(slots=True)
 class _Cursor:
     acked_seq: int
     pending_bytes: int
@@ -119,6 +159,8 @@ class _State:
     live_bytes: int         # payload bytes present
     cursors: dict[str, _Cursor]
     dropped: dict[str, int]
+    counters: dict[str, int]    # other meta counters: quarantined.<reason>, salvaged
+    quarantined: int            # quarantine rows present
 
     def copy(self) -> _State:
         return _State(
@@ -127,6 +169,8 @@ class _State:
             self.live_bytes,
             {k: _Cursor(c.acked_seq, c.pending_bytes) for k, c in self.cursors.items()},
             dict(self.dropped),
+            dict(self.counters),
+            self.quarantined,
         )
 
     @property
@@ -161,18 +205,40 @@ class Buffer:
                  lock_fd: int, moved_aside: str | None) -> None:
         self.path = path
         self.settings = settings
-        self._conn: sqlite3.Connection | None = conn
         self._lock_fd = lock_fd
+        # Clocks used to measure record age (tests replace them to simulate a clock step).
+        self._wall_ns: Callable[[], int] = time.time_ns
+        self._mono_ns: Callable[[], int] = time.monotonic_ns
+        self._boot_id = _read_boot_id()
+        self._reserve_path = path + ".reserve"
+        self._attach(conn, moved_aside)
+        self._ensure_reserve()
+
+    def _attach(self, conn: sqlite3.Connection, moved_aside: str | None) -> None:
+        """(Re)load everything known about the file behind `conn`."""
+        self._conn: sqlite3.Connection | None = conn
         self.moved_aside = moved_aside
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         self._streams: dict[str, int] = {}
         self._stream_names: dict[int, str] = {}
         self._header_ids: dict[tuple[tuple[str, str], ...], int] = {}
         self._header_sets: dict[int, Mapping[str, str]] = {}
+        # Header sets of records meant for some cursors only, and of readings stamped on
+        # an untrusted clock (aged by their clock headers, see _clock_deltas).
+        self._targets: dict[int, frozenset[str]] = {}
+        self._unsynced_hids: set[int] = set()
+        self._targeted_max_seq = 0
         self._st = self._load_state()
+        self._newest_trusted_ts = self._load_newest_trusted_ts()
         self._wal_bytes_est = 0
         self._last_checkpoint: dict[str, Any] | None = None
         self._checkpoint_failing = False
+        self._wal_pinned_since_ms: int | None = None
+        self._pin_warned = False
+        self._next_pin_check = 0.0
+        self._unsynced_records = 0
+        self._unsynced_since: float | None = None
+        self._sync_failing = False
         self._next_age_check = 0.0
         self._next_vacuum = time.monotonic() + _VACUUM_INTERVAL_S
         self._next_disk_check = 0.0
@@ -180,15 +246,19 @@ class Buffer:
         # Reasons currently dropping / blocking, so each start and end is logged once.
         self._dropping: dict[str, int] = {}
         self._drops_now: set[str] = set()
-        self._reserve_path = path + ".reserve"
-        self._ensure_reserve()
         self._blocked: str | None = None
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], settings: BufferSettings) -> Buffer:
-        """Open or create the buffer at `path`; a corrupt file is moved aside first."""
+    def open(cls, path: str | os.PathLike[str], settings: BufferSettings, *,
+             repair: bool = True) -> Buffer:
+        """Open or create the buffer at `path`; a corrupt file is moved aside first and its
+        readable records are salvaged into the new one.
+
+        `repair=False` (operator commands): a corrupt or foreign file raises BufferCorrupt
+        and is left as it is; nothing is salvaged.
+        """
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         try:
@@ -198,15 +268,22 @@ class Buffer:
                                 retriable=False) from e
         lock_fd = _acquire_lock(path)
         try:
-            conn, moved = _open_checked(path, settings)
+            conn, moved = _open_checked(path, settings, repair=repair)
             try:
-                return cls(path, settings, conn, lock_fd, moved)
+                buf = cls(path, settings, conn, lock_fd, moved)
             except BaseException:
                 conn.close()
                 raise
         except BaseException:
             os.close(lock_fd)
             raise
+        if repair:
+            try:
+                buf._salvage_pending()
+            except BaseException:
+                buf.close()
+                raise
+        return buf
 
     def _load_state(self) -> _State:
         conn = self._db()
@@ -217,15 +294,40 @@ class Buffer:
         cursors = {name: _Cursor(acked, pending) for name, acked, pending in
                    conn.execute("SELECT name, acked_seq, pending_bytes FROM cursors")}
         dropped = {r: meta.get(f"dropped.{r}", 0) for r in DROP_REASONS}
+        counters = {k: v for k, v in meta.items()
+                    if k.startswith("quarantined.") or k in ("salvaged", "quarantine_delivered")}
         for sid, name in conn.execute("SELECT id, name FROM streams"):
             self._streams[name] = sid
             self._stream_names[sid] = name
         for hid, encoded in conn.execute("SELECT id, encoded FROM header_sets"):
-            pairs = tuple(tuple(p) for p in json.loads(encoded))
-            self._header_ids[pairs] = hid
-            self._header_sets[hid] = MappingProxyType(dict(pairs))
+            self._add_header_set(hid, tuple(tuple(p) for p in json.loads(encoded)))
+        if self._targets:
+            marks = ",".join(str(h) for h in self._targets)
+            self._targeted_max_seq = conn.execute(
+                f"SELECT coalesce(max(seq), 0) FROM records WHERE headers_id IN ({marks})"
+            ).fetchone()[0]
+        quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
         return _State(last_seq, lo if lo is not None else last_seq + 1,
-                      meta.get("live_bytes", 0), cursors, dropped)
+                      meta.get("live_bytes", 0), cursors, dropped, counters, quarantined)
+
+    def _add_header_set(self, hid: int, pairs: tuple[tuple[str, str], ...]) -> None:
+        self._header_ids[pairs] = hid
+        visible = dict(pairs)
+        target = visible.pop(TARGET_KEY, None)
+        if target is not None:
+            self._targets[hid] = frozenset(json.loads(target))
+        if visible.get(CLOCK_HEADER) == CLOCK_UNSYNCED:
+            self._unsynced_hids.add(hid)
+        self._header_sets[hid] = MappingProxyType(visible)
+
+    def _load_newest_trusted_ts(self) -> int | None:
+        """ts_ms of the newest record stamped on a trusted clock (a bounded look back)."""
+        conn = self._db()
+        for ts_ms, hid in conn.execute(
+                "SELECT ts_ms, headers_id FROM records ORDER BY seq DESC LIMIT 10000"):
+            if hid not in self._unsynced_hids:
+                return ts_ms
+        return None
 
     # ------------------------------------------------------------------ cursors
 
@@ -249,19 +351,38 @@ class Buffer:
         log.info("buffer cursor registered cursor=%s start_seq=%d path=%s",
                  name, st.min_seq, self.path)
 
-    def unregister_cursor(self, name: str) -> None:
-        """Remove cursor `name`; records only it was holding are deleted."""
+    def unregister_cursor(self, name: str, reason: str = "uplink_removed") -> int:
+        """Remove cursor `name` (its uplink is no longer configured); return how many
+        records were dropped with it.
+
+        Records only it was still holding (not yet passed by it, passed by every other
+        cursor) and its quarantined records are deleted, counted as dropped under
+        `reason` and logged. With no other cursor left nothing is deleted: the records
+        wait for the next cursor registered.
+        """
         self._cursor(name)
+        dropped = [0]
 
         def body(conn: sqlite3.Connection, st: _State) -> None:
-            del st.cursors[name]
+            st.cursors.pop(name)
             conn.execute("DELETE FROM cursors WHERE name = ?", (name,))
             floor = st.floor()
+            n = 0
             if floor is not None and floor >= st.min_seq:
-                self._delete_prefix(conn, st, floor, reason=None)
+                # Every record up to the old floor (<= the removed cursor's ack) is gone
+                # already, so what the new floor frees was still owed to the removed
+                # cursor: a drop, counted.
+                n = self._delete_prefix(conn, st, floor, reason=reason)
+            n += self._drop_quarantine(conn, st, "cursor = ?", (name,), reason)
+            dropped[0] = n
 
         self._write("unregister_cursor", body)
-        log.info("buffer cursor unregistered cursor=%s path=%s", name, self.path)
+        if dropped[0]:
+            log.warning("buffer cursor unregistered, its backlog dropped cursor=%s reason=%s "
+                        "records=%d path=%s", name, reason, dropped[0], self.path)
+        else:
+            log.info("buffer cursor unregistered cursor=%s path=%s", name, self.path)
+        return dropped[0]
 
     def cursors(self) -> list[str]:
         return sorted(self._st.cursors)
@@ -281,6 +402,13 @@ class Buffer:
 
         Raises BufferFull under the `block` policy when the batch does not fit.
         """
+        return self._append(records)
+
+    def _append(self, records: Sequence[NewRecord],
+                extra: Callable[[sqlite3.Connection, _State], None] | None = None,
+                internal: bool = False) -> list[int]:
+        """append(), plus `extra` run inside the same transaction; `internal` allows the
+        reserved target header (quarantine retry, salvage)."""
         self._db()
         if not records:
             return []
@@ -296,7 +424,7 @@ class Buffer:
         attempt = 0
         while True:
             try:
-                seqs = self._append_once(records, batch_bytes)
+                seqs = self._append_once(records, batch_bytes, extra, internal)
                 break
             except sqlite3.Error as e:
                 if _errcode(e) != sqlite3.SQLITE_FULL:
@@ -308,10 +436,13 @@ class Buffer:
             log.warning("buffer accepting appends again reason=%s path=%s",
                         self._blocked, self.path)
             self._blocked = None
+        self._committed(len(records))
         self._maintain()
         return seqs
 
-    def _append_once(self, records: Sequence[NewRecord], batch_bytes: int) -> list[int]:
+    def _append_once(self, records: Sequence[NewRecord], batch_bytes: int,
+                     extra: Callable[[sqlite3.Connection, _State], None] | None = None,
+                     internal: bool = False) -> list[int]:
         conn = self._db()
         st = self._st.copy()
         n = len(records)
@@ -350,6 +481,9 @@ class Buffer:
                     if hid is None:
                         hid = new_headers.get(key)
                         if hid is None:
+                            if not internal and TARGET_KEY in h:
+                                raise BufferError(f"{self.path}: header key {TARGET_KEY!r} "
+                                                  f"is reserved (stream {r.stream!r})")
                             hid = conn.execute("INSERT INTO header_sets(encoded) VALUES (?)",
                                                (json.dumps(key),)).lastrowid
                             new_headers[key] = hid
@@ -371,6 +505,8 @@ class Buffer:
                     c.pending_bytes += batch_bytes
             if st.min_seq > first:      # the buffer was empty
                 st.min_seq = first
+            if extra is not None:
+                extra(conn, st)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -380,8 +516,12 @@ class Buffer:
             self._streams[name] = sid
             self._stream_names[sid] = name
         for key, hid in new_headers.items():
-            self._header_ids[key] = hid
-            self._header_sets[hid] = MappingProxyType(dict(key))
+            self._add_header_set(hid, key)
+        last_hid = rows[-1][3]
+        if self._targets and any(row[3] in self._targets for row in rows):
+            self._targeted_max_seq = st.last_seq
+        if last_hid not in self._unsynced_hids:
+            self._newest_trusted_ts = rows[-1][2]
         self._wal_bytes_est += batch_bytes + n * _RECORD_OVERHEAD_ESTIMATE + 3 * self._page_size
         return list(range(first, st.last_seq + 1))
 
@@ -402,22 +542,20 @@ class Buffer:
         """Inside the append transaction: apply max age and the size cap to `st`."""
         s = self.settings
         now = time.monotonic()
-        if now >= self._next_age_check and st.count > 0:
-            cutoff = time.time_ns() // 1_000_000 - int(s.max_age_s * 1000)
-            oldest_ts = conn.execute("SELECT ts_ms FROM records WHERE seq = ?",
-                                     (st.min_seq,)).fetchone()[0]
-            if oldest_ts < cutoff and s.when_full == "block":
+        if (now >= self._next_age_check and (st.count > 0 or st.quarantined > 0)
+                and math.isfinite(s.max_age_s)):
+            cutoff = self._wall_ns() // 1_000_000 - int(s.max_age_s * 1000)
+            deltas = self._clock_deltas()
+            upto = self._expired_upto(conn, st, cutoff, deltas)
+            if upto >= st.min_seq and s.when_full == "block":
                 # Checked again on every append until an ack removes the old record.
                 self._refuse("age", f"oldest record (seq {st.min_seq}) is older than "
                                     f"max_age {s.max_age_s:g}s")
             self._next_age_check = now + min(_AGE_CHECK_INTERVAL_S, s.max_age_s / 10)
-            if oldest_ts < cutoff:
-                # Records leave from the oldest end only, so expiry stops at the first
-                # record young enough; a late out-of-order timestamp waits for its turn.
-                row = conn.execute("SELECT seq FROM records WHERE seq >= ? AND ts_ms >= ? "
-                                   "ORDER BY seq LIMIT 1", (st.min_seq, cutoff)).fetchone()
-                upto = (row[0] - 1) if row else st.last_seq
+            if upto >= st.min_seq:
                 self._delete_prefix(conn, st, upto, reason="age")
+            if st.quarantined:
+                self._expire_quarantine(conn, st, cutoff, deltas)
         cap, reason = self._cap()
         need_est = batch_bytes + n * _RECORD_OVERHEAD_ESTIMATE
         used = self._used_bytes(conn)
@@ -435,14 +573,102 @@ class Buffer:
                     f"not fit under the limit of {cap} bytes even with the buffer empty",
                     retriable=reason == "disk_full")
 
+    def _clock_deltas(self) -> dict[int, int | None]:
+        """For header sets of readings stamped on an untrusted clock: the ms to add to
+        their ts_ms to get the time on today's clock (None: unknown, from another boot).
+
+        The stamped header carries the wall-minus-monotonic offset of the moment; in the
+        same boot, now's offset minus that one is how far the wall clock was stepped
+        since, so ts + delta is the reading's time measured on the monotonic clock.
+        """
+        if not self._unsynced_hids:
+            return {}
+        now_offset = self._wall_ns() - self._mono_ns()
+        out: dict[int, int | None] = {}
+        for hid in self._unsynced_hids:
+            h = self._header_sets[hid]
+            if self._boot_id is None or h.get(CLOCK_BOOT_HEADER) != self._boot_id:
+                out[hid] = None
+                continue
+            try:
+                out[hid] = (now_offset - int(h[CLOCK_OFFSET_HEADER])) // 1_000_000
+            except (KeyError, ValueError):
+                out[hid] = None
+        return out
+
+    def _expired_upto(self, conn: sqlite3.Connection, st: _State, cutoff: int,
+                      deltas: Mapping[int, int | None]) -> int:
+        """Last seq of the oldest run of records older than `cutoff` (min_seq - 1: none).
+
+        Records leave from the oldest end only, so expiry stops at the first record young
+        enough (a late out-of-order timestamp waits for its turn), and at the first
+        record whose age is unknown (untrusted clock of an earlier boot)."""
+        none = st.min_seq - 1
+        if st.count == 0:
+            return none
+        if not deltas:
+            oldest_ts = conn.execute("SELECT ts_ms FROM records WHERE seq = ?",
+                                     (st.min_seq,)).fetchone()[0]
+            if oldest_ts >= cutoff:
+                return none
+            row = conn.execute("SELECT seq FROM records WHERE seq >= ? AND ts_ms >= ? "
+                               "ORDER BY seq LIMIT 1", (st.min_seq, cutoff)).fetchone()
+            return (row[0] - 1) if row else st.last_seq
+        after = none
+        while True:
+            rows = conn.execute("SELECT seq, ts_ms, headers_id FROM records WHERE seq > ? "
+                                "ORDER BY seq LIMIT 1000", (after,)).fetchall()
+            if not rows:
+                return after
+            for seq, ts_ms, hid in rows:
+                d = deltas.get(hid, 0)
+                if d is None or ts_ms + d >= cutoff:
+                    return seq - 1
+                after = seq
+
+    def _expire_quarantine(self, conn: sqlite3.Connection, st: _State, cutoff: int,
+                           deltas: Mapping[int, int | None]) -> None:
+        old = [qid for qid, ts_ms, hid in conn.execute(
+                   "SELECT id, ts_ms, headers_id FROM quarantine WHERE ts_ms < ?", (cutoff,))
+               if deltas.get(hid, 0) is not None and ts_ms + (deltas.get(hid) or 0) < cutoff]
+        if old:
+            self._drop_quarantine(conn, st, f"id IN ({','.join(map(str, old))})", (), "age")
+
+    def _drop_quarantine(self, conn: sqlite3.Connection, st: _State, where: str,
+                         args: tuple[Any, ...], reason: str) -> int:
+        """Delete quarantine rows matching `where`, counted as dropped under `reason`."""
+        if st.quarantined == 0:
+            return 0
+        n = conn.execute(f"DELETE FROM quarantine WHERE {where}", args).rowcount
+        if n:
+            st.quarantined -= n
+            self._count(conn, st.dropped, f"dropped.{reason}", reason, n)
+            self._wal_bytes_est += 4 * self._page_size
+        return n
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection, counters: dict[str, int], meta_key: str, key: str,
+               n: int) -> None:
+        counters[key] = counters.get(key, 0) + n
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO "
+                     "UPDATE SET value = excluded.value", (meta_key, counters[key]))
+
     def _drop_until(self, conn: sqlite3.Connection, st: _State, cap: int, need: int,
                     reason: str) -> int:
         """Drop the oldest records until `need` more bytes fit under `cap`; return the
         bytes used afterwards."""
         used = self._used_bytes(conn)
         for _ in range(64):
-            if used + need <= cap or st.count == 0:
+            if used + need <= cap:
                 break
+            if st.count == 0:
+                if st.quarantined == 0:
+                    break
+                # Only quarantined records left: the oldest of them go, as records would.
+                self._drop_quarantine(conn, st, "id IN (SELECT id FROM quarantine ORDER BY "
+                                      "seq LIMIT ?)", (max(1, st.quarantined // 4),), reason)
+                used = self._used_bytes(conn)
+                continue
             per_record = max(1, used // st.count)
             k = math.ceil((used + need - cap) / per_record) + max(1, self._page_size // per_record)
             self._delete_prefix(conn, st, st.min_seq + k - 1, reason=reason)
@@ -505,6 +731,10 @@ class Buffer:
                 conn.execute("UPDATE cursors SET pending_bytes = ? WHERE name = ?",
                              (c.pending_bytes, name))
         conn.execute("DELETE FROM records WHERE seq >= ? AND seq <= ?", (lo, upto))
+        if reason is not None and reason not in ("age", "uplink_removed") and st.quarantined:
+            # Size, disk and purge drops take quarantined copies of records as old as
+            # the ones dropped (age has its own check on their timestamps).
+            self._drop_quarantine(conn, st, "seq <= ?", (upto,), reason)
         n = upto - lo + 1
         st.min_seq = upto + 1
         st.live_bytes -= total
@@ -514,7 +744,7 @@ class Buffer:
             conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO "
                          "UPDATE SET value = excluded.value",
                          (f"dropped.{reason}", st.dropped[reason]))
-            if reason != "purged":
+            if reason not in _NOT_EPISODES:
                 if reason not in self._dropping:
                     log.warning("buffer dropping oldest records policy=drop_oldest reason=%s "
                                 "path=%s first_seq=%d", reason, self.path, lo)
@@ -642,37 +872,63 @@ class Buffer:
         start = c.acked_seq if after_seq is None else max(after_seq, c.acked_seq)
         if limit <= 0:
             return []
-        try:
-            if stream is None:
-                cur = conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload "
-                                   "FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-                                   (start, limit))
-            else:
-                sid = self._streams.get(stream)
-                if sid is None:
-                    return []
-                cur = conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload "
-                                   "FROM records WHERE seq > ? AND stream_id = ? "
-                                   "ORDER BY seq LIMIT ?", (start, sid, limit))
-            rows = cur.fetchall()
-        except sqlite3.Error as e:
-            raise self._wrap(e, "read") from e
+        sid = None
+        if stream is not None:
+            sid = self._streams.get(stream)
+            if sid is None:
+                return []
+        skip = self._skipped_hids(cursor, start)
         names = self._stream_names
         hsets = self._header_sets
-        out = []
+        out: list[Record] = []
         total = 0
-        for seq, sid, ts_ms, hid, payload in rows:
-            if max_bytes is not None and out and total + len(payload) > max_bytes:
-                break
-            total += len(payload)
-            out.append(Record(seq, names[sid], ts_ms, hsets[hid], payload))
-        return out
+        while True:
+            try:
+                if sid is None:
+                    cur = conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload "
+                                       "FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                                       (start, limit))
+                else:
+                    cur = conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload "
+                                       "FROM records WHERE seq > ? AND stream_id = ? "
+                                       "ORDER BY seq LIMIT ?", (start, sid, limit))
+                rows = cur.fetchall()
+            except sqlite3.Error as e:
+                raise self._wrap(e, "read") from e
+            for seq, sid_, ts_ms, hid, payload in rows:
+                if skip and hid in skip:
+                    continue        # re-sent or salvaged for other cursors only
+                if max_bytes is not None and out and total + len(payload) > max_bytes:
+                    return out
+                total += len(payload)
+                out.append(Record(seq, names[sid_], ts_ms, hsets[hid], payload))
+            # Only when every row fetched was for other cursors: look further.
+            if out or len(rows) < limit:
+                return out
+            start = rows[-1][0]
+
+    def _skipped_hids(self, cursor: str, start: int) -> frozenset[int]:
+        """Header sets this cursor must not read (records meant for other cursors)."""
+        if not self._targets or start >= self._targeted_max_seq:
+            return frozenset()
+        return frozenset(h for h, names in self._targets.items() if cursor not in names)
 
     def has_records(self, cursor: str, after_seq: int | None = None) -> bool:
         """True when records exist after the cursor (and after `after_seq`)."""
         c = self._cursor(cursor)
         start = c.acked_seq if after_seq is None else max(after_seq, c.acked_seq)
-        return self._st.last_seq > start and self._st.count > 0
+        if not (self._st.last_seq > start and self._st.count > 0):
+            return False
+        skip = self._skipped_hids(cursor, start)
+        if not skip:
+            return True
+        marks = ",".join(str(h) for h in skip)
+        try:
+            row = self._db().execute(f"SELECT 1 FROM records WHERE seq > ? AND headers_id "
+                                     f"NOT IN ({marks}) LIMIT 1", (start,)).fetchone()
+        except sqlite3.Error as e:
+            raise self._wrap(e, "has_records") from e
+        return row is not None
 
     def ack(self, cursor: str, upto_seq: int) -> None:
         """Cursor `cursor` passes every record <= upto_seq; records every cursor passed go."""
@@ -716,9 +972,11 @@ class Buffer:
         """
         count = self._st.count
         if cursor is None:
+            count += self._st.quarantined
 
             def body(conn: sqlite3.Connection, st: _State) -> None:
                 self._delete_prefix(conn, st, st.last_seq, reason="purged")
+                self._drop_quarantine(conn, st, "1", (), "purged")
         else:
             c = self._cursor(cursor)
             count = self._st.last_seq - max(c.acked_seq, self._st.min_seq - 1)
@@ -736,38 +994,254 @@ class Buffer:
                 floor = st.floor()
                 if floor is not None and floor >= st.min_seq:
                     self._delete_prefix(conn, st, floor, reason=None)
+                purged_q[0] = self._drop_quarantine(conn, st, "cursor = ?", (cursor,),
+                                                    "purged")
 
+        purged_q = [0]
         self._write("purge", body)
+        count += purged_q[0]
         log.warning("buffer purged path=%s cursor=%s records=%d", self.path, cursor or "*", count)
         return count
+
+    # ------------------------------------------------------------------ quarantine
+
+    def quarantine(self, cursor: str, seq: int, reason: str) -> bool:
+        """Keep a copy of record `seq` aside for cursor `cursor`, which cannot deliver it
+        (refused for the record itself: too large, not encodable). Returns False when it
+        was already quarantined for that cursor (idempotent: a crash between this call and
+        the ack that follows it quarantines the same record again, counted once).
+
+        The record itself is left where it is: the uplink then acks past it as usual, so
+        the records behind it flow. The copy is counted under `reason`, listed by
+        `quarantine_list`, and leaves only by `quarantine_retry`, `quarantine_drop`,
+        retention (age, size, disk) or `purge`.
+        """
+        self._cursor(cursor)
+        if not isinstance(reason, str) or not reason or len(reason) > 200:
+            raise BufferError(f"{self.path}: quarantine reason must be a non-empty string of "
+                              f"at most 200 characters, got {reason!r}")
+        if not (self._st.min_seq <= seq <= self._st.last_seq):
+            raise BufferError(f"{self.path}: cannot quarantine seq {seq} for {cursor!r}: not "
+                              f"in the buffer (present: {self._st.min_seq}..{self._st.last_seq})")
+        added = [False]
+
+        def body(conn: sqlite3.Connection, st: _State) -> None:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO quarantine(cursor, seq, reason, at_ms, stream_id, ts_ms, "
+                "headers_id, payload) SELECT ?, seq, ?, ?, stream_id, ts_ms, headers_id, payload "
+                "FROM records WHERE seq = ?",
+                (cursor, reason, self._wall_ns() // 1_000_000, seq))
+            if cur.rowcount == 1:
+                added[0] = True
+                st.quarantined += 1
+                self._count(conn, st.counters, f"quarantined.{reason}", f"quarantined.{reason}", 1)
+
+        self._write("quarantine", body)
+        if added[0]:
+            log.warning("buffer record quarantined cursor=%s seq=%d reason=%s path=%s",
+                        cursor, seq, reason, self.path)
+        self._maintain()
+        return added[0]
+
+    @staticmethod
+    def _q_where(cursor: str | None, reason: str | None,
+                 seqs: Sequence[int] | None) -> tuple[str, tuple[Any, ...]]:
+        parts: list[str] = []
+        args: list[Any] = []
+        if cursor is not None:
+            parts.append("cursor = ?")
+            args.append(cursor)
+        if reason is not None:
+            parts.append("reason = ?")
+            args.append(reason)
+        if seqs is not None:
+            parts.append(f"seq IN ({','.join(str(int(x)) for x in seqs) or 'NULL'})")
+        return (" AND ".join(parts) or "1"), tuple(args)
+
+    def quarantine_list(self, cursor: str | None = None, reason: str | None = None, *,
+                        seqs: Sequence[int] | None = None,
+                        limit: int | None = None) -> list[QuarantinedRecord]:
+        """Quarantined records (optionally of one cursor / reason / seqs), by cursor, seq."""
+        where, args = self._q_where(cursor, reason, seqs)
+        sql = ("SELECT cursor, seq, reason, at_ms, stream_id, ts_ms, headers_id, payload FROM "
+               f"quarantine WHERE {where} ORDER BY cursor, seq")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        try:
+            rows = self._db().execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise self._wrap(e, "quarantine_list") from e
+        return [QuarantinedRecord(c, seq, why, at, self._stream_names.get(sid, f"#{sid}"), ts,
+                                  self._header_sets.get(hid, MappingProxyType({})), payload)
+                for c, seq, why, at, sid, ts, hid, payload in rows]
+
+    def quarantine_retry(self, cursor: str | None = None, reason: str | None = None, *,
+                         seqs: Sequence[int] | None = None) -> int:
+        """Move quarantined records back so their uplink delivers them again; return how many.
+
+        Each is appended anew at the end of the buffer (a new seq, its original stream,
+        timestamp, headers and payload), for its own cursor only: the other uplinks skip
+        it. Order: by cursor, then by original seq. Retention applies as to any append.
+        """
+        moved = 0
+        while True:
+            batch = self.quarantine_list(cursor, reason, seqs=seqs, limit=_SALVAGE_BATCH)
+            batch = [q for q in batch if q.cursor in self._st.cursors]
+            if not batch:
+                return moved
+            records = [NewRecord(q.stream, q.payload, q.ts_ms,
+                                 {**q.headers, TARGET_KEY: json.dumps([q.cursor])})
+                       for q in batch]
+            keys = [(q.cursor, q.seq) for q in batch]
+
+            def extra(conn: sqlite3.Connection, st: _State, keys=keys) -> None:
+                conn.executemany("DELETE FROM quarantine WHERE cursor = ? AND seq = ?", keys)
+                st.quarantined -= len(keys)
+
+            self._append(records, extra=extra, internal=True)
+            moved += len(batch)
+            log.warning("buffer quarantined records re-sent records=%d cursor=%s reason=%s "
+                        "path=%s", len(batch), cursor or "*", reason or "*", self.path)
+
+    def quarantine_drop(self, cursor: str | None = None, reason: str | None = None, *,
+                        seqs: Sequence[int] | None = None) -> int:
+        """Delete quarantined records (an operator's decision); counted as dropped under
+        `quarantine_dropped`. Returns how many."""
+        where, args = self._q_where(cursor, reason, seqs)
+        n = [0]
+
+        def body(conn: sqlite3.Connection, st: _State) -> None:
+            n[0] = self._drop_quarantine(conn, st, where, args, "quarantine_dropped")
+
+        self._write("quarantine_drop", body)
+        if n[0]:
+            log.warning("buffer quarantined records dropped records=%d cursor=%s reason=%s "
+                        "path=%s", n[0], cursor or "*", reason or "*", self.path)
+        return n[0]
+
+    def quarantine_delivered(self, cursor: str, seqs: Sequence[int]) -> int:
+        """Remove quarantined records that their uplink has now delivered (a held destination
+        that accepts again, drained oldest first). Not a drop: counted under
+        `quarantine_delivered`. Returns how many rows went."""
+        if not seqs:
+            return 0
+        where, args = self._q_where(cursor, None, seqs)
+        n = [0]
+
+        def body(conn: sqlite3.Connection, st: _State) -> None:
+            n[0] = conn.execute(f"DELETE FROM quarantine WHERE {where}", args).rowcount
+            if n[0]:
+                st.quarantined -= n[0]
+                self._count(conn, st.counters, "quarantine_delivered", "quarantine_delivered", n[0])
+
+        self._write("quarantine_delivered", body)
+        return n[0]
+
+    def quarantine_stats(self) -> dict[str, Any]:
+        conn = self._db()
+        try:
+            rows = conn.execute("SELECT cursor, reason, count(*), coalesce(sum(length(payload)), 0)"
+                                " FROM quarantine GROUP BY cursor, reason").fetchall()
+        except sqlite3.Error as e:
+            raise self._wrap(e, "quarantine_stats") from e
+        return _quarantine_summary(rows, self._st.counters)
+
+    # ------------------------------------------------------------------ durability (normal)
+
+    def _committed(self, n_records: int) -> None:
+        """After a commit: with synchronous="normal", fsync the WAL once enough records
+        or enough time have gone by since the last sync (the documented loss window)."""
+        s = self.settings
+        if s.synchronous != "normal":
+            return
+        now = time.monotonic()
+        if self._unsynced_since is None:
+            self._unsynced_since = now
+        self._unsynced_records += n_records
+        if (self._unsynced_records >= s.normal_sync_records
+                or now - self._unsynced_since >= s.normal_sync_interval_s):
+            self._try_sync()
+
+    def sync_due_in(self) -> float | None:
+        """Seconds until unsynced commits must be fsynced (None: nothing unsynced)."""
+        if self._unsynced_since is None:
+            return None
+        return max(0.0, self._unsynced_since + self.settings.normal_sync_interval_s
+                   - time.monotonic())
+
+    def sync_if_due(self) -> None:
+        """The timer's call (AsyncBuffer): fsync the WAL if the oldest unsynced commit is
+        `normal_sync_interval_s` old. A no-op under synchronous="full"."""
+        due = self.sync_due_in()
+        if due is not None and due <= 0 and self._conn is not None:
+            self._try_sync()
+
+    def sync(self) -> None:
+        """Make every commit so far durable now (fsync of the WAL)."""
+        self._db()
+        fd = None
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+            os.fsync(fd)
+        except FileNotFoundError:
+            pass            # no WAL: everything is in the main file, synced by checkpoints
+        except OSError as e:
+            raise BufferIOError(f"{self.path}: fsync of the WAL failed: {e}") from e
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._unsynced_records = 0
+        self._unsynced_since = None
+
+    def _try_sync(self) -> None:
+        try:
+            self.sync()
+        except BufferError as e:
+            # What was committed stays committed; the next commit or tick tries again.
+            if not self._sync_failing:
+                log.warning("buffer WAL sync failing path=%s error=%s", self.path, e)
+                self._sync_failing = True
+            return
+        if self._sync_failing:
+            log.warning("buffer WAL sync works again path=%s", self.path)
+            self._sync_failing = False
 
     # ------------------------------------------------------------------ maintenance
 
     def _maintain(self) -> None:
         """Bounded WAL and reclaimed space, run after writes on the same thread."""
         s = self.settings
-        if self._wal_bytes_est >= s.checkpoint_wal_bytes:
+        now = time.monotonic()
+        if (self._wal_bytes_est >= s.checkpoint_wal_bytes
+                or (self._wal_pinned_since_ms is not None and now >= self._next_pin_check)):
             # The write before us is committed and must be reported as such: a failing
             # checkpoint (disk full) is logged and retried after the next write.
+            self._next_pin_check = now + _PIN_RECHECK_S
             with contextlib.suppress(BufferError):
                 self.checkpoint()
-        now = time.monotonic()
         if now >= self._next_vacuum:
             self._next_vacuum = now + _VACUUM_INTERVAL_S
             self._vacuum_step()
 
     def checkpoint(self, mode: str = "PASSIVE") -> dict[str, Any]:
-        """Copy the WAL into the database file; TRUNCATE when the WAL grew too large."""
+        """Copy the WAL into the database file.
+
+        PASSIVE (the buffer's own, after writes) never waits: when a reader holds a
+        snapshot (an open `sqlite3` shell, a long export), the frames after it stay in the
+        WAL, the WAL is reported pinned in stats() (logged once beyond `wal_max_bytes`) and
+        the writer goes on. Once the pin goes, the next check copies everything and cuts
+        the WAL file back to zero. Other modes wait for readers (SQLite's busy timeout).
+        """
         conn = self._db()
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise BufferError(f"{self.path}: unknown checkpoint mode {mode!r}")
         try:
             busy, frames, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-            if (mode == "PASSIVE" and done < frames
-                    and frames * self._page_size > self.settings.wal_max_bytes):
-                # A reader (an `outpost buffer` command) pins the WAL: wait for it.
-                mode = "TRUNCATE"
-                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            pinned = frames > 0 and done < frames
+            if mode == "PASSIVE" and not pinned and self._wal_pinned_since_ms is not None:
+                # The pin is gone: cut the WAL file back now, without waiting (a reader
+                # that came in meanwhile only means the file is cut at a later check).
+                busy, frames, done = self._truncate_nowait(conn)
         except sqlite3.OperationalError as e:
             if not self._checkpoint_failing:
                 log.warning("buffer checkpoint failing path=%s mode=%s error=%s",
@@ -778,10 +1252,34 @@ class Buffer:
             log.warning("buffer checkpoint works again path=%s", self.path)
             self._checkpoint_failing = False
         self._wal_bytes_est = 0
-        self._last_checkpoint = {"at_ms": time.time_ns() // 1_000_000, "mode": mode,
-                                 "busy": bool(busy), "wal_frames": frames,
-                                 "checkpointed_frames": done}
+        now_ms = time.time_ns() // 1_000_000
+        if pinned:
+            if self._wal_pinned_since_ms is None:
+                self._wal_pinned_since_ms = now_ms
+            wal = _size(self.path + "-wal")
+            if wal > self.settings.wal_max_bytes and not self._pin_warned:
+                log.warning("buffer WAL pinned by a reader, it grows until the reader ends "
+                            "path=%s wal_bytes=%d pinned_s=%.0f", self.path, wal,
+                            (now_ms - self._wal_pinned_since_ms) / 1000)
+                self._pin_warned = True
+        elif self._wal_pinned_since_ms is not None:
+            if self._pin_warned:
+                log.warning("buffer WAL no longer pinned path=%s wal_bytes=%d", self.path,
+                            _size(self.path + "-wal"))
+            self._wal_pinned_since_ms = None
+            self._pin_warned = False
+        self._last_checkpoint = {"at_ms": now_ms, "mode": mode, "busy": bool(busy),
+                                 "wal_frames": frames, "checkpointed_frames": done,
+                                 "pinned": pinned}
         return dict(self._last_checkpoint)
+
+    @staticmethod
+    def _truncate_nowait(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
     def _vacuum_step(self) -> None:
         """Give free pages back to the filesystem beyond a slack kept for reuse."""
@@ -806,12 +1304,18 @@ class Buffer:
         conn = self._db()
         st = self._st
         oldest_ts = None
-        if st.count > 0:
-            oldest_ts = conn.execute("SELECT ts_ms FROM records WHERE seq = ?",
-                                     (st.min_seq,)).fetchone()[0]
+        try:
+            if st.count > 0:
+                oldest_ts = conn.execute("SELECT ts_ms FROM records WHERE seq = ?",
+                                         (st.min_seq,)).fetchone()[0]
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        except sqlite3.ProgrammingError:
+            raise           # misuse (wrong thread), not a file problem
+        except sqlite3.Error as e:
+            raise self._wrap(e, "stats") from e
+        quarantine = self.quarantine_stats()
         now_ms = time.time_ns() // 1_000_000
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         cap, cap_reason = self._cap()
         return {
             "path": self.path,
@@ -821,6 +1325,8 @@ class Buffer:
             "last_seq": st.last_seq,
             "oldest_ts_ms": oldest_ts,
             "oldest_age_s": (now_ms - oldest_ts) / 1000 if oldest_ts is not None else None,
+            # Newest record stamped on a trusted clock: the gateway's clock floor.
+            "newest_ts_ms": self._newest_trusted_ts if st.count else None,
             "cursors": {
                 name: {"acked_seq": c.acked_seq,
                        "records": st.last_seq - max(c.acked_seq, st.min_seq - 1),
@@ -828,6 +1334,8 @@ class Buffer:
                 for name, c in sorted(st.cursors.items())
             },
             "dropped": dict(st.dropped),
+            "quarantine": quarantine,
+            "salvaged": st.counters.get("salvaged", 0),
             "corrupt_files_moved": len(corrupt_copies(self.path)),
             "moved_aside_this_run": self.moved_aside,
             "file_size_bytes": _size(self.path),
@@ -840,6 +1348,10 @@ class Buffer:
             "blocked": self._blocked,
             "dropping": sorted(self._dropping),
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
+            "wal_pinned": self._wal_pinned_since_ms is not None,
+            "wal_pinned_since_ms": self._wal_pinned_since_ms,
+            "synchronous": self.settings.synchronous,
+            "unsynced_records": self._unsynced_records,
         }
 
     def close(self) -> None:
@@ -854,6 +1366,131 @@ class Buffer:
             conn.close()
         finally:
             os.close(self._lock_fd)
+
+    # ------------------------------------------------------------------ corruption
+
+    def recover(self) -> str:
+        """Corruption met while running (a read, an ack, an append): move the file aside,
+        start a fresh buffer in its place and salvage the readable records of the old one.
+        Returns where the old file went. The lock is kept throughout."""
+        conn = self._conn
+        self._conn = None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        moved = _move_aside(self.path)
+        log.error("buffer file corrupt while running, moved aside path=%s moved_to=%s",
+                  self.path, moved)
+        conn, _ = _open_checked(self.path, self.settings)
+        self._attach(conn, moved)
+        self._salvage_pending()
+        return moved
+
+    def _salvage_pending(self) -> None:
+        """Salvage every file moved aside next to this one that was not salvaged yet (or
+        whose salvage a crash interrupted: it resumes where its last commit got)."""
+        conn = self._db()
+        pending = [src for src in corrupt_copies(self.path)
+                   if not os.path.exists(src + _SALVAGED_MARK)]
+        if not pending:
+            return
+        # A file moved aside may itself hold records salvaged from older files: what its
+        # `salvaged` table says was copied into it comes back with it, so those older
+        # files resume after that point instead of being copied twice.
+        carried: dict[str, tuple[int, int]] = {}
+        holds: dict[str, set[str]] = {}         # copy -> older copies salvaged into it
+        for src in pending:
+            found = _SalvageSource.open(src)
+            if found is not None:
+                holds[src] = {os.path.join(os.path.dirname(src), n) for n in found.salvaged}
+                for name, (upto, done) in found.salvaged.items():
+                    old = carried.get(name, (0, 0))
+                    carried[name] = (max(old[0], upto), max(old[1], done))
+                found.close()
+        # Oldest records first: a copy holding the first part of an older copy goes
+        # before the rest of that older copy.
+        ordered: list[str] = []
+        while len(ordered) < len(pending):
+            left = [p for p in pending if p not in ordered]
+            free = [p for p in left
+                    if not any(p in holds.get(q, ()) for q in left if q != p)]
+            ordered.append((free or left)[0])
+        pending = ordered
+        if carried:
+            def carry(conn: sqlite3.Connection, st: _State) -> None:
+                conn.executemany(
+                    "INSERT INTO salvaged(name, upto_seq, done, records, lost) "
+                    "VALUES (?, ?, ?, 0, 0) ON CONFLICT(name) DO UPDATE SET "
+                    "upto_seq = max(upto_seq, excluded.upto_seq), "
+                    "done = max(done, excluded.done)",
+                    [(name, upto, done) for name, (upto, done) in carried.items()])
+
+            self._write("salvage", carry)
+        known = {name: (upto, done) for name, upto, done in
+                 conn.execute("SELECT name, upto_seq, done FROM salvaged")}
+        for src in pending:
+            name = os.path.basename(src)
+            upto, done = known.get(name, (None, 0))
+            if not done:
+                self._salvage(src, name, upto)
+            # Durable before the mark (synchronous="normal" does not sync each commit):
+            # a power cut after the mark must not take the salvaged records with it.
+            self.sync()
+            _mark_salvaged(src)
+
+    def _salvage(self, src: str, name: str, resume_after: int | None) -> None:
+        """Copy the readable records of `src` (a corrupt buffer moved aside) into this
+        buffer as new records, each for the cursors that had not acknowledged it yet.
+        Unreadable records in its seq range are counted as dropped under `corrupt`."""
+        found = _SalvageSource.open(src)
+        salvaged = lost = 0
+        try:
+            if found is not None and found.lo is not None and found.hi is not None:
+                if self._st.count == 0 and self._st.last_seq < found.hi:
+                    # Continue the old seq numbering: a consumer never sees a seq reused.
+                    hi = found.hi
+
+                    def bump(conn: sqlite3.Connection, st: _State) -> None:
+                        st.last_seq = hi
+                        st.min_seq = hi + 1
+                        conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (hi,))
+
+                    self._write("salvage", bump)
+                for cname in found.cursors:
+                    self.register_cursor(cname)
+                after = max(found.lo - 1, resume_after if resume_after is not None else -1)
+                while after < found.hi:
+                    records, after_new, n_lost = found.chunk(after)
+                    salvaged += len(records)
+                    lost += n_lost
+                    self._salvage_commit(name, records, after_new, n_lost, done=False)
+                    after = after_new
+            self._salvage_commit(name, [], found.hi if found and found.hi else 0, 0, done=True)
+        finally:
+            if found is not None:
+                found.close()
+        log.error("buffer salvage of a corrupt file done path=%s source=%s salvaged=%d lost=%d",
+                  self.path, src, salvaged, lost)
+
+    def _salvage_commit(self, name: str, records: list[NewRecord], upto: int, n_lost: int,
+                        done: bool) -> None:
+        n = len(records)
+
+        def extra(conn: sqlite3.Connection, st: _State) -> None:
+            conn.execute("INSERT INTO salvaged(name, upto_seq, done, records, lost) "
+                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                         "upto_seq = excluded.upto_seq, done = excluded.done, "
+                         "records = records + excluded.records, lost = lost + excluded.lost",
+                         (name, upto, int(done), n, n_lost))
+            if n:
+                self._count(conn, st.counters, "salvaged", "salvaged", n)
+            if n_lost:
+                self._count(conn, st.dropped, "dropped.corrupt", "corrupt", n_lost)
+
+        if records:
+            self._append(records, extra=extra, internal=True)
+        else:
+            self._write("salvage", extra)
 
     def __enter__(self) -> Buffer:
         return self
@@ -888,6 +1525,7 @@ class Buffer:
                     continue
                 raise self._wrap(e, what) from e
             self._st = st
+            self._committed(0)
             return st
         raise AssertionError("unreachable")
 
@@ -931,7 +1569,19 @@ def corrupt_copies(path: str) -> list[str]:
     except OSError:
         return []
     return sorted(os.path.join(directory, n) for n in names
-                  if n.startswith(prefix) and not n.endswith(("-wal", "-shm")))
+                  if n.startswith(prefix) and not n.endswith(("-wal", "-shm", _SALVAGED_MARK)))
+
+
+_SALVAGED_MARK = ".salvaged"
+
+
+def _mark_salvaged(src: str) -> None:
+    """An empty `<copy>.salvaged` next to a copy whose salvage is committed: the mark
+    survives this buffer being moved aside in turn (its `salvaged` table goes with it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(src + _SALVAGED_MARK, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        _fsync_dir(src)
 
 
 def _acquire_lock(path: str) -> int:
@@ -960,7 +1610,8 @@ def _acquire_lock(path: str) -> int:
 def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, and a SELECT's
     # read transaction ends as soon as its rows are fetched.
-    return sqlite3.connect(path, isolation_level=None, timeout=5.0, cached_statements=64)
+    return sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000,
+                           cached_statements=64)
 
 
 def _prepare(conn: sqlite3.Connection, settings: BufferSettings) -> None:
@@ -1004,21 +1655,172 @@ def _prepare(conn: sqlite3.Connection, settings: BufferSettings) -> None:
 
 
 def _move_aside(path: str) -> str:
+    """Rename the file and its WAL aside. The WAL goes first and the directory is synced
+    before a new file is created: a WAL left behind (a power cut between the renames)
+    would otherwise be replayed into the new, empty buffer."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = f"{path}.corrupt-{stamp}"
     n = 1
-    while os.path.exists(target):
+    while any(os.path.exists(target + sfx) for sfx in ("", "-wal")):
         n += 1
         target = f"{path}.corrupt-{stamp}-{n}"
-    os.replace(path, target)
     for suffix in ("-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.replace(path + suffix, target + suffix)
+    if os.path.exists(path):
+        os.replace(path, target)
+    _fsync_dir(path)
     return target
 
 
-def _open_checked(path: str, settings: BufferSettings) -> tuple[sqlite3.Connection, str | None]:
-    """Open `path`; if it is corrupt or not a buffer, move it aside and start fresh."""
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _SalvageSource:
+    """A corrupt buffer moved aside, read defensively: every query may fail."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        meta = _try(lambda: dict(conn.execute("SELECT key, value FROM meta")), {})
+        self.cursors: dict[str, int] = _try(
+            lambda: dict(conn.execute("SELECT name, acked_seq FROM cursors")), {})
+        self.streams: dict[int, str] = _try(
+            lambda: dict(conn.execute("SELECT id, name FROM streams")), {})
+        self.header_sets: dict[int, dict[str, str]] = _try(
+            lambda: {hid: dict(tuple(p) for p in json.loads(enc))
+                     for hid, enc in conn.execute("SELECT id, encoded FROM header_sets")}, {})
+        self.salvaged: dict[str, tuple[int, int]] = _try(
+            lambda: {name: (upto, done) for name, upto, done in
+                     conn.execute("SELECT name, upto_seq, done FROM salvaged")}, {})
+        lo = _try(lambda: conn.execute("SELECT min(seq) FROM records").fetchone()[0], None)
+        hi = _try(lambda: conn.execute("SELECT max(seq) FROM records").fetchone()[0], None)
+        if hi is None and meta.get("last_seq"):
+            hi = meta["last_seq"]
+        if lo is None and hi is not None and self.cursors:
+            lo = min(self.cursors.values()) + 1
+        self.lo: int | None = lo
+        self.hi: int | None = hi
+
+    @classmethod
+    def open(cls, src: str) -> _SalvageSource | None:
+        try:
+            conn = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None,
+                                   timeout=1.0)
+        except sqlite3.Error:
+            return None
+        return cls(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    def chunk(self, after: int) -> tuple[list[NewRecord], int, int]:
+        """Records after `after` (up to _SALVAGE_BATCH seqs): (records, last seq covered,
+        seqs in that range that could not be read or routed)."""
+        assert self.hi is not None
+        end = min(after + _SALVAGE_BATCH, self.hi)
+        try:
+            rows = self.conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload FROM "
+                                     "records WHERE seq > ? AND seq <= ? ORDER BY seq",
+                                     (after, end)).fetchall()
+        except sqlite3.Error:
+            rows = []
+            for seq in range(after + 1, end + 1):      # around the damage, one by one
+                with contextlib.suppress(sqlite3.Error):
+                    row = self.conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload "
+                                            "FROM records WHERE seq = ?", (seq,)).fetchone()
+                    if row is not None:
+                        rows.append(row)
+        out: list[NewRecord] = []
+        names = set(self.cursors)
+        not_owed = 0
+        for seq, sid, ts_ms, hid, payload in rows:
+            stream = self.streams.get(sid)
+            headers = self.header_sets.get(hid)
+            if not isinstance(stream, str) or headers is None or not isinstance(payload, bytes):
+                continue            # cannot be routed correctly: counted lost below
+            headers = dict(headers)
+            owed = {c for c, acked in self.cursors.items() if acked < seq}
+            old_target = headers.pop(TARGET_KEY, None)
+            if old_target is not None and names:
+                owed &= set(_try(lambda t=old_target: json.loads(t), []))
+            if names and not owed:
+                not_owed += 1       # every uplink it was meant for had it (not lost)
+                continue
+            if names and owed != names:
+                headers[TARGET_KEY] = json.dumps(sorted(owed))
+            out.append(NewRecord(stream, payload, ts_ms, headers))
+        lost = (end - after) - len(out) - not_owed
+        return out, end, max(0, lost)
+
+
+def _try(fn: Callable[[], Any], default: Any) -> Any:
+    try:
+        return fn()
+    except (sqlite3.Error, ValueError, TypeError):
+        return default
+
+
+def dropped_by_cursor_change(stats: Mapping[str, Any], keep: Sequence[str] | set[str]) -> int:
+    """How many records unregistering every cursor not in `keep` would drop (as
+    `uplink_removed`), given `stats` from Buffer.stats() or diagnostics.stats_for_path().
+
+    Pure: for `outpost check` / a reload to say what a new uplink set costs before it is
+    applied. Cursors in `keep` that do not exist yet start at the oldest record (they are
+    registered before the others go), and with no cursor left records are kept.
+    """
+    cursors = {name: c["acked_seq"] for name, c in (stats.get("cursors") or {}).items()}
+    keep = set(keep)
+    removed = set(cursors) - keep
+    if not removed or not keep:
+        return 0
+    last_seq = stats.get("last_seq") or 0
+    first = stats.get("first_seq") or last_seq + 1
+    if keep - set(cursors):
+        return 0            # a new cursor starts before every record present
+    floor_before = min(cursors.values())
+    floor_after = min(cursors[name] for name in keep)
+    return max(0, min(floor_after, last_seq) - max(floor_before, first - 1))
+
+
+def _read_boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _quarantine_summary(rows: Sequence[tuple[str, str, int, int]],
+                        counters: Mapping[str, int]) -> dict[str, Any]:
+    """stats()["quarantine"]: what is quarantined now (records, bytes, per reason and per
+    cursor) and how many were ever quarantined per reason."""
+    by_reason: dict[str, int] = {}
+    by_cursor: dict[str, int] = {}
+    by_cursor_reason: dict[str, dict[str, int]] = {}
+    records = size = 0
+    for cursor, reason, n, b in rows:
+        by_reason[reason] = by_reason.get(reason, 0) + n
+        by_cursor[cursor] = by_cursor.get(cursor, 0) + n
+        by_cursor_reason.setdefault(cursor, {})[reason] = n
+        records += n
+        size += b
+    total = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("quarantined.")}
+    return {"records": records, "bytes": size, "by_reason": by_reason, "by_cursor": by_cursor,
+            "by_cursor_reason": by_cursor_reason, "total_by_reason": total,
+            "delivered": counters.get("quarantine_delivered", 0)}
+
+
+def _open_checked(path: str, settings: BufferSettings, *,
+                  repair: bool = True) -> tuple[sqlite3.Connection, str | None]:
+    """Open `path`; if it is corrupt or not a buffer, move it aside and start fresh
+    (`repair=False`: raise BufferCorrupt and leave it)."""
     conn = None
     try:
         conn = _connect(path)
@@ -1027,6 +1829,8 @@ def _open_checked(path: str, settings: BufferSettings) -> tuple[sqlite3.Connecti
     except (sqlite3.DatabaseError, _CorruptFile) as e:
         if conn is not None:
             conn.close()
+        if _is_corruption(e) and not repair:
+            raise BufferCorrupt(f"{path}: not a usable Outpost buffer ({e}); left as it is") from e
         if not _is_corruption(e):
             code = _errcode(e)
             raise BufferIOError(f"{path}: cannot open buffer: {e}",
@@ -1048,4 +1852,5 @@ def _open_checked(path: str, settings: BufferSettings) -> tuple[sqlite3.Connecti
     return conn, moved
 
 
-__all__ = ["Buffer", "BufferSettings", "NewRecord", "Record", "corrupt_copies"]
+__all__ = ["Buffer", "BufferSettings", "NewRecord", "QuarantinedRecord", "Record",
+           "corrupt_copies", "dropped_by_cursor_change"]

@@ -1,9 +1,14 @@
-"""What `outpost buffer stats|export|purge` runs against a buffer file.
+"""What `outpost buffer stats|export|purge|quarantine ...` runs against a buffer file.
 
-`stats_for_path` and `export_jsonl` open the file read-only and take no lock, so they work
-while the gateway runs (WAL lets a reader see the last committed state; the reads are
-short, so they do not pin the WAL for long). `purge` writes, so it takes the buffer's lock
-and fails with BufferLocked while a gateway holds the file.
+Every command first checks that the file is an Outpost buffer (SQLite header, schema
+version, tables), read-only, and refuses anything else without touching it: a command
+pointed at the wrong file must never rename, create or change it.
+
+`stats_for_path`, `export_jsonl`, `quarantine_list` and `quarantine_export` open the file
+read-only and take no lock, so they work while the gateway runs (WAL lets a reader see the
+last committed state; the reads are short, so they do not pin the WAL for long). `purge`,
+`quarantine_retry` and `quarantine_drop` write, so they take the buffer's lock and fail
+with BufferLocked while a gateway holds the file.
 """
 
 from __future__ import annotations
@@ -14,32 +19,85 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from buffer.core import DROP_REASONS, Buffer, BufferSettings, corrupt_copies
-from buffer.errors import BufferCorrupt, BufferError, UnknownCursor
-from buffer.schema import OUR_TABLES
+from buffer.core import (
+    DROP_REASONS,
+    TARGET_KEY,
+    Buffer,
+    BufferSettings,
+    _quarantine_summary,
+    corrupt_copies,
+    dropped_by_cursor_change,
+)
+from buffer.errors import BufferCorrupt, BufferError, BufferSchemaError, UnknownCursor
+from buffer.schema import OUR_TABLES, SCHEMA_VERSION
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_buffer_file(path: str | os.PathLike[str]) -> int:
+    """Refuse (BufferError) a path that is not an Outpost buffer; return its schema version.
+
+    Read-only: nothing is created, renamed or written, whatever the file holds.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise BufferError(f"{path}: no buffer file there")
+    if not os.path.isfile(path):
+        raise BufferError(f"{path}: not an Outpost buffer (not a regular file)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as e:
+        raise BufferError(f"{path}: cannot read: {e}") from e
+    if head != _SQLITE_MAGIC:
+        raise BufferError(f"{path}: not an Outpost buffer (not an SQLite database file); "
+                          "nothing was changed")
+    with _connect_ro(path) as conn:
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in
+                      conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        except sqlite3.DatabaseError as e:
+            raise BufferCorrupt(f"{path}: cannot read the buffer's schema ({e}); nothing was "
+                                "changed (the gateway moves a corrupt buffer aside itself)") from e
+    if version > SCHEMA_VERSION:
+        raise BufferSchemaError(f"{path}: schema version {version} is newer than this Outpost "
+                                f"knows ({SCHEMA_VERSION}); use a newer `outpost`")
+    if version < 1 or not OUR_TABLES <= tables:
+        raise BufferError(f"{path}: not an Outpost buffer (schema version {version}, tables "
+                          f"{sorted(tables)[:8]}); nothing was changed")
+    return version
 
 
 @contextlib.contextmanager
-def _readonly(path: str) -> Iterator[sqlite3.Connection]:
-    if not os.path.exists(path):
-        raise BufferError(f"{path}: no buffer file there")
+def _connect_ro(path: str) -> Iterator[sqlite3.Connection]:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                timeout=5.0)
     except sqlite3.Error as e:
         raise BufferError(f"{path}: cannot open buffer read-only: {e}") from e
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-        if not OUR_TABLES <= tables:
-            raise BufferError(f"{path}: not an Outpost buffer (tables {sorted(tables)})")
         yield conn
-    except sqlite3.DatabaseError as e:
-        raise BufferCorrupt(f"{path}: cannot read buffer: {e}") from e
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def _readonly(path: str) -> Iterator[sqlite3.Connection]:
+    check_buffer_file(path)
+    with _connect_ro(path) as conn:
+        try:
+            yield conn
+        except sqlite3.DatabaseError as e:
+            raise BufferCorrupt(f"{path}: cannot read buffer: {e}") from e
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
 
 
 def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -54,6 +112,7 @@ def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
             hi = conn.execute("SELECT max(seq) FROM records").fetchone()[0]
             oldest = (conn.execute("SELECT ts_ms FROM records WHERE seq = ?", (lo,)).fetchone()[0]
                       if lo is not None else None)
+            newest = _newest_trusted_ts(conn) if hi is not None else None
             last_seq = max(meta.get("last_seq", 0), hi or 0)
             first = lo if lo is not None else last_seq + 1
             cursors = {
@@ -62,6 +121,10 @@ def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
                 for name, acked, pending in conn.execute(
                     "SELECT name, acked_seq, pending_bytes FROM cursors ORDER BY name")
             }
+            qrows = (conn.execute("SELECT cursor, reason, count(*), "
+                                  "coalesce(sum(length(payload)), 0) FROM quarantine "
+                                  "GROUP BY cursor, reason").fetchall()
+                     if _has_table(conn, "quarantine") else [])
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -78,8 +141,11 @@ def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
         "last_seq": last_seq,
         "oldest_ts_ms": oldest,
         "oldest_age_s": (now_ms - oldest) / 1000 if oldest is not None else None,
+        "newest_ts_ms": newest,
         "cursors": cursors,
         "dropped": {r: meta.get(f"dropped.{r}", 0) for r in DROP_REASONS},
+        "quarantine": _quarantine_summary(qrows, meta),
+        "salvaged": meta.get("salvaged", 0),
         "corrupt_files_moved": len(corrupt_copies(path)),
         "file_size_bytes": os.path.getsize(path),
         "wal_size_bytes": (os.path.getsize(path + "-wal")
@@ -88,6 +154,27 @@ def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
         "free_pages": free,
         "page_size": page_size,
     }
+
+
+def _newest_trusted_ts(conn: sqlite3.Connection) -> int | None:
+    unsynced = {hid for hid, enc in conn.execute("SELECT id, encoded FROM header_sets")
+                if ["clock", "unsynced"] in json.loads(enc)}
+    for ts_ms, hid in conn.execute(
+            "SELECT ts_ms, headers_id FROM records ORDER BY seq DESC LIMIT 10000"):
+        if hid not in unsynced:
+            return ts_ms
+    return None
+
+
+def _dictionaries(conn: sqlite3.Connection) -> tuple[dict[int, str], dict[int, dict[str, str]]]:
+    streams = dict(conn.execute("SELECT id, name FROM streams"))
+    header_sets = {hid: dict(tuple(p) for p in json.loads(enc))
+                   for hid, enc in conn.execute("SELECT id, encoded FROM header_sets")}
+    return streams, header_sets
+
+
+def _visible(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != TARGET_KEY}
 
 
 def export_jsonl(path: str | os.PathLike[str], out: TextIO, since_ts_ms: int | None = None,
@@ -101,9 +188,7 @@ def export_jsonl(path: str | os.PathLike[str], out: TextIO, since_ts_ms: int | N
     path = os.fspath(path)
     count = 0
     with _readonly(path) as conn:
-        streams = dict(conn.execute("SELECT id, name FROM streams"))
-        header_sets = {hid: dict(tuple(p) for p in json.loads(enc))
-                       for hid, enc in conn.execute("SELECT id, encoded FROM header_sets")}
+        streams, header_sets = _dictionaries(conn)
         after = 0
         if cursor is not None:
             row = conn.execute("SELECT acked_seq FROM cursors WHERE name = ?",
@@ -123,30 +208,107 @@ def export_jsonl(path: str | os.PathLike[str], out: TextIO, since_ts_ms: int | N
                     continue
                 if sid not in streams or hid not in header_sets:
                     # Written after our dictionary snapshot: refresh it once.
-                    streams = dict(conn.execute("SELECT id, name FROM streams"))
-                    header_sets = {h: dict(tuple(p) for p in json.loads(e)) for h, e in
-                                   conn.execute("SELECT id, encoded FROM header_sets")}
+                    streams, header_sets = _dictionaries(conn)
+                headers = header_sets.get(hid, {})
+                target = headers.get(TARGET_KEY)
+                if cursor is not None and target is not None and cursor not in json.loads(target):
+                    continue        # meant for other cursors only
                 out.write(json.dumps({
                     "seq": seq,
                     "stream": streams.get(sid, f"#{sid}"),
                     "ts_ms": ts_ms,
-                    "headers": header_sets.get(hid, {}),
+                    "headers": _visible(headers),
                     "payload_b64": base64.b64encode(payload).decode("ascii"),
                 }, separators=(",", ":")) + "\n")
                 count += 1
     return count
 
 
+def _writable(path: str) -> Buffer:
+    """Open for writing an existing, valid buffer (never repaired or created here)."""
+    check_buffer_file(path)
+    # Retention limits do not matter here: these commands never append new data (a
+    # quarantine retry re-appends what is stored, which cannot exceed these limits).
+    settings = BufferSettings(max_size_bytes=2**62, max_age_s=float("inf"),
+                              when_full="drop_oldest", reserve_bytes=0)
+    return Buffer.open(path, settings, repair=False)
+
+
 def purge(path: str | os.PathLike[str], cursor: str | None = None) -> int:
     """Drop every record (or every record `cursor` has not passed); return how many.
 
-    Counted as dropped with reason "purged". Fails with BufferLocked while a gateway runs.
+    Counted as dropped with reason "purged". Fails with BufferLocked while a gateway runs,
+    and refuses (BufferError) a file that is not an Outpost buffer, leaving it untouched.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise BufferError(f"{path}: no buffer file there")
-    # Retention limits do not matter here: purge never appends.
-    settings = BufferSettings(max_size_bytes=2**62, max_age_s=float("inf"),
-                              when_full="drop_oldest")
-    with Buffer.open(path, settings) as buf:
+    with _writable(path) as buf:
         return buf.purge(cursor)
+
+
+# ---------------------------------------------------------------------- quarantine
+
+
+def quarantine_list(path: str | os.PathLike[str], cursor: str | None = None,
+                    reason: str | None = None) -> list[dict[str, Any]]:
+    """Quarantined records without payloads: cursor, seq, reason, at_ms, stream, ts_ms,
+    headers, payload_bytes; ordered by cursor, seq. Read-only."""
+    return list(_quarantine_rows(os.fspath(path), cursor, reason, with_payload=False))
+
+
+def quarantine_export(path: str | os.PathLike[str], out: TextIO, cursor: str | None = None,
+                      reason: str | None = None) -> int:
+    """Quarantined records as JSON lines (as quarantine_list, plus payload_b64)."""
+    n = 0
+    for row in _quarantine_rows(os.fspath(path), cursor, reason, with_payload=True):
+        out.write(json.dumps(row, separators=(",", ":")) + "\n")
+        n += 1
+    return n
+
+
+def _quarantine_rows(path: str, cursor: str | None, reason: str | None,
+                     with_payload: bool) -> Iterator[dict[str, Any]]:
+    where, args = Buffer._q_where(cursor, reason, None)
+    with _readonly(path) as conn:
+        if not _has_table(conn, "quarantine"):
+            return
+        streams, header_sets = _dictionaries(conn)
+        last = ("", -1)
+        while True:
+            rows = conn.execute(
+                "SELECT cursor, seq, reason, at_ms, stream_id, ts_ms, headers_id, payload "
+                f"FROM quarantine WHERE {where} AND (cursor, seq) > (?, ?) "
+                "ORDER BY cursor, seq LIMIT 500", (*args, *last)).fetchall()
+            if not rows:
+                return
+            for c, seq, why, at_ms, sid, ts_ms, hid, payload in rows:
+                last = (c, seq)
+                row: dict[str, Any] = {
+                    "cursor": c, "seq": seq, "reason": why, "at_ms": at_ms,
+                    "stream": streams.get(sid, f"#{sid}"), "ts_ms": ts_ms,
+                    "headers": _visible(header_sets.get(hid, {})),
+                    "payload_bytes": len(payload)}
+                if with_payload:
+                    row["payload_b64"] = base64.b64encode(payload).decode("ascii")
+                yield row
+
+
+def quarantine_retry(path: str | os.PathLike[str], cursor: str | None = None,
+                     reason: str | None = None, seqs: Sequence[int] | None = None) -> int:
+    """Move quarantined records back for delivery (see Buffer.quarantine_retry); needs the
+    gateway stopped (BufferLocked otherwise). Returns how many."""
+    with _writable(os.fspath(path)) as buf:
+        return buf.quarantine_retry(cursor, reason, seqs=seqs)
+
+
+def quarantine_drop(path: str | os.PathLike[str], cursor: str | None = None,
+                    reason: str | None = None, seqs: Sequence[int] | None = None) -> int:
+    """Delete quarantined records, counted as dropped (`quarantine_dropped`); needs the
+    gateway stopped. Returns how many."""
+    with _writable(os.fspath(path)) as buf:
+        return buf.quarantine_drop(cursor, reason, seqs=seqs)
+
+
+def uplink_removal_cost(path: str | os.PathLike[str], keep: Sequence[str]) -> int:
+    """How many records a configuration with only the uplinks (cursors) `keep` would drop
+    from this buffer file (see core.dropped_by_cursor_change). Read-only."""
+    return dropped_by_cursor_change(stats_for_path(path), set(keep))

@@ -35,7 +35,13 @@ class UnknownCursor(BufferError):
 
 
 class BufferCorrupt(BufferError):
-    """SQLite reported a corrupt file while running. Reopening the buffer moves it aside."""
+    """SQLite reported a corrupt file while running. Reopening the buffer moves it aside.
+
+    From AsyncBuffer the file was already moved aside and salvaged (`recovered` True,
+    `retriable` True): the same call made again works on the fresh file.
+    """
+
+    recovered: bool = False
 
 
 class BufferLocked(BufferError):

@@ -26,7 +26,6 @@ _INT_RANGE = {
     "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1),
 }
 BYTE_ORDERS = ("ABCD", "DCBA", "BADC", "CDAB")
-NUMERIC_TYPES = tuple(_STRUCT)
 
 
 class CodecError(DriverError):

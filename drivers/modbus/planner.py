@@ -32,11 +32,9 @@ class Hole:
     end: int
 
     def conflicts(self, table: str, start: int, end: int) -> bool:
-        if table != self.table:
-            return False
-        if self.end > self.start:
-            return start < self.end and end > self.start
-        return start < self.start < end
+        # One test serves both: a barrier (end == start) conflicts with a span that
+        # contains it strictly, start < self.start < end.
+        return table == self.table and start < self.end and end > self.start
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,6 +219,8 @@ def _buffer_command(args: argparse.Namespace, path: Path) -> int:
                 out.close()
         print(f"exported {n} record(s)", file=sys.stderr)
         return EXIT_OK
+    if args.buffer_cmd == "quarantine":
+        return _quarantine_command(args, path)
     if args.buffer_cmd == "purge":
         what = f"cursor {args.cursor!r}" if args.cursor else "every record"
         if not args.yes:
@@ -233,6 +235,43 @@ def _buffer_command(args: argparse.Namespace, path: Path) -> int:
         print(f"purged {n} record(s) (counted as dropped, reason=purged)")
         return EXIT_OK
     return EXIT_CONFIG
+
+
+def _quarantine_command(args: argparse.Namespace, path: Path) -> int:
+    from buffer import diagnostics as bd
+
+    cmd, cursor, reason = args.quarantine_cmd, args.cursor, args.reason
+    if cmd == "list":
+        rows = bd.quarantine_list(str(path), cursor, reason)
+        for r in rows:
+            print(f"{r['cursor']:<6} seq {r['seq']:<10} {r['reason']:<28} {r['stream']}  "
+                  f"{r['payload_bytes']} bytes")
+        print(f"{len(rows)} quarantined record(s)", file=sys.stderr)
+        return EXIT_OK
+    if cmd == "export":
+        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
+        try:
+            n = bd.quarantine_export(str(path), out, cursor, reason)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        print(f"exported {n} quarantined record(s)", file=sys.stderr)
+        return EXIT_OK
+    if cmd == "retry":
+        n = bd.quarantine_retry(str(path), cursor, reason, seqs=args.seq)
+        print(f"{n} record(s) go back to their uplink")
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("outpost buffer quarantine drop: refusing without --yes when not at a terminal",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        if input("Drop these quarantined records for good? Type 'drop': ").strip() != "drop":
+            print("nothing dropped")
+            return EXIT_OK
+    n = bd.quarantine_drop(str(path), cursor, reason, seqs=args.seq)
+    print(f"dropped {n} quarantined record(s) (counted as dropped, reason=quarantine_dropped)")
+    return EXIT_OK
 
 
 def _parse_since(value: str) -> int:
@@ -313,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--cursor", help="only records this uplink has not yet delivered")
     be.add_argument("--output", "-o", help="file (default stdout)")
     be.add_argument("--format", choices=["jsonl"], default="jsonl", help="one JSON object per record")
+    bq = bsub.add_parser("quarantine", help="records an uplink could not deliver, kept aside with why")
+    qsub = bq.add_subparsers(dest="quarantine_cmd", required=True)
+    for name, text in (("list", "one line per quarantined record (no payload)"),
+                       ("export", "quarantined records as JSON lines, payloads in base64"),
+                       ("retry", "send them again: each goes back to its uplink (gateway stopped)"),
+                       ("drop", "delete them, counted as dropped (gateway stopped; asks first)")):
+        q = qsub.add_parser(name, help=text)
+        q.add_argument("--cursor", help="only this uplink's (mqtt, kafka)")
+        q.add_argument("--reason", help='only this reason, e.g. "too_large" or "held:plant.events"')
+        if name in ("retry", "drop"):
+            q.add_argument("--seq", type=int, action="append", help="only this record (repeatable)")
+        if name == "drop":
+            q.add_argument("--yes", action="store_true", help="do not ask")
+        if name == "export":
+            q.add_argument("--output", "-o", help="file (default stdout)")
     bp = bsub.add_parser("purge", help="delete records (asks for confirmation)")
     bp.add_argument("--cursor", help="only advance this uplink's cursor past everything")
     bp.add_argument("--yes", action="store_true", help="do not ask")

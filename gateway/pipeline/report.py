@@ -84,6 +84,8 @@ class ReportByException:
         if _is_number(old) and _is_number(new):
             if isinstance(new, float) and math.isnan(new):
                 return not (isinstance(old, float) and math.isnan(old))
+            if isinstance(old, float) and math.isnan(old):
+                return True  # leaving NaN: abs(new - nan) compares False with any deadband
             deadband = state.info.deadband or 0.0
             return abs(new - old) > deadband if deadband > 0 else new != old
         return new != old

@@ -488,6 +488,7 @@ class Gateway:
                     "records": stats.get("records"),
                     "oldest_age_s": stats.get("oldest_age_s"),
                     "dropped": stats.get("dropped", {}),
+                    "quarantine": stats.get("quarantine", {}),
                     "file_bytes": stats.get("file_size_bytes"),
                     "wal_bytes": stats.get("wal_size_bytes"),
                     "pending_in_memory": len(self.writer.pending) if self.writer else len(self._pending_carry),

@@ -35,10 +35,12 @@ class TaskInfo:
 
 
 class TaskOwner:
-    def __init__(self, *, backoff_min_s: float = 1.0, backoff_max_s: float = 60.0) -> None:
+    def __init__(self, *, backoff_min_s: float = 1.0, backoff_max_s: float = 60.0,
+                 rand: Callable[[], float] | None = None) -> None:
         self._tasks: dict[str, TaskInfo] = {}
         self._backoff_min = backoff_min_s
         self._backoff_max = backoff_max_s
+        self._rand = rand  # the backoff's jitter source (tests pass a fixed one)
         self._stopping = False
 
     def start(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True) -> None:
@@ -50,7 +52,8 @@ class TaskOwner:
         info.task = asyncio.create_task(self._guard(info), name=f"outpost:{name}")
 
     async def _guard(self, info: TaskInfo) -> None:
-        backoff = Backoff(self._backoff_min, self._backoff_max)
+        backoff = (Backoff(self._backoff_min, self._backoff_max) if self._rand is None
+                   else Backoff(self._backoff_min, self._backoff_max, rand=self._rand))
         while True:
             info.state = "running"
             started = time.monotonic()
@@ -76,7 +79,7 @@ class TaskOwner:
                 delay = backoff.next()
                 info.next_delay_s = delay
                 log.error("task crashed, restarting", extra=fields(
-                    task=info.name, crashes=info.crashes, restart_in_s=round(delay, 1),
+                    task=info.name, crashes=info.crashes, restart_in_s=round(delay, 3),
                     reason=info.last_error), exc_info=first and e)
                 info.state = "backoff"
                 await asyncio.sleep(delay)

@@ -16,6 +16,7 @@ from typing import Any
 from gateway.sparkplug.edge import NEXT_SERVER, REBIRTH, AliasTable, PointLike
 from gateway.sparkplug.errors import CommandRejected, PayloadError
 from gateway.sparkplug.payload import DataType, decode_payload, driver_datatype
+from gateway.statefile import write_atomic
 from gateway.writes import WriteRefused, check_value, spec_from_point
 
 
@@ -47,18 +48,7 @@ class BdSeqStore:
 
     def commit(self, value: int) -> None:
         """Persist `value` once its connection is accepted, so the next NBIRTH is +1."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{value}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, f"{value}\n")
 
     def next(self) -> int:
         value = self.candidate()

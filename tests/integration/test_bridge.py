@@ -11,12 +11,15 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from gmqtt import Client
 
 from tests.harness.common import until
 from tests.harness.gateway import GatewayProcess
 from tests.integration.test_kafka_support import kcat_consume_async
+
+pytestmark = pytest.mark.integration
 
 
 def _config(tmp: Path, mosquitto, kafka, bridged_topic: str, inbound_topic: str) -> str:

@@ -12,6 +12,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -20,6 +21,8 @@ from gateway.diagnostics.client import fetch_status
 from gateway.diagnostics.errors import DiagnosticsError
 from tests.harness.common import until
 from tests.harness.gateway import GatewayProcess
+
+pytestmark = pytest.mark.integration
 
 
 def _config(tmp: Path, modbus_port: int, kafka, topic: str, group: str) -> str:

@@ -78,14 +78,16 @@ async def test_refused_ddata_stays_in_the_buffer_until_the_acl_allows_it(tmp_pat
     gateway = GatewayProcess(cfg, tmp_path / "gateway.log")
     gateway.start()
     try:
-        await until(lambda: _ok(lambda: _mqtt(fetch_status(sock))["counters"]["refused"] >= 5),
-                    30, "refusals counted", interval_s=0.3)
+        await until(lambda: _ok(lambda: _mqtt(fetch_status(sock))["counters"]["held"] >= 5),
+                    30, "refused records held", interval_s=0.3)
         st = fetch_status(sock)
         link = _mqtt(st)
         assert link["up"], "a refusal is not a link failure"
         assert link["counters"]["published"] == 0, "nothing refused may count as delivered"
         assert any("/DDATA/" in topic and "0x87" in r["reason"] for topic, r in link["refused"].items()), link
-        assert st["buffer"]["cursors"]["mqtt"]["records"] >= 1, "refused records stay in the buffer"
+        held = st["buffer"]["quarantine"]["by_cursor_reason"]["mqtt"]
+        assert held.get("held:spBv1.0/acl/DDATA/gw/sim1", 0) >= 1, held  # kept aside, in order
+        assert link["counters"]["held"] >= 1
         assert seen == []
         connects, bdseq = link["counters"]["connects"], link["bdseq"]
         await asyncio.sleep(2)

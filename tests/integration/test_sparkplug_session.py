@@ -30,6 +30,7 @@ from buffer import AsyncBuffer, BufferSettings
 from drivers.base import DeviceEvent, DeviceState, PointInfo, Quality, Sample
 from gateway.pipeline.report import ReportByException
 from gateway.sparkplug.edge import NodeIdentity
+from gateway.sparkplug.errors import TopicError
 from gateway.sparkplug.payload import (
     DataType,
     Metric,
@@ -114,6 +115,7 @@ class TestHost:
     def __init__(self, host: str, port: int, host_id: str = "scada-1") -> None:
         self.host, self.port, self.host_id = host, port, host_id
         self.seen: list[Seen] = []
+        self.malformed: list[str] = []   # topics under spBv1.0/ that are not Sparkplug topics
         self.client = Client(f"test-host-{uuid.uuid4().hex[:8]}")
         self._types: dict[tuple[str, str | None], dict[Any, DataType]] = {}
         self._changed = asyncio.Event()
@@ -145,8 +147,9 @@ class TestHost:
         decoded = None
         try:
             parsed = parse_topic(topic)
-        except Exception:
-            pass
+        except TopicError as exc:
+            # Not swallowed: wait_for fails at once naming it, instead of timing out later.
+            self.malformed.append(f"{topic}: {exc}")
         if parsed is not None and parsed.message_type is not MessageType.STATE:
             key = (parsed.edge_node_id, parsed.device_id)
             types = self._types.setdefault(key, {})
@@ -171,6 +174,9 @@ class TestHost:
     async def wait_for(self, pred: Any, limit_s: float = 20.0, what: str = "messages") -> Any:
         deadline = time.monotonic() + limit_s
         while True:
+            if self.malformed:
+                raise AssertionError(f"malformed Sparkplug topics seen while waiting for {what}: "
+                                     f"{self.malformed}")
             result = pred()
             if result:
                 return result

@@ -51,13 +51,24 @@ async def test_roundtrip_runs_on_one_dedicated_thread(tmp_path):
         await abuf.append(recs(1))
 
 
+async def parked(abuf: AsyncBuffer) -> None:
+    """Return once a task started just before has made its buffer call and is waiting.
+
+    The buffer runs calls one at a time, in order, on its one thread: when a call queued now
+    returns, the earlier task's call has returned too and that task has run on to its wait.
+    """
+    await asyncio.sleep(0)          # let the task start and queue its call
+    await abuf.stats()
+    await asyncio.sleep(0)
+
+
 async def test_wait_for_records_wakes_on_append_and_times_out(tmp_path):
     async with await AsyncBuffer.open(tmp_path / "b.db", settings()) as abuf:
         await abuf.register_cursor("kafka")
         assert await abuf.wait_for_records("kafka", 0.05) is False
         waiter = asyncio.create_task(abuf.wait_for_records("kafka", 30.0))
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
+        await parked(abuf)
+        assert not waiter.done()      # it looked, found nothing and waits for an append
         await abuf.append(recs(1))
         assert await asyncio.wait_for(waiter, 5.0) is True
         # Already pending: returns at once; read-ahead past the newest record waits.
@@ -74,8 +85,9 @@ async def test_block_policy_waits_for_acks_to_free_space(tmp_path):
             for _ in range(100):
                 last = (await abuf.append(recs(50)))[-1]
         blocked = asyncio.create_task(abuf.append(recs(50), block_timeout_s=30.0))
-        await asyncio.sleep(0.1)
-        assert not blocked.done()
+        await parked(abuf)
+        assert not blocked.done()     # refused once, now waiting for an ack
+        assert (await abuf.stats())["blocked"] == "size"
         await abuf.ack("c", last)
         seqs = await asyncio.wait_for(blocked, 5.0)
         assert seqs[0] == last + 1

@@ -21,6 +21,7 @@ from buffer import (
     NewRecord,
     UnknownCursor,
     diagnostics,
+    schema,
 )
 
 NOW = time.time_ns() // 1_000_000
@@ -244,7 +245,7 @@ def test_file_layout_pragmas(path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2     # incremental
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     conn.close()
 
 
@@ -283,7 +284,11 @@ def test_damaged_page_in_the_middle_is_detected(path):
         f.write(b"\xff" * 4096)
     with Buffer.open(path, settings()) as buf:
         assert buf.moved_aside is not None
-        assert buf.stats()["records"] == 0
+        # The readable records are salvaged, the unreadable ones counted (issue 11).
+        st = buf.stats()
+        assert 0 < st["records"] < 2000
+        assert st["salvaged"] == st["records"]
+        assert st["dropped"]["corrupt"] == 2000 - st["records"]
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
@@ -403,12 +408,13 @@ def test_migrations_run_in_order_on_open(path, monkeypatch):
     def v1_to_v2(conn):
         conn.execute("INSERT INTO meta(key, value) VALUES ('migrated', 1)")
 
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(schema.MIGRATIONS, 1, v1_to_v2)
+    current = schema.SCHEMA_VERSION
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(schema.MIGRATIONS, current, v1_to_v2)
     with Buffer.open(path, settings()) as buf:
         assert [r.seq for r in buf.read("c")] == [1, 2, 3]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == current + 1
     assert conn.execute("SELECT value FROM meta WHERE key = 'migrated'").fetchone()[0] == 1
     conn.close()
 
@@ -448,3 +454,258 @@ def test_no_read_transaction_is_held_between_calls(path):
         finally:
             other.close()
         assert busy == 0 and frames == done
+
+
+# -- the exact cap, read(limit=0), the disk-full path -------------------------------------------------
+def test_the_size_cap_is_exact(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(50))
+        used = buf.stats()["used_bytes"]
+        # The look-ahead reserves payload + 40 bytes a record: a batch that needs exactly
+        # the room left is stored without a drop ...
+        buf.settings = settings(max_size_bytes=used + 10 + 40)
+        buf.append(recs(1, size=10))
+        st = buf.stats()
+        assert st["dropped"]["size"] == 0 and st["records"] == 51
+        assert st["used_bytes"] <= used + 50
+        # ... and one byte less makes room first, from the oldest end.
+        used = st["used_bytes"]
+        buf.settings = settings(max_size_bytes=used + 10 + 40 - 1)
+        buf.append(recs(1, size=10))
+        st = buf.stats()
+        assert st["dropped"]["size"] >= 1 and st["used_bytes"] <= used + 49
+        assert buf.read("c", 1)[0].seq == st["dropped"]["size"] + 1
+        assert st["limit_bytes"] == used + 49 and st["limit_reason"] == "size"
+
+
+def test_read_limits_at_zero_and_the_first_record_beyond_max_bytes(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(3, size=100))
+        assert buf.read("c", 0) == [] and buf.read("c", -1) == []
+        assert [r.seq for r in buf.read("c", 10, max_bytes=50)] == [1]     # the first always comes
+        assert [r.seq for r in buf.read("c", 10, max_bytes=200)] == [1, 2]
+        assert [r.seq for r in buf.read("c", 10, max_bytes=199)] == [1]
+        assert [r.seq for r in buf.read("c", 10, max_bytes=0)] == [1]
+        assert buf.read("c", 10, stream="no/such/stream") == []
+        assert [r.seq for r in buf.read("c", 10, after_seq=2)] == [3]
+        buf.ack("c", 2)
+        assert [r.seq for r in buf.read("c", 10, after_seq=1)] == [3]      # the cursor is further
+        assert buf.has_records("c") and not buf.has_records("c", after_seq=3)
+
+
+def _limit_file(buf: Buffer, extra_pages: int) -> None:
+    """Let SQLite grow the file by only `extra_pages` more pages: a real SQLITE_FULL."""
+    pages = buf._conn.execute("PRAGMA page_count").fetchone()[0]
+    buf._conn.execute(f"PRAGMA max_page_count = {pages + extra_pages}")
+
+
+def test_disk_full_drops_the_oldest_and_the_append_succeeds(path, caplog):
+    caplog.set_level(logging.INFO, logger="outpost.buffer")
+    with Buffer.open(path, settings(reserve_bytes=64 * 1024)) as buf:
+        assert os.path.getsize(path + ".reserve") == 64 * 1024
+        buf.register_cursor("c")
+        for i in range(10):
+            buf.append(recs(20, start=i * 20, size=400))
+        _limit_file(buf, 2)
+        seqs = buf.append(recs(40, start=200, size=400))      # does not fit in 2 more pages
+        assert seqs == list(range(201, 241))
+        st = buf.stats()
+        dropped = st["dropped"]["disk_full"]
+        assert dropped > 0 and st["dropped"]["size"] == 0
+        assert st["records"] == 240 - dropped
+        assert [r.seq for r in buf.read("c", 1)] == [dropped + 1]   # the oldest went, in order
+        assert st["limit_reason"] == "disk_full" and st["limit_bytes"] < buf.settings.max_size_bytes
+        assert st["cursors"]["c"]["records"] == st["records"]
+        assert not os.path.exists(path + ".reserve")           # released for SQLite's own work
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("buffer disk full" in m for m in messages) == 1
+        assert any("released its disk reserve" in m for m in messages)
+        assert any("dropping oldest records" in m and "reason=disk_full" in m for m in messages)
+    # What was committed is intact after a reopen.
+    with Buffer.open(path, settings(reserve_bytes=0)) as buf:
+        got = buf.read("c", 1000)
+        assert [r.seq for r in got] == list(range(dropped + 1, 241))
+        assert got[-1].payload.startswith(b"00000239")
+
+
+def test_disk_full_under_block_refuses_and_keeps_everything(path):
+    with Buffer.open(path, settings(when_full="block", reserve_bytes=0)) as buf:
+        buf.register_cursor("c")
+        for i in range(10):
+            buf.append(recs(20, start=i * 20, size=400))
+        _limit_file(buf, 2)
+        with pytest.raises(BufferFull) as exc:
+            buf.append(recs(40, size=400))
+        assert exc.value.reason == "disk_full" and exc.value.retriable
+        st = buf.stats()
+        assert st["records"] == 200 and st["dropped"]["disk_full"] == 0 and st["blocked"] == "disk_full"
+        assert [r.seq for r in buf.read("c", 1000)] == list(range(1, 201))
+
+
+def test_disk_full_with_nothing_to_drop_is_a_retriable_io_error(path):
+    from buffer import BufferIOError
+
+    with Buffer.open(path, settings(reserve_bytes=0)) as buf:
+        buf.register_cursor("c")
+        _limit_file(buf, 1)
+        with pytest.raises(BufferIOError, match="disk full and nothing left to drop") as exc:
+            buf.append(recs(60, size=400))
+        assert exc.value.retriable
+        assert buf.stats()["records"] == 0 and buf.stats()["last_seq"] == 0
+
+
+# -- settings, cursors, acks, purge and stats at their edges -------------------------------------------
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"max_size_bytes": 0}, "max_size_bytes must be a positive integer, got 0"),
+    ({"max_size_bytes": 1.5}, "max_size_bytes must be a positive integer"),
+    ({"max_age_s": 0.0}, "max_age_s must be positive seconds, got 0.0"),
+    ({"when_full": "wait"}, "when_full must be one of"),
+    ({"synchronous": "off"}, "synchronous must be one of"),
+    ({"check_on_open": "full"}, "check_on_open must be 'quick' or 'none'"),
+    ({"reserve_bytes": -1}, "reserve_bytes must be >= 0, got -1"),
+])
+def test_settings_are_checked(kw, fragment):
+    with pytest.raises(ValueError) as err:
+        settings(**kw)
+    assert fragment in str(err.value)
+    s = settings(max_size_bytes=1, max_age_s=0.001, reserve_bytes=0)
+    assert (s.when_full, s.synchronous, s.check_on_open) == ("drop_oldest", "full", "quick")
+
+
+def test_cursor_registration_edges(path):
+    with Buffer.open(path, settings()) as buf:
+        for bad in ("", None, 5):
+            with pytest.raises(BufferError, match="cursor name must be a non-empty string"):
+                buf.register_cursor(bad)  # type: ignore[arg-type]
+        buf.register_cursor("b")
+        buf.register_cursor("a")
+        buf.append(recs(3))
+        buf.ack("a", 2)
+        buf.register_cursor("a")                     # idempotent: keeps its position
+        assert buf.cursors() == ["a", "b"]
+        assert [r.seq for r in buf.read("a")] == [3]
+        with pytest.raises(UnknownCursor, match=r"unknown cursor 'c' \(registered: \['a', 'b'\]\)"):
+            buf.unregister_cursor("c")
+        buf.ack("a", 1)                              # behind the cursor: nothing happens
+        assert buf.stats()["cursors"]["a"] == {"acked_seq": 2, "records": 1, "bytes": 200}
+        buf.unregister_cursor("b")                   # a now alone: what it passed goes
+        st = buf.stats()
+        assert st["records"] == 1 and st["first_seq"] == 3 and st["bytes"] == 200
+        # b's backlog went with it: counted (issue 11), never silently
+        assert {k: v for k, v in st["dropped"].items() if v} == {"uplink_removed": 2}
+        buf.unregister_cursor("a")
+        assert buf.cursors() == [] and buf.stats()["records"] == 1   # no cursor: nothing is deleted
+
+
+def test_acks_move_bytes_and_delete_only_below_the_slowest(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("fast")
+        buf.register_cursor("slow")
+        buf.append(recs(4, size=100) + recs(2, size=300))
+        buf.ack("fast", 5)
+        st = buf.stats()
+        assert st["cursors"]["fast"] == {"acked_seq": 5, "records": 1, "bytes": 300}
+        assert st["records"] == 6 and st["bytes"] == 1000
+        buf.ack("slow", 3)
+        st = buf.stats()
+        assert st["records"] == 3 and st["first_seq"] == 4 and st["bytes"] == 700
+        assert st["cursors"]["slow"] == {"acked_seq": 3, "records": 3, "bytes": 700}
+        buf.ack("slow", 6)
+        st = buf.stats()
+        assert st["records"] == 1 and st["bytes"] == 300 and st["cursors"]["slow"]["bytes"] == 0
+        with pytest.raises(BufferError, match="cursor 'fast' acked seq 7, beyond the last stored seq 6"):
+            buf.ack("fast", 7)
+
+
+def test_purge_of_one_cursor_counts_what_it_had_not_passed(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.register_cursor("b")
+        buf.append(recs(5))
+        buf.ack("a", 2)
+        assert buf.purge("a") == 3
+        st = buf.stats()
+        assert st["cursors"]["a"] == {"acked_seq": 5, "records": 0, "bytes": 0}
+        assert st["records"] == 5 and st["dropped"]["purged"] == 3     # b still holds them
+        assert buf.purge("b") == 5
+        st = buf.stats()
+        assert st["records"] == 0 and st["dropped"]["purged"] == 8 and st["bytes"] == 0
+        assert buf.purge() == 0
+        buf.append(recs(2))
+        assert buf.purge() == 2 and buf.stats()["dropped"]["purged"] == 10
+        with pytest.raises(UnknownCursor):
+            buf.purge("zz")
+
+
+def test_append_accepts_byte_views_and_refuses_other_payloads_and_streams(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        assert buf.append([]) == []
+        assert buf.append([NewRecord("s", bytearray(b"ab"), NOW, {}),
+                           NewRecord("s", memoryview(b"cd"), NOW, {})]) == [1, 2]
+        with pytest.raises(BufferError, match=r"payload must be bytes, got str \(stream 'x/y'\)"):
+            buf.append([NewRecord("x/y", "text", NOW, {})])  # type: ignore[arg-type]
+        with pytest.raises(BufferError, match="record stream must be a string, got 7"):
+            buf.append([NewRecord(7, b"x", NOW, {})])  # type: ignore[arg-type]
+        assert buf.stats()["last_seq"] == 2                  # refused batches take no seq
+        shared = {"type": "DDATA", "topic": "t"}
+        buf.append([NewRecord("s", b"1", NOW, shared), NewRecord("s2", b"2", NOW + 1, shared),
+                    NewRecord("s", b"3", NOW, {"topic": "t", "type": "DDATA"})])
+        got = buf.read("c")
+        assert [(r.seq, r.stream, bytes(r.payload)) for r in got] == [
+            (1, "s", b"ab"), (2, "s", b"cd"), (3, "s", b"1"), (4, "s2", b"2"), (5, "s", b"3")]
+        assert got[2].headers == got[4].headers == shared and got[3].ts_ms == NOW + 1
+    with Buffer.open(path, settings()) as buf:          # names and headers come back from the file
+        got = buf.read("c", after_seq=2)
+        assert [(r.stream, dict(r.headers)) for r in got] == [("s", shared), ("s2", shared), ("s", shared)]
+        assert buf.append([NewRecord("s3", b"4", NOW, shared)]) == [6]
+        assert buf.read("c", stream="s3")[0].seq == 6
+
+
+def test_checkpoint_modes_and_closed_buffer(path):
+    buf = Buffer.open(path, settings())
+    buf.register_cursor("c")
+    buf.append(recs(10))
+    with pytest.raises(BufferError, match="unknown checkpoint mode 'NOW'"):
+        buf.checkpoint("NOW")
+    info = buf.checkpoint("TRUNCATE")
+    assert info["mode"] == "TRUNCATE" and info["busy"] is False
+    assert buf.stats()["last_checkpoint"]["mode"] == "TRUNCATE"
+    assert buf.stats()["wal_size_bytes"] == 0
+    buf.close()
+    buf.close()                                            # idempotent
+    from buffer import BufferClosed
+    for call in (lambda: buf.append(recs(1)), lambda: buf.read("c"), buf.stats, buf.checkpoint):
+        with pytest.raises(BufferClosed, match="buffer is closed"):
+            call()
+    assert not os.path.exists(path + "-wal") or os.path.getsize(path + "-wal") == 0
+
+
+def test_stats_while_dropping_and_blocked(path):
+    cap = 128 * 1024
+    with Buffer.open(path, settings(max_size_bytes=cap, reserve_bytes=0)) as buf:
+        buf.register_cursor("c")
+        for i in range(30):
+            buf.append(recs(20, start=i * 20))
+        st = buf.stats()
+        assert st["dropping"] == ["size"] and st["blocked"] is None
+        assert st["limit_bytes"] == cap and st["limit_reason"] == "size"
+        assert st["file_size_bytes"] > 0 and st["used_bytes"] > 0 and st["free_pages"] >= 0
+    with Buffer.open(path, settings(max_size_bytes=cap, when_full="block", reserve_bytes=0)) as buf:
+        with pytest.raises(BufferFull):
+            for i in range(30):
+                buf.append(recs(20, start=i * 20))
+        assert buf.stats()["blocked"] == "size" and buf.stats()["dropping"] == []
+
+
+def test_corrupt_copies_lists_main_files_oldest_first(tmp_path):
+    from buffer.core import corrupt_copies
+
+    base = tmp_path / "b.db"
+    for name in ("b.db.corrupt-2", "b.db.corrupt-1", "b.db.corrupt-1-wal", "b.db.corrupt-1-shm",
+                 "other.db.corrupt-1", "b.db"):
+        (tmp_path / name).write_text("x")
+    assert corrupt_copies(str(base)) == [str(tmp_path / "b.db.corrupt-1"), str(tmp_path / "b.db.corrupt-2")]
+    assert corrupt_copies(str(tmp_path / "missing" / "b.db")) == []

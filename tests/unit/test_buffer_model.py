@@ -14,6 +14,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from buffer import Buffer, BufferFull, BufferSettings, NewRecord
 
 CAP = 128 * 1024        # small (the empty schema takes ~40 KiB), so the cap is hit often
+RECORD_COST_MAX = 48    # row header, rowid, stream/ts/headers ids and cell pointer (~30-35 B)
+FILL_MIN_PERCENT = 80   # leaf pages of rows appended in seq order are nearly full
+SLACK_PAGES = 3         # pages a batch in flight may hold beyond its rows (index, meta)
 
 NOW = time.time_ns() // 1_000_000
 CURSORS = ("mqtt", "kafka", "late")
@@ -44,6 +47,34 @@ class BufferModel(RuleBasedStateMachine):
     def open(self, policy: str) -> None:
         self.settings = BufferSettings(max_size_bytes=CAP, max_age_s=86400.0, when_full=policy)
         self.buf = Buffer.open(self.path, self.settings)
+        # The file an empty buffer needs (schema pages): the model's fixed cost.
+        self.page_size = self.buf.stats()["page_size"]
+        self.empty_bytes = self.buf.stats()["used_bytes"]
+
+    def _must_drop(self, batch: list[NewRecord]) -> tuple[int, int]:
+        """The model's own count of the oldest records the size cap forces out to make room
+        for `batch`, bracketed: (fewest that can be enough, most that can be needed).
+
+        Each record costs its payload plus a row overhead on disk; leaf pages of rows
+        appended in seq order fill almost completely. The low count charges the bare
+        payloads; the high count charges RECORD_COST_MAX per row, a fill factor, the
+        pages of the batch in flight and the buffer's deliberate slack (about one page of
+        records more per trim, so that the next append does not trim again).
+        """
+        def count(cost, budget: int) -> int:
+            total = sum(cost(r) for _, r in self.records) + sum(cost(r) for r in batch)
+            k = 0
+            while total > budget and k < len(self.records):
+                total -= cost(self.records[k][1])
+                k += 1
+            return k
+
+        low = count(lambda r: len(r.payload), CAP - self.empty_bytes)
+        high = count(lambda r: (len(r.payload) + RECORD_COST_MAX) * 100 // FILL_MIN_PERCENT,
+                     CAP - self.empty_bytes - SLACK_PAGES * self.page_size)
+        rows = [r for _, r in self.records] + batch
+        average = sum(len(r.payload) + RECORD_COST_MAX for r in rows) // len(rows)
+        return low, high + 3 * (self.page_size // average + 1)
 
     def teardown(self) -> None:
         if self.buf is not None:
@@ -66,6 +97,7 @@ class BufferModel(RuleBasedStateMachine):
     @rule(batch=st.lists(new_record, min_size=1, max_size=60))
     def append(self, batch: list[NewRecord]) -> None:
         before = self.buf.stats()["dropped"]["size"]
+        bounds = self._must_drop(batch)
         try:
             seqs = self.buf.append(batch)
         except BufferFull as e:
@@ -77,8 +109,10 @@ class BufferModel(RuleBasedStateMachine):
         dropped = self.buf.stats()["dropped"]["size"] - before
         if self.settings.when_full == "block":
             assert dropped == 0
-        # Drops take the oldest records only.
-        assert dropped <= len(self.records)
+        else:
+            # Drops take the oldest records only, as many as the cap forces out, not more.
+            low, high = bounds
+            assert low <= dropped <= high, (dropped, bounds, len(self.records))
         self.records = self.records[dropped:]
         self.dropped += dropped
         event("size-cap hit" if dropped else "appended without drop")

@@ -191,3 +191,90 @@ def test_json_of_a_payload_made_by_the_project_codec() -> None:
         {"name": "flags", "datatype": "BooleanArray", "timestamp": 4,
          "value": [True, False, True], "quality": "good", "is_historical": False},
     ]
+
+
+# -- exact names, sizes and edges -----------------------------------------------------------------
+def test_header_names_are_the_documented_ones() -> None:
+    msg = format_record(Rec(5, "s", b"x", headers={"topic": "t", "type": "DDATA"}), _mapping(), "g/e")
+    assert [k for k, _ in msg.headers] == [
+        "outpost-gateway", "outpost-stream", "outpost-seq", "outpost-topic", "outpost-type"]
+    assert dict(msg.headers)["outpost-type"] == b"DDATA"
+    assert dict(format_record(Rec(5, "s", b"x"), _mapping(), "g/e").headers)[H_TYPE] == b""
+
+
+def test_estimate_size_is_the_v2_record_bound() -> None:
+    from gateway.uplinks.kafka.format import KafkaMessage
+
+    msg = KafkaMessage("t", b"key", b"value", [("h1", b"v"), ("head2", b"")], 0)
+    # 21 bytes per record (length, attributes, deltas, key/value lengths) + 10 per header
+    assert estimate_size(msg) == 21 + 3 + 5 + (10 + 2 + 1) + (10 + 5 + 0)
+    assert estimate_size(KafkaMessage("t", b"", b"", [], 0)) == 21
+
+
+@pytest.mark.parametrize("payload", [b"abc", bytearray(b"abc"), memoryview(b"abc")])
+def test_message_factory_gives_bytes_for_any_buffer_type(payload) -> None:
+    factory = MessageFactory("g/e")
+    msg, size = factory.make(Rec(3, "s", payload, headers={"topic": "t"}), _mapping(format="raw"))
+    assert type(msg.value) is bytes and msg.value == b"abc"
+    assert dict(msg.headers)[H_TYPE] == b"" and dict(msg.headers)[H_TOPIC] == b"t"
+    assert size == estimate_size(msg)
+    msg, _ = factory.make(Rec(3, "s", b"abc"), _mapping(format="raw", key="topic"))
+    assert msg.key == b"s" and dict(msg.headers)[H_TOPIC] == b"s"
+
+
+def test_message_factory_cache_is_per_mapping_stream_topic_and_type_and_bounded() -> None:
+    factory = MessageFactory("g/e")
+    a, b = _mapping(name="a", kafka_topic="ta"), _mapping(name="b", kafka_topic="tb", key="topic")
+    pa = factory.parts(a, "s1", "top1", "DDATA")
+    assert factory.parts(a, "s1", "top1", "DDATA") is pa
+    assert factory.parts(b, "s1", "top1", "DDATA")[:2] == ("tb", b"top1")
+    assert factory.parts(a, "s2", "top1", "DDATA")[1] == b"s2"
+    assert factory.parts(a, "s1", "top1", "NDATA")[5] == (H_TYPE, b"NDATA")
+    for i in range(4096 - 4):                   # the bound: 4096 (mapping, stream, topic, type)
+        factory.parts(a, f"x{i}", "t", "")
+    assert len(factory._cache) == 4096
+    factory.parts(a, "one-more", "t", "")
+    assert len(factory._cache) == 1           # a full cache starts over
+    assert factory.parts(a, "s1", "top1", "DDATA") == pa
+
+
+def test_json_values_of_every_kind() -> None:
+    from gateway.sparkplug.payload import DataSet, DataType, Template
+    from gateway.uplinks.kafka.format import _jsonable, _short_float32
+
+    assert _jsonable(True) is True and _jsonable(None) is None and _jsonable(7) == 7
+    assert _jsonable(float("nan")) == "nan" and _jsonable(float("-inf")) == "-inf"
+    assert _jsonable(b"\x00\xff") == {"base64": "AP8="}
+    assert _jsonable(bytearray(b"a")) == {"base64": "YQ=="}
+    assert _jsonable([1.5, b"a"]) == [1.5, {"base64": "YQ=="}]
+    f32 = struct.unpack("<f", struct.pack("<f", 0.1))[0]
+    assert _jsonable(f32) == f32 and _jsonable(f32, float32=True) == 0.1
+    assert _jsonable([f32], float32=True) == [0.1]
+    assert _jsonable((f32,), float32=True) == [0.1]
+    ds = DataSet(["a", "b"], [DataType.Int8, DataType.Bytes], [[1, b"\x01"], [None, b""]])
+    assert _jsonable(ds) == {"columns": ["a", "b"], "types": ["Int8", "Bytes"],
+                             "rows": [[1, {"base64": "AQ=="}], [None, {"base64": ""}]]}
+    assert _jsonable(Template()) == {"unsupported": "Template"}
+    # the shortest decimal, even for a float32 subnormal that needs only 6 digits
+    tiny = struct.unpack("<f", struct.pack("<f", 6.91567e-40))[0]
+    assert _short_float32(tiny) == 6.91567e-40
+    assert _short_float32(float("inf")) == float("inf")
+    assert _short_float32(16777216.0) == 16777216.0
+
+
+def test_json_document_layout_alias_only_metrics_and_escapes() -> None:
+    from gateway.sparkplug.payload import DataType, Metric, Payload, encode_payload
+
+    payload = encode_payload(Payload(metrics=[
+        Metric(None, DataType.Double, 1.5, alias=4),
+        Metric("ü", DataType.String, "é"),
+    ]))
+    value = format_record(Rec(2, "s/d", payload, headers={"topic": "t", "type": "DDATA"}),
+                          _mapping(format="json"), "g/e").value
+    assert value.startswith(b'{"gateway":"g/e","topic":"t","type":"DDATA","stream":"s/d","seq":2,')
+    assert "ü".encode() in value and b"\\u" not in value   # UTF-8, not ASCII escapes
+    doc = json.loads(value)
+    assert doc["timestamp"] is None
+    assert doc["metrics"][0] == {"alias": 4, "datatype": "Double", "value": 1.5, "quality": "good",
+                                 "is_historical": False}
+    assert "timestamp" not in doc["metrics"][1]

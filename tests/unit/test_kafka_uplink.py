@@ -9,12 +9,14 @@ answers. Real-broker behaviour is covered by tests/integration/test_kafka_*.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
@@ -22,6 +24,7 @@ from buffer import AsyncBuffer, BufferSettings, NewRecord
 from gateway.uplinks.kafka.format import H_SEQ, H_STREAM
 from gateway.uplinks.kafka.mappings import Mapping
 from gateway.uplinks.kafka.uplink import CURSOR, KafkaSettings, KafkaUplink
+from tests.harness.common import until
 from tests.helpers import flat
 
 # Outcomes a test can script per send_batch call.
@@ -47,6 +50,8 @@ class ScriptedProducer:
         self.stopped = True
 
     async def partitions_for(self, topic: str) -> set[int]:
+        if topic in self.world.unauthorized:
+            raise TopicAuthorizationFailedError(topic)
         return set(range(self.world.partitions.get(topic, 1)))
 
     def create_batch(self) -> BatchBuilder:
@@ -55,6 +60,10 @@ class ScriptedProducer:
     async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int):
         # Like an idempotent aiokafka producer: once a batch failed or hangs, later batches
         # of this producer never land (one batch in flight per partition, sequence numbers).
+        if topic in self.world.write_denied:  # describe allowed, write refused (produce level)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(TopicAuthorizationFailedError(topic))
+            return fut
         outcome = self.poisoned or (self.world.outcomes.pop(0) if self.world.outcomes else OK)
         fut = asyncio.get_running_loop().create_future()
         self.world.batch_sizes.append(batch.record_count())
@@ -81,6 +90,8 @@ class World:
         self.partitions: dict[str, int] = {}
         self.refuse_connect = False
         self.producers: list[ScriptedProducer] = []
+        self.unauthorized: set[str] = set()
+        self.write_denied: set[str] = set()
 
     def factory(self, **kwargs: Any) -> ScriptedProducer:
         p = ScriptedProducer(self, **kwargs)
@@ -271,8 +282,10 @@ async def test_format_errors_are_counted_and_skipped_not_blocking(buf) -> None:
     uplink = KafkaUplink(_settings(), buf, [as_json, TELEMETRY], "g/e",
                          producer_factory=world.factory)
     await _run_until(uplink, lambda: flat(uplink.state)["acked_seq"] == seqs[-1])
-    assert flat(uplink.state)["refused"] == 1
+    assert flat(uplink.state)["quarantined"] == 1
     assert [t for t, *_ in world.log] == ["plant.telemetry"]
+    q = (await buf.stats())["quarantine"]["by_cursor_reason"]["kafka"]
+    assert q == {"format_error:lab-json": 1}, q  # kept, visible, re-sendable: not skipped
 
 
 async def test_key_partitioning_matches_the_java_default_partitioner(buf) -> None:
@@ -377,3 +390,44 @@ async def test_a_record_for_two_mappings_goes_to_both_or_waits_for_the_next_wind
     assert _dedup_in_order(world.log) == {b"plant-7/pump-3/m1": seqs}
     assert _dedup_in_order(world.log, "plant.copy") == {b"spBv1.0/plant-7/DDATA/pump-3/m1": seqs}
     assert flat(uplink.state)["messages"] == 240
+
+
+EVENTS = Mapping("events", ("spBv1.0/+/DDATA/pump-3/valve",), "plant.events")
+
+
+@pytest.mark.parametrize("level", ["metadata", "produce"])
+async def test_a_refused_topic_is_held_in_order_while_the_others_flow(buf, level) -> None:
+    world = World()
+    (world.unauthorized if level == "metadata" else world.write_denied).add("plant.events")
+    uplink = KafkaUplink(_settings(), buf, [TELEMETRY, EVENTS], "g/e", producer_factory=world.factory)
+    # Stamped now: the quarantine keeps them under the same max_age as the buffer.
+    fresh = lambda dev, i: dataclasses.replace(_ddata(dev, i), ts_ms=int(time.time() * 1000))  # noqa: E731
+    seqs = await buf.append([fresh("valve" if i % 3 == 0 else "m1", i) for i in range(30)])
+    task = asyncio.create_task(uplink.run())
+    try:
+        await until(lambda: (uplink.state.extra["acked_seq"] or 0) >= seqs[-1] and uplink.state.up, 10,
+                    "all acked, link up", interval_s=0.01)
+        # The healthy mapping got everything; the refused topic got nothing; the link is up.
+        events = [v for t, _p, _k, v, _h in world.log if t == "plant.events"]
+        assert events == []
+        assert len([1 for t, *_ in world.log if t == "plant.telemetry"]) == 30
+        st = uplink.state.as_dict()
+        assert st["up"] and "plant.events" in st["refused"], st
+        assert "Authorization" in st["refused"]["plant.events"]["reason"], st
+        held = (await buf.stats())["quarantine"]["by_cursor_reason"]["kafka"]["held:plant.events"]
+        assert held == 10
+        assert len(world.producers) <= 3, "no producer storm"
+        # The refusal is lifted: the held records go, oldest first, and the topic flows again.
+        world.unauthorized.clear()
+        world.write_denied.clear()
+        await buf.append([fresh("valve", 99)])
+        await until(lambda: len([1 for t, *_ in world.log if t == "plant.events"]) >= 11, 10,
+                    "held records delivered", interval_s=0.01)
+        events = [v for t, _p, _k, v, _h in world.log if t == "plant.events"]
+        assert [int(v.split(b":")[1]) for v in events] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 99]
+        await until(lambda: not uplink.state.refused, 10, "topic accepted again", interval_s=0.01)
+        assert (await buf.stats())["quarantine"]["records"] == 0
+    finally:
+        await uplink.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -137,14 +137,26 @@ async def test_watchdog_pings_from_the_loop_and_a_blocked_loop_stops_them(
 async def test_watchdog_withholds_pings_while_unhealthy(manager: tuple[str, socket.socket]) -> None:
     path, sock = manager
     healthy = False
+    checks = 0
+    five_checks = asyncio.Event()
+
+    def health() -> bool:
+        nonlocal checks
+        checks += 1
+        if checks == 5:
+            five_checks.set()
+        return healthy
+
     notifier = Notifier(path)
-    watchdog = Watchdog(notifier, interval_s=0.02, healthy=lambda: healthy)
+    watchdog = Watchdog(notifier, interval_s=0.02, healthy=health)
     watchdog.start()
     try:
-        await asyncio.sleep(0.2)
-        assert drain(sock) == []
+        # Five decisions taken while unhealthy (a counter, not a duration): none sent a ping.
+        await asyncio.wait_for(five_checks.wait(), 10)
+        assert drain(sock) == [] and watchdog.pings == 0
         healthy = True
         assert await pings_within(sock, 1, timeout_s=5)
+        assert watchdog.pings >= 1
     finally:
         await watchdog.stop()
         notifier.close()

@@ -30,9 +30,11 @@ BATCH_OVERHEAD = 61  # Kafka record-batch v2 header bytes
 
 # A route: one entry per matching mapping. A `sparkplug`/`raw` mapping gives
 # (topic-partition, key, gateway/stream/topic/type headers, fixed size, mapping); a `json`
-# mapping gives (None, mapping, topic-partition): its value is made per record.
+# mapping gives (None, mapping, topic-partition): its value is made per record; a mapping
+# whose Kafka topic is held (refused by the cluster) gives (HELD, kafka topic, mapping).
 Route = tuple[tuple[Any, ...], ...]
 TopicPartition = tuple[str, int]
+HELD = "held"
 
 
 @dataclass(slots=True)
@@ -61,6 +63,12 @@ class Window:
     n_messages: int = 0                 # Kafka messages appended
     unmatched: int = 0
     refused: list[Refused] = field(default_factory=list)
+    held: list[tuple[int, str]] = field(default_factory=list)  # (seq, kafka topic) to hold
+
+    def _slot(self, tp: TopicPartition) -> list[Any]:
+        slot = self.slots[tp] = self.new_batch()
+        slot.append([])  # slot[4]: the seqs in this batch, to hold them if the topic refuses
+        return slot
 
     def add(self, rec: Any, route: Route) -> bool:
         """Append `rec` to its batches; False (nothing appended) when it opens the next window."""
@@ -68,7 +76,8 @@ class Window:
             self.unmatched += 1
             self._consumed(rec)
             return True
-        if len(route) == 1 and route[0][0] is not None and H_CLOCK not in rec.headers:
+        first = route[0][0]
+        if len(route) == 1 and first is not None and first is not HELD and H_CLOCK not in rec.headers:
             return self._add_fast(rec, route[0])
         return self._add_general(rec, route)
 
@@ -89,7 +98,7 @@ class Window:
             return True
         slot = self.slots.get(tp)
         if slot is None:
-            slot = self.slots[tp] = self.new_batch()
+            slot = self._slot(tp)
         elif slot[1] + size > self.limit or slot[2] >= self.max_records:
             return False
         headers = [gw, st_h, (H_SEQ, seq_b), tp_h, ty_h]
@@ -102,6 +111,7 @@ class Window:
             raise AssertionError(f"batch for {tp} refused a record within its limit")
         slot[1] += size
         slot[2] += 1
+        slot[4].append(rec.seq)
         self.n_messages += 1
         self._consumed(rec)
         return True
@@ -111,7 +121,11 @@ class Window:
         fix = clock_fix(self.clock, rec.headers)
         placed: list[tuple[TopicPartition, KafkaMessage, int]] = []
         pending: dict[TopicPartition, list[int]] = {}  # bytes and records with `placed`
+        held: list[tuple[int, str]] = []
         for entry in route:
+            if entry[0] is HELD:
+                held.append((rec.seq, entry[1]))
+                continue
             if entry[0] is None:
                 _, m, tp = entry
             else:
@@ -133,10 +147,11 @@ class Window:
             cur[0] += size
             cur[1] += 1
             placed.append((tp, msg, size))
+        self.held.extend(held)
         for tp, msg, size in placed:
             slot = self.slots.get(tp)
             if slot is None:
-                slot = self.slots[tp] = self.new_batch()
+                slot = self._slot(tp)
             if slot[3] is not None:
                 done = slot[3](slot[2], msg.timestamp_ms, msg.key, msg.value, msg.headers)
             else:
@@ -146,6 +161,7 @@ class Window:
                 raise AssertionError(f"batch for {tp} refused a record within its limit")
             slot[1] += size
             slot[2] += 1
+            slot[4].append(rec.seq)
             self.n_messages += 1
         self._consumed(rec)
         return True

@@ -62,6 +62,62 @@ def murmur2_partition(key: bytes, partitions: list[int]) -> int:
     return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
+class DestinationRefused(UplinkError):
+    """The cluster answers but refuses a topic (not authorised, unknown with auto-create off,
+    policy): its records are held and the topic probed, while the others keep flowing."""
+
+    retriable = True
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        self.reason = reason
+        super().__init__(f"kafka topic {topic!r} refused: {reason}")
+
+
+async def topic_partitions(producer: Any, topic: str, wait_s: float) -> list[int]:
+    """The partitions of `topic`, from cluster metadata; DestinationRefused if the cluster
+    refuses or does not know it within `wait_s` (aiokafka's own wait would block the whole
+    pump for request_timeout on a topic that does not exist). Link errors propagate."""
+    from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
+
+    client = getattr(producer, "client", None)
+    if getattr(client, "cluster", None) is None:  # not aiokafka's producer: the public call
+        try:
+            return sorted(await producer.partitions_for(topic))
+        except TopicAuthorizationFailedError:
+            raise DestinationRefused(topic, "not authorised (TopicAuthorizationFailed)") from None
+        except UnknownTopicOrPartitionError:
+            raise DestinationRefused(topic, "unknown topic (UnknownTopicOrPartition)") from None
+    parts = client.cluster.partitions_for_topic(topic)
+    if parts:
+        return sorted(parts)
+    client.add_topic(topic)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            await client.force_metadata_update()
+        except TopicAuthorizationFailedError:
+            raise DestinationRefused(topic, "not authorised (TopicAuthorizationFailed)") from None
+        parts = client.cluster.partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
+        if topic in client.cluster.unauthorized_topics:
+            raise DestinationRefused(topic, "not authorised (TopicAuthorizationFailed)")
+        if asyncio.get_running_loop().time() >= deadline:
+            raise DestinationRefused(topic, "unknown topic (UnknownTopicOrPartition: not created, "
+                                            "and the brokers do not create topics)")
+        await asyncio.sleep(0.25)
+
+
+def refuses_destination(exc: BaseException) -> bool:
+    """A produce error that refuses the topic itself (DESIGN rule 6), not the link."""
+    from aiokafka import errors as e
+
+    return isinstance(exc, DestinationRefused | e.TopicAuthorizationFailedError
+                      | e.ClusterAuthorizationFailedError | e.UnknownTopicOrPartitionError
+                      | e.PolicyViolationError)
+
+
 def is_link_error(exc: BaseException) -> bool:
     """True when `exc` is a failure of the link or the cluster, retried with backoff."""
     from aiokafka.errors import KafkaError

@@ -42,7 +42,7 @@ from gateway.errors import UplinkError
 from gateway.records import H_TOPIC, H_TYPE
 from gateway.uplinks.core import UplinkState
 from gateway.uplinks.kafka import adapter
-from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, Route, Window, route_entry
+from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, HELD, Route, Window, route_entry
 from gateway.uplinks.kafka.format import MessageFactory
 from gateway.uplinks.kafka.mappings import Mapping, MappingTable
 from gateway.uplinks.kafka.settings import KafkaSettings
@@ -62,7 +62,27 @@ _LAG_EVERY_S = 5.0
 # _window_limits); it bounds the memory a window takes to this many batches.
 _MAX_FANOUT = 4
 _ROUTES_MAX = 4096
-COUNTERS = ("delivered", "messages", "bytes", "unmatched", "refused", "resent")
+COUNTERS = ("delivered", "messages", "bytes", "unmatched", "held", "quarantined", "resent")
+HELD_PREFIX = "held:"
+
+
+@dataclass(slots=True)
+class _Held:
+    """A Kafka topic the cluster refuses: its records wait in the buffer's quarantine, in
+    order, probed with backoff until the topic accepts, then drained oldest first."""
+
+    topic: str
+    backoff: Backoff
+    draining: bool = False
+    next_probe: float = 0.0
+
+    @property
+    def reason_key(self) -> str:
+        return (HELD_PREFIX + self.topic)[:200]
+
+
+class _RenewProducer(Exception):
+    """A partition refused a batch: take a fresh idempotent producer (no link outage)."""
 
 
 @dataclass(slots=True)
@@ -75,6 +95,7 @@ class _InFlight:
     n_records: int
     n_messages: int
     n_delivered: int  # records sent (n_records less the unmatched and refused ones)
+    seqs: dict[tuple[str, int], list[int]]  # seqs per topic-partition batch
 
 
 class KafkaUplinkError(UplinkError):
@@ -129,6 +150,7 @@ class KafkaUplink:
         self._partitions_checked = 0.0
         self._lag_checked = 0.0
         self._pumped_ok = False
+        self._held: dict[str, _Held] = {}
 
     # --- public ------------------------------------------------------------------------
 
@@ -141,6 +163,7 @@ class KafkaUplink:
         self._stopping.clear()
         try:
             await self._buffer.register_cursor(CURSOR)
+            await self._load_held()
             if not self._table.mappings:
                 log.warning("kafka uplink has no [[kafka.mappings]]: records are acknowledged "
                             "without being sent (counted as unmatched)")
@@ -154,6 +177,8 @@ class KafkaUplink:
                     producer = await self._connect()
                     await self._pump(producer)
                     graceful = True
+                except _RenewProducer:
+                    pass
                 except Exception as exc:
                     if not adapter.is_link_error(exc):
                         raise
@@ -271,6 +296,8 @@ class KafkaUplink:
                 if inflight:
                     await self._complete(inflight.popleft())
                     continue
+                if self._held and await self._serve_held(producer):
+                    continue
                 await self._refresh_lag()
                 await self._buffer.wait_for_records(CURSOR, 0.5, after_seq=after)
             # Stopping: finish what is in flight, so a restart does not send it twice.
@@ -297,15 +324,8 @@ class KafkaUplink:
         return p
 
     async def _partitions_of(self, producer: Any, topic: str) -> list[int]:
-        from aiokafka.errors import KafkaError
-
-        try:
-            return sorted(await producer.partitions_for(topic))
-        except KafkaError as exc:
-            # e.g. the topic does not exist and the brokers do not auto-create topics.
-            raise KafkaUplinkError(
-                f"kafka {self._s.where}: no metadata for topic {topic!r}: {exc}"
-            ) from exc
+        """Partitions from cluster metadata; DestinationRefused for a refused or unknown topic."""
+        return await adapter.topic_partitions(producer, topic, min(5.0, self._s.request_timeout_s))
 
     async def _send_window(self, producer: Any, records: list[Any]) -> _InFlight:
         """Format `records` (a prefix of them if a batch fills) and hand the batches over."""
@@ -314,7 +334,12 @@ class KafkaUplink:
             # Partition counts may change (topic expanded): re-check now and then.
             self._partitions_checked = now
             for topic in list(self._partitions):
-                parts = await self._partitions_of(producer, topic)
+                try:
+                    parts = await self._partitions_of(producer, topic)
+                except adapter.DestinationRefused as exc:
+                    del self._partitions[topic]
+                    self._hold(topic, exc.reason)
+                    continue
                 if parts != self._partitions[topic][0]:
                     del self._partitions[topic]
                     self._routes.clear()
@@ -340,6 +365,7 @@ class KafkaUplink:
             if not window.add(rec, route):
                 break  # this record opens the next window
         self._note_window(window)
+        await self._set_aside(window)
         batches = {tp: adapter.finish_slot(slot) for tp, slot in window.slots.items()}
         futures = []
         deadline = self._s.request_timeout_s * 2
@@ -355,29 +381,136 @@ class KafkaUplink:
                 f"{deadline:g}s (no metadata?); recreating the producer"
             ) from None
         last_seq = window.last_seq if window.last_seq is not None else records[0].seq
-        delivered = window.n_records - window.unmatched - len({r.seq for r in window.refused})
-        return _InFlight(futures, batches, last_seq, window.n_records, window.n_messages, delivered)
+        aside = {r.seq for r in window.refused} | {seq for seq, _ in window.held}
+        delivered = window.n_records - window.unmatched - len(aside)
+        seqs = {tp: slot[4] for tp, slot in window.slots.items()}
+        return _InFlight(futures, batches, last_seq, window.n_records, window.n_messages, delivered, seqs)
 
     def _note_window(self, window: Window) -> None:
-        """Count what the accumulator stepped past: unmatched, and refused with a reason."""
+        """Count what the accumulator stepped past: unmatched records."""
         self.state.count("unmatched", window.unmatched)
-        if window.refused:
-            self.state.count("refused", len(window.refused))
-            for r in window.refused:
-                self.state.error(f"{r.mapping}:{r.reason}", "kafka record refused, skipped",
-                                 mapping=r.mapping, seq=r.seq, stream=r.stream, reason=r.reason,
-                                 detail=r.detail)
 
-    async def _route(self, producer: Any, rec: Any) -> Route:
-        """Where records of `rec`'s (stream, topic, type) go: one entry per mapping."""
+    async def _set_aside(self, window: Window) -> None:
+        """Records the window does not send go to the buffer's quarantine before it is acked:
+        refused for the record (larger than a batch, not encodable in its mapping's format),
+        or held because their Kafka topic is refused. Nothing is skipped uncounted."""
+        for r in window.refused:
+            reason = f"{r.reason}:{r.mapping}"[:200]
+            await self._buffer.quarantine(CURSOR, r.seq, reason)
+            self.state.count("quarantined")
+            self.state.error(f"{r.mapping}:{r.reason}", "kafka record quarantined",
+                             mapping=r.mapping, seq=r.seq, stream=r.stream, reason=r.reason,
+                             detail=r.detail)
+        for seq, topic in window.held:
+            await self._buffer.quarantine(CURSOR, seq, self._held_key(topic))
+            self.state.count("held")
+
+    async def _route(self, producer: Any, rec: Any, only: str | None = None) -> Route:
+        """Where records of `rec`'s (stream, topic, type) go: one entry per mapping (`only`:
+        just the mappings to that Kafka topic). A refused topic gives a HELD entry."""
         topic = rec.headers.get(H_TOPIC, rec.stream)
         msg_type = rec.headers.get(H_TYPE, "")
         out = []
         for m in self._table.select(topic):
             kafka_topic, key = self._factory.parts(m, rec.stream, topic, msg_type)[:2]
-            tp = (kafka_topic, await self._partition_for(producer, kafka_topic, key))
+            if only is not None and kafka_topic != only:
+                continue
+            if only is None and kafka_topic in self._held:
+                out.append((HELD, kafka_topic, m))
+                continue
+            try:
+                tp = (kafka_topic, await self._partition_for(producer, kafka_topic, key))
+            except adapter.DestinationRefused as exc:
+                if only is not None:
+                    raise
+                self._hold(kafka_topic, exc.reason)
+                out.append((HELD, kafka_topic, m))
+                continue
             out.append(route_entry(self._factory, m, rec.stream, topic, msg_type, tp))
         return tuple(out)
+
+    # --- held topics -------------------------------------------------------------------
+
+    def _held_key(self, topic: str) -> str:
+        return (HELD_PREFIX + topic)[:200]
+
+    def _hold(self, topic: str, reason: str) -> None:
+        held = self._held.get(topic)
+        if held is None:
+            held = self._held[topic] = _Held(topic, Backoff(self._s.reconnect_min_s, self._s.reconnect_max_s))
+            self._routes.clear()  # routes to it become HELD entries
+        held.draining = False
+        held.next_probe = time.monotonic() + held.backoff.next()
+        self.state.refuse(topic, reason)
+
+    async def _load_held(self) -> None:
+        """After a restart: topics with records held in the buffer are probed first."""
+        stats = await self._buffer.stats()
+        reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(CURSOR, {})
+        for reason in reasons:
+            if reason.startswith(HELD_PREFIX):
+                topic = reason[len(HELD_PREFIX):]
+                self._held.setdefault(topic, _Held(topic, Backoff(self._s.reconnect_min_s,
+                                                                  self._s.reconnect_max_s)))
+
+    async def _serve_held(self, producer: Any) -> bool:
+        """Probe each held topic that is due; drain one window of a topic that accepts again.
+
+        Records of a held topic read meanwhile go aside behind the older ones, so the drain
+        delivers them oldest first, and the topic flows directly again only once nothing of
+        it is held. Returns True when something was sent.
+        """
+        now = time.monotonic()
+        for topic, held in list(self._held.items()):
+            if not held.draining:
+                if now < held.next_probe:
+                    continue
+                try:
+                    self._partitions.pop(topic, None)
+                    await self._partitions_of(producer, topic)
+                except adapter.DestinationRefused as exc:
+                    self._hold(topic, exc.reason)
+                    continue
+                held.draining = True
+            batch = await self._buffer.quarantine_list(CURSOR, held.reason_key,
+                                                       limit=self._s.batch_max_records)
+            if not batch:
+                del self._held[topic]
+                self._routes.clear()
+                held.backoff.reset()
+                self.state.accept(topic)
+                continue
+            window = Window(lambda: adapter.fast_slot(producer.create_batch()), self._factory,
+                            self._batch_limit - BATCH_OVERHEAD, self._s.batch_max_records, self._clock)
+            try:
+                for rec in batch:
+                    if not window.add(rec, await self._route(producer, rec, only=topic)):
+                        break
+            except adapter.DestinationRefused as exc:
+                self._hold(topic, exc.reason)
+                continue
+            sent = [rec.seq for rec in batch[: window.n_records]]
+            futures = []
+            for (t, partition), slot in window.slots.items():
+                b = adapter.finish_slot(slot)
+                b.close()
+                futures.append(await producer.send_batch(b, t, partition=partition))
+            if futures:
+                done, _ = await asyncio.wait(futures, timeout=self._s.request_timeout_s * 2)
+                errors = [f.exception() for f in done if f.exception() is not None]
+                if len(done) < len(futures) or errors:
+                    for f in futures:
+                        f.add_done_callback(_consume_outcome)
+                    if errors and all(adapter.refuses_destination(e) for e in errors):
+                        self._hold(topic, f"{type(errors[0]).__name__}: {errors[0]}")
+                        raise _RenewProducer
+                    raise KafkaUplinkError(f"kafka {self._s.where}: held records for {topic!r} "
+                                           f"not acknowledged: {errors[0] if errors else 'timeout'}")
+            await self._buffer.quarantine_delivered(CURSOR, sent)
+            self.state.count("delivered", len(sent))
+            self.state.count("messages", window.n_messages)
+            return True
+        return False
 
     def _abandon(self, futures: list[Any]) -> None:
         self.state.count("resent")
@@ -397,6 +530,9 @@ class KafkaUplink:
                     f"{deadline:g}s (link stalled?); recreating the producer and sending them again"
                 )
             errors = [f.exception() for f in w.futures if f.exception() is not None]
+            if errors and all(adapter.refuses_destination(e) for e in errors):
+                await self._hold_window_refusals(w)
+                raise _RenewProducer
             if errors:
                 self.state.count("resent")
                 exc = errors[0]
@@ -426,6 +562,25 @@ class KafkaUplink:
                 await self._sleep_unless_stopped(pause)
         else:
             await asyncio.sleep(0)  # let live work (polling, MQTT) run between windows
+
+    async def _hold_window_refusals(self, w: _InFlight) -> None:
+        """The cluster refused some topics' batches of this window (produce-level: e.g. an ACL
+        that allows describing the topic but not writing to it): those records are held, the
+        rest of the window was acknowledged, and the window is done."""
+        held: set[int] = set()
+        for (topic, partition), fut in zip(w.batches, w.futures, strict=True):
+            exc = fut.exception()
+            if exc is None:
+                continue
+            self._hold(topic, f"{type(exc).__name__}: {exc}")
+            for seq in w.seqs.get((topic, partition), []):
+                await self._buffer.quarantine(CURSOR, seq, self._held_key(topic))
+                self.state.count("held")
+                held.add(seq)
+        await self._ack(w.last_seq, max(0, w.n_delivered - len(held)))
+        await self._settle_ack()
+        self._pumped_ok = True
+        self.state.link_up(self._s.where)  # the cluster answered: up, with a topic refused
 
     async def _refresh_lag(self) -> None:
         """Records behind the cursor, for `outpost status`; at most every few seconds."""

@@ -130,8 +130,24 @@ class _Refused(UplinkError):
     retriable = True
 
 
-COUNTERS = ("published", "historical", "births", "rebirths", "connects", "commands",
-            "commands_rejected", "writes_failed", "refused", "skipped")
+COUNTERS = ("published", "historical", "held", "quarantined", "births", "rebirths", "connects",
+            "commands", "commands_rejected", "writes_failed", "refused", "skipped")
+HELD_PREFIX = "held:"
+
+
+@dataclass(slots=True)
+class _Held:
+    """A topic the broker refuses (not authorised, quota): its records wait in the buffer's
+    quarantine, in order, until a probe is accepted; then they are drained oldest first."""
+
+    topic: str
+    backoff: Backoff
+    draining: bool = False
+    next_probe: float = 0.0
+
+    @property
+    def reason_key(self) -> str:
+        return (HELD_PREFIX + self.topic)[:200]
 
 
 class SparkplugUplink:
@@ -178,6 +194,7 @@ class SparkplugUplink:
         self.state.on_render = self._note_session
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._refusal_backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._held: dict[str, _Held] = {}
 
     # -- what the runtime calls ----------------------------------------------------------
 
@@ -218,6 +235,7 @@ class SparkplugUplink:
     async def run(self) -> None:
         """Connect, birth, publish; reconnects with backoff until cancelled or stopped."""
         await self.buffer.register_cursor(CURSOR)
+        await self._load_held()
         self._running = True
         self._finished.clear()
         try:
@@ -397,6 +415,8 @@ class SparkplugUplink:
                 progressed = True
                 if refused is not None:
                     await self._hold_refused(client)
+            if self._held and await self._serve_held(client):
+                progressed = True
 
             if backlog:
                 now = time.monotonic()
@@ -437,21 +457,30 @@ class SparkplugUplink:
     async def _publish_batch(self, client: MqttConnection, records: Sequence[Any]) -> int | None:
         """Publish at QoS 1 within the broker's Receive Maximum and wait for every PUBACK.
 
-        Each record PUBACKed with a success code (or skipped as not for MQTT) is noted as
-        delivered; the seq of the first record the broker refused is returned (None: none
-        was), so the caller moves the cursor only up to it. A refusal is never an ack.
+        Every outcome is classified (DESIGN rule 6). Delivered, or skipped as not for MQTT:
+        noted as delivered. Refused for this record (too large for the broker, payload
+        format): quarantined in the buffer, so the cursor moves past it. Refused for its topic
+        (not authorised, quota, bad topic): quarantined as held for that topic, which is then
+        held (its later records go aside too, in order) and probed until it accepts. A record
+        of a held topic goes aside without being sent. Retriable (packet id in use): the seq
+        of the first such record is returned, so the caller moves the cursor only up to it.
+        A refusal is never an ack.
         """
         timeout = max(30.0, 3 * self.settings.keepalive)
         window = asyncio.Semaphore(client.inflight_limit())
         pending: list[tuple[Any, str, asyncio.Future[int]]] = []
-        refused: list[tuple[Any, str, str]] = []
+        aside: list[tuple[Any, str, str]] = []  # (record, quarantine reason, log detail)
         for rec in records:
+            topic = self._topic_of(rec)
+            if topic is not None and topic in self._held:
+                aside.append((rec, self._held[topic].reason_key, "topic held"))
+                continue
             await self._conn_until(window.acquire(), timeout)
             try:
                 sent = self._publish_record(client, rec, self._is_historical(rec))
             except PacketTooLarge as exc:
                 window.release()
-                refused.append((rec, exc.topic, str(exc)))
+                aside.append((rec, "too_large", str(exc)))
                 continue
             if sent is None:
                 window.release()
@@ -463,30 +492,122 @@ class SparkplugUplink:
         if pending:
             await self._conn_until(asyncio.gather(*(f for _, _, f in pending)), timeout)
         delivered = historical = 0
+        retry_from: int | None = None
         for rec, topic, fut in pending:
             code = fut.result()
-            if puback_outcome(code) is Outcome.DELIVERED:
+            outcome = puback_outcome(code)
+            if outcome is Outcome.DELIVERED:
                 self._note_delivered(rec.seq, rec.seq)
                 delivered += 1
                 historical += self._is_historical(rec)
-                if self.state.refused:
-                    self.state.accept(topic)
+            elif outcome is Outcome.REFUSED_DESTINATION:
+                self._hold(topic, f"PUBACK {reason_text(code)}")
+                aside.append((rec, self._held[topic].reason_key, f"PUBACK {reason_text(code)}"))
+            elif outcome is Outcome.REFUSED_RECORD:
+                aside.append((rec, f"refused_0x{code:02x}", f"PUBACK {reason_text(code)}"))
             else:
-                refused.append((rec, topic, f"PUBACK {reason_text(code)}"))
+                self.state.count("refused")
+                retry_from = rec.seq if retry_from is None else min(retry_from, rec.seq)
         self.state.count("published", delivered)
         self.state.count("historical", historical)
-        if not refused:
-            return None
-        self.state.count("refused", len(refused))
-        for _rec, topic, reason in refused:
-            self.state.refuse(topic, reason)
-        return min(rec.seq for rec, _, _ in refused)
+        for rec, reason, detail in sorted(aside, key=lambda a: a[0].seq):
+            if retry_from is not None and rec.seq > retry_from:
+                continue  # offered again with the retriable one, in order
+            await self.buffer.quarantine(CURSOR, rec.seq, reason)
+            self._note_delivered(rec.seq, rec.seq)  # handled: the cursor may pass it
+            if reason.startswith(HELD_PREFIX):
+                self.state.count("held")
+            else:
+                self.state.count("quarantined")
+                self.state.error(f"quarantine:{reason}", "record quarantined: the broker refuses it",
+                                 seq=rec.seq, stream=rec.stream, reason=detail)
+        return retry_from
 
-    async def _hold_refused(self, client: MqttConnection) -> None:
-        """A refusal is not a link failure: keep the session, wait, then offer the records again."""
-        delay = self._refusal_backoff.next()
-        with contextlib.suppress(TimeoutError):
-            await self._conn_until(self._stop_event.wait(), delay)
+    def _topic_of(self, rec: Any) -> str | None:
+        """The MQTT topic a record is published on (None: not for MQTT, or not this node's)."""
+        mtype = rec.headers.get(H_TYPE, "")
+        if mtype not in SPARKPLUG_DATA_TYPES:
+            return None
+        try:
+            device = self.node.device_of_stream(rec.stream)
+        except PayloadError:
+            return None
+        return self.node.topic(MessageType(mtype), device)
+
+    # -- held destinations: refused topics, probed until they accept --------------------------
+
+    def _hold(self, topic: str, reason: str) -> None:
+        if topic not in self._held:
+            st = self.settings
+            self._held[topic] = _Held(topic, Backoff(st.reconnect_min, st.reconnect_max))
+        held = self._held[topic]
+        held.draining = False
+        held.next_probe = time.monotonic() + held.backoff.next()
+        self.state.refuse(topic, reason)
+
+    async def _load_held(self) -> None:
+        """After a restart: topics with records held in the buffer are probed first."""
+        stats = await self.buffer.stats()
+        reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(CURSOR, {})
+        st = self.settings
+        for reason in reasons:
+            if reason.startswith(HELD_PREFIX):
+                topic = reason[len(HELD_PREFIX):]
+                self._held.setdefault(topic, _Held(topic, Backoff(st.reconnect_min, st.reconnect_max)))
+
+    async def _serve_held(self, client: MqttConnection) -> bool:
+        """Probe each held topic with its oldest record; drain a topic that accepts again.
+
+        Records of a held topic read meanwhile keep going aside behind the older ones, so the
+        drain delivers them all oldest first; the topic flows directly again only once
+        nothing of it is held. Returns True when something was sent.
+        """
+        sent = False
+        now = time.monotonic()
+        for topic, held in list(self._held.items()):
+            if not held.draining and now < held.next_probe:
+                continue
+            limit = self.settings.batch_max_records if held.draining else 1
+            batch = await self.buffer.quarantine_list(CURSOR, held.reason_key, limit=limit)
+            if not batch:
+                del self._held[topic]
+                self.state.accept(topic)
+                log.info("held topic flows again", extra=_fields(topic=topic))
+                continue
+            delivered: list[int] = []
+            refused = ""
+            futures = []
+            for rec in batch:
+                try:
+                    out = self._publish_record(client, rec, True)
+                except PacketTooLarge as exc:
+                    refused = str(exc)  # it stays held; the operator decides (outpost buffer quarantine)
+                    break
+                if out is None:
+                    delivered.append(rec.seq)  # skipped (not encodable): counted by _skip
+                else:
+                    futures.append((rec, out[1]))
+            if futures:
+                await self._conn_until(asyncio.gather(*(f for _, f in futures)),
+                                       max(30.0, 3 * self.settings.keepalive))
+            for rec, fut in futures:
+                code = fut.result()
+                if puback_outcome(code) is Outcome.DELIVERED:
+                    delivered.append(rec.seq)
+                elif not refused:
+                    refused = f"PUBACK {reason_text(code)}"
+            if delivered:
+                await self.buffer.quarantine_delivered(CURSOR, delivered)
+                n = len(futures) - (1 if refused and futures else 0)
+                self.state.count("published", max(0, min(n, len(delivered))))
+                self.state.count("historical", max(0, min(n, len(delivered))))
+                sent = True
+            if refused:
+                self._hold(topic, refused)
+            else:
+                held.draining = True
+                held.backoff.reset()
+        return sent
 
     # Records PUBACKed but not yet passed by the cursor (live data sent during a backlog).
     # Kept across reconnects and rebirths of this process so they are not sent twice.
@@ -515,6 +636,7 @@ class SparkplugUplink:
 
     def _publish_record(self, client: MqttConnection, rec: Any,
                         historical: bool) -> tuple[str, asyncio.Future[int]] | None:
+        # Raises PacketTooLarge (before sending) when the broker's Maximum Packet Size is exceeded.
         """Stamp and publish one record: (topic, PUBACK future), or None if it is not for MQTT."""
         mtype = rec.headers.get(H_TYPE, "")
         if mtype not in SPARKPLUG_DATA_TYPES:
