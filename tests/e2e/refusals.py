@@ -155,6 +155,8 @@ class MqttWatcher:
 
     async def start(self) -> None:
         client = Client(f"watch-{uuid.uuid4().hex[:8]}")
+        # No reconnect task of gmqtt's own: after a broker restart the case calls reconnect().
+        client.set_config({"reconnect_retries": -2, "reconnect_delay": 3600})
         subscribed = asyncio.Event()
 
         def on_message(_c: Any, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
