@@ -273,10 +273,18 @@ class SampleTail:
         self.values: dict[str, set[int]] = {}
         self.dropped = 0
         self.connected = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tail:{socket.name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def stop(self) -> None:
+        """Before the gateway stops: the closed socket then ends the thread."""
+        self._stopping.set()
+
+    def join(self) -> None:
+        self._thread.join(10)
 
     def _run(self) -> None:
         deadline = time.monotonic() + 30
@@ -291,7 +299,7 @@ class SampleTail:
                     if isinstance(smp.get("value"), int | float):
                         self.values.setdefault(str(smp.get("device")), set()).add(int(smp["value"]))
             except Exception:
-                if self.connected:
+                if self.connected or self._stopping.is_set():
                     return  # the gateway went away
                 time.sleep(0.02)
 
@@ -452,7 +460,11 @@ class Gateway:
         return counter_audit(of_device(deliveries, device), self.produced(device))
 
     async def stop(self) -> None:
+        if self.tail is not None:
+            self.tail.stop()
         await self.proc.stop()
+        if self.tail is not None:
+            await asyncio.to_thread(self.tail.join)
 
     async def status(self) -> dict[str, Any] | None:
         try:
