@@ -6,6 +6,9 @@
 #   make services-down  stop them
 #   make lint           ruff + import-linter
 #   make demo           run the demo gateway
+#   make dist           release tarballs (aarch64, armv7l, x86_64) with a wheelhouse, for offline installs
+#   make test-deploy    (root) install the tarballs offline in emulated Bookworm roots; separate from `test`
+#   make lock           re-pin deploy/requirements.lock (with hashes) from pyproject.toml
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -13,7 +16,7 @@ PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TEST_PATHS := tests/unit tests/component tests/integration tests/e2e
 
-.PHONY: venv test lint services services-down services-env tools node-deps demo clean-services
+.PHONY: venv test lint services services-down services-env tools node-deps demo clean-services dist test-deploy lock
 
 venv: $(VENV)/.installed
 
@@ -27,10 +30,12 @@ $(VENV)/.installed: pyproject.toml
 node-deps: venv
 	$(PY) -c "from tests.harness.tools import ensure_node_peers; ensure_node_peers()"
 
-# Fetch Kafka from Maven Central and build Toxiproxy once (cached in ~/.cache/outpost), so the
+# Fetch Kafka from Maven Central and build Toxiproxy once (cached in ~/.cache/outpost), and
+# HiveMQ CE for the Sparkplug TCK (../shared/tck; cached in ~/.cache/sparkplug-tck), so the
 # first test that needs them does not spend its timeout on downloads.
 tools: venv node-deps
 	$(PY) -m tests.harness install
+	$(PY) -m tests.tck prepare
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -60,3 +65,25 @@ demo: venv
 
 clean-services: services-down
 	rm -rf .services
+
+# Release build. A separate venv with a pinned setuptools (>= 77 for the SPDX license field)
+# builds the Outpost wheel and, for armv7l, a pure-Python aiokafka wheel; downloads are cached.
+BUILD_VENV := $(HOME)/.cache/outpost/build-venv
+BUILD_PY   := $(BUILD_VENV)/bin/python
+BUILD_REQS := setuptools==80.9.0 pip-tools==7.6.2
+
+$(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS)):
+	@test -x $(BUILD_PY) || $(PYTHON) -m venv $(BUILD_VENV)
+	PIP_FIND_LINKS= $(BUILD_PY) -m pip install --quiet --disable-pip-version-check $(BUILD_REQS)
+	@touch $@
+
+dist: $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS))
+	$(BUILD_PY) deploy/build_dist.py --out dist
+
+lock: $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS))
+	PIP_FIND_LINKS= $(BUILD_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --output-file deploy/requirements.lock pyproject.toml
+
+# Needs root (debootstrap, chroot, loop devices) and the Debian packages .ci/run installs.
+test-deploy: venv $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS))
+	OUTPOST_BUILD_PYTHON=$(BUILD_PY) $(PY) -m tests.deploy --json dist/test-deploy.json

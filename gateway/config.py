@@ -132,9 +132,9 @@ class MqttSection(_Section):
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     primary_host_id: str | None = Field(None, description="wait for this Sparkplug Primary Host's STATE before births")
     use_aliases: bool = Field(True, description="Sparkplug metric aliases in DDATA (fewer bytes on the wire)")
-    rebirth_debounce: Duration = Field(
-        5.0, ge=0, description="repeated Rebirth requests within this time are ignored"
-    )
+    data_qos: Literal[0, 1] = Field(
+        1, description="QoS of DDATA. 1: a record leaves the buffer after its PUBACK (a deviation from the "
+        "specification); 0: as the specification says, a record leaves the buffer once written to the connection")
     historical_max_per_s: float = Field(500.0, gt=0, description="pace of the backlog flush, records/s")
     reconnect_min: Duration = Field(1.0, gt=0, description="first reconnect delay; doubles with jitter")
     reconnect_max: Duration = Field(60.0, gt=0, description="reconnect delay cap")

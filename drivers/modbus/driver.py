@@ -123,6 +123,11 @@ class _WriteJob:
     future: asyncio.Future
 
 
+# Writes waiting on one bus at most (distinct points: a point's newer value replaces its
+# queued one). Beyond that a command is refused at once rather than queued for minutes.
+MAX_QUEUED_WRITES = 1000
+
+
 def make_client(bus: Any) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
     """A pymodbus client with its own retries and reconnects off: this driver owns both."""
     common = {"timeout": bus.timeout, "retries": 0, "reconnect_delay": 0, "name": bus.name}
@@ -181,6 +186,8 @@ class ModbusBusDriver:
         self._bus_timeouts = 0
         self._candidates: dict[tuple[str, ReadBlock, ReadBlock], list[bool]] = {}
         self._writes: asyncio.Queue[_WriteJob] | None = None
+        self._queued: dict[tuple[str, str], _WriteJob] = {}  # not yet sent, by (device, point)
+        self._polled_since_write = True
         self._wake: asyncio.Event | None = None
         self.stats: dict[str, int] = {
             "requests": 0, "timeouts": 0, "exceptions": 0, "garbage": 0, "retries": 0,
@@ -223,6 +230,7 @@ class ModbusBusDriver:
                 await asyncio.sleep(0)
         finally:
             self._close_client()
+            self._queued.clear()
             while self._writes and not self._writes.empty():
                 job = self._writes.get_nowait()
                 if not job.future.done():
@@ -243,7 +251,22 @@ class ModbusBusDriver:
         if st.online is False:
             raise DriverError(f"device {device!r} is offline; write not sent", retriable=True)
         fut = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait(_WriteJob(st, pt, registers, bits, value, fut))
+        key = (device, point)
+        queued = self._queued.get(key)
+        if queued is not None and not queued.future.done():
+            # The last value per point wins: the older one is never sent (a flood of commands
+            # for one point costs one write, not one per command).
+            queued.registers, queued.bits, queued.value = registers, bits, value
+            old, queued.future = queued.future, fut
+            old.set_exception(WriteRejected(f"device {device!r} point {point!r}: superseded by a "
+                                            f"newer value before it was sent"))
+        else:
+            if self._writes.qsize() >= MAX_QUEUED_WRITES:
+                raise WriteRejected(f"{self.name}: {MAX_QUEUED_WRITES} writes already queued on this bus; "
+                                    f"write to {device}/{point} refused")
+            job = _WriteJob(st, pt, registers, bits, value, fut)
+            self._queued[key] = job
+            self._writes.put_nowait(job)
         self._wake.set()
         await fut
 
@@ -276,12 +299,23 @@ class ModbusBusDriver:
                 holes=st.holes,
             )
 
+    def _next_write(self) -> _WriteJob:
+        assert self._writes is not None
+        job = self._writes.get_nowait()
+        key = (job.device.cfg.name, job.point.name)
+        if self._queued.get(key) is job:
+            del self._queued[key]  # a newer command for this point now queues anew
+        return job
+
     async def _step(self) -> None:
         assert self._writes is not None and self._wake is not None
-        if not self._writes.empty():
-            await self._do_write(self._writes.get_nowait())
-            return
         now = self._clock()
+        # Writes and polls take turns when both are due: a burst of commands cannot stop
+        # polling, and polling cannot delay a command by more than one poll.
+        if not self._writes.empty() and (self._polled_since_write or not self._poll_due(now)):
+            self._polled_since_write = False
+            await self._do_write(self._next_write())
+            return
         best: tuple[float, _DeviceState, _Group | None] | None = None
         for st in self._devices.values():
             if st.online is False:
@@ -299,11 +333,22 @@ class ModbusBusDriver:
         if due > now:
             await self._wait(due - now)
             return
+        self._polled_since_write = True
         if group is None:
             await self._probe(st)
         else:
             self._advance(st, group, now)
             await self._poll_group(st, group)
+
+    def _poll_due(self, now: float) -> bool:
+        for st in self._devices.values():
+            if st.online is False:
+                if st.next_probe <= now:
+                    return True
+                continue
+            if any(g.next_due <= now for g in st.groups):
+                return True
+        return False
 
     async def _wait(self, delay: float) -> None:
         assert self._wake is not None
@@ -333,9 +378,10 @@ class ModbusBusDriver:
         pending = list(g.blocks)
         replan = False
         while pending:
-            # Writes wait for at most the one request in flight, not for the whole cycle.
-            while self._writes is not None and not self._writes.empty():
-                await self._do_write(self._writes.get_nowait())
+            # A write waits for at most the one request in flight, not for the whole cycle;
+            # one per block, so a burst of writes cannot stall the cycle either.
+            if self._writes is not None and not self._writes.empty():
+                await self._do_write(self._next_write())
             block = pending.pop(0)
             if failure is not None:
                 # The device already failed this cycle: do not spend the bus on it again.

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import ConfigError
@@ -84,7 +85,30 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{path}: merged drop-in {f}")
         for w in res.warnings:
             print(f"{path}: warning: {w}")
+        lost = _removal_cost(cfg)
+        if lost:
+            print(f"{path}: warning: this configuration no longer has uplink(s) {', '.join(lost[1])}: "
+                  f"running it (or reloading to it) drops their {lost[0]} undelivered record(s) from "
+                  f"the buffer (counted as dropped, reason uplink_removed)")
     return worst
+
+
+def _removal_cost(cfg: Any) -> tuple[int, list[str]] | None:
+    """What removing uplinks costs the existing buffer: (records dropped, cursors removed)."""
+    path = Path(cfg.gateway.data_dir) / "buffer.db"
+    if not path.exists():
+        return None
+    from buffer import BufferError
+    from buffer import diagnostics as bd
+
+    keep = [name for name, sec in (("mqtt", cfg.mqtt), ("kafka", cfg.kafka)) if sec is not None]
+    try:
+        cursors = set(bd.stats_for_path(str(path)).get("cursors", {}))
+        n = bd.uplink_removal_cost(str(path), keep)
+    except (BufferError, OSError):
+        return None  # `outpost doctor` and `outpost buffer stats` say what is wrong with it
+    gone = sorted(cursors - set(keep))
+    return (n, gone) if gone and n else None
 
 
 # --- run ---------------------------------------------------------------------------------

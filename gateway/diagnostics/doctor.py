@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import grp
 import os
 import pwd
@@ -98,6 +99,14 @@ def check_serial_port(path: str, *, service_user: str = "outpost") -> Check:
     return Check(name, True, f"{where}, readable and writable")
 
 
+def _port_checks(port: str, service_user: str, policy: DevicePolicy | None) -> list[Check]:
+    """File access, then (for a port that exists) the unit's device policy."""
+    checks = [check_serial_port(port, service_user=service_user)]
+    if policy is not None and os.path.exists(port):
+        checks.append(check_device_policy(port, policy))
+    return checks
+
+
 def _group_name(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
@@ -123,6 +132,109 @@ def _user_can_use(user: str, st: os.stat_result) -> bool | None:
         return user in grp.getgrgid(st.st_gid).gr_mem
     except KeyError:
         return False
+
+
+# ----------------------------------------------------------------------------- unit device policy
+
+UNIT_PATHS = ("/etc/systemd/system/outpost.service", "/lib/systemd/system/outpost.service")
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePolicy:
+    """DevicePolicy= and DeviceAllow= of the installed unit, drop-ins applied."""
+
+    source: str
+    policy: str = "auto"
+    allow: tuple[tuple[str, str], ...] = ()  # (device, access) as written
+
+
+def load_device_policy(unit_path: str | None = None) -> DevicePolicy | None:
+    """The device policy of the installed unit and its drop-ins; None when no unit is installed."""
+    path = unit_path or next((p for p in UNIT_PATHS if os.path.exists(p)), None)
+    if path is None or not os.path.exists(path):
+        return None
+    files = [path]
+    dropins = path + ".d"
+    if os.path.isdir(dropins):
+        files += sorted(os.path.join(dropins, f) for f in os.listdir(dropins) if f.endswith(".conf"))
+    policy, allow = "auto", []
+    for file in files:
+        section = ""
+        with open(file, encoding="utf-8") as f:
+            for raw in f:
+                line = raw.strip()
+                if line.startswith("["):
+                    section = line
+                    continue
+                if section != "[Service]" or "=" not in line or line.startswith(("#", ";")):
+                    continue
+                key, _, value = (part.strip() for part in line.partition("="))
+                if key == "DevicePolicy":
+                    policy = value
+                elif key == "DeviceAllow":
+                    if not value:
+                        allow = []  # an empty assignment resets the list, as in systemd
+                    else:
+                        dev, _, access = value.partition(" ")
+                        allow.append((dev, access.strip() or "rwm"))
+    return DevicePolicy(", ".join(files), policy, tuple(allow))
+
+
+def _char_majors(proc_devices: str) -> dict[int, set[str]]:
+    """major -> driver names, from the "Character devices:" part of /proc/devices."""
+    majors: dict[int, set[str]] = {}
+    in_char = False
+    for line in proc_devices.splitlines():
+        if line.strip().endswith("devices:"):
+            in_char = line.startswith("Character")
+            continue
+        parts = line.split()
+        if in_char and len(parts) == 2 and parts[0].isdigit():
+            majors.setdefault(int(parts[0]), set()).add(parts[1])
+    return majors
+
+
+def check_device_policy(path: str, policy: DevicePolicy, *, proc_devices: str | None = None) -> Check:
+    """Would the unit's DevicePolicy=/DeviceAllow= let the gateway open this port read-write?
+
+    A port can be readable by the service user and still be refused by the unit's device
+    cgroup (an RS-485 HAT's /dev/ttySC0 under a list that allows only ttyUSB): the open
+    fails with "Operation not permitted" only once the service runs.
+    """
+    name = f"unit device policy for {path}"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return Check(name, False, f"cannot stat {path}: {exc.strerror}", "check the device node")
+    if not stat.S_ISCHR(st.st_mode):
+        return Check(name, False, f"{os.path.realpath(path)} is not a character device",
+                     "configure the tty device path")
+    if proc_devices is None:
+        with open("/proc/devices", encoding="ascii") as f:
+            proc_devices = f.read()
+    major = os.major(st.st_rdev)
+    drivers = _char_majors(proc_devices).get(major, set())
+    label = f"{os.path.realpath(path)} (major {major}: {', '.join(sorted(drivers)) or 'unknown driver'})"
+    if policy.policy == "auto" and not policy.allow:
+        return Check(name, True, f"{label}: the unit restricts no device ({policy.source})")
+    implicit = [("char-pts", "rw")] if policy.policy in ("auto", "closed") else []
+    for dev, access in [*policy.allow, *implicit]:
+        if not {"r", "w"} <= set(access):
+            continue
+        if dev.startswith("char-") and any(fnmatch.fnmatchcase(d, dev[5:]) for d in drivers):
+            return Check(name, True, f"{label}: allowed by DeviceAllow={dev} {access}")
+        if dev.startswith("/dev/"):
+            with contextlib.suppress(OSError):
+                if os.stat(dev).st_rdev == st.st_rdev:
+                    return Check(name, True, f"{label}: allowed by DeviceAllow={dev} {access}")
+    group = sorted(d for d in drivers if not d.startswith("/"))
+    wanted = f"char-{group[0]}" if group else os.path.realpath(path)
+    return Check(
+        name, False,
+        f"{label}: DevicePolicy={policy.policy} and no DeviceAllow= entry lets the service open it "
+        f"({policy.source})",
+        f"`sudo systemctl edit outpost` and add: [Service] DeviceAllow={wanted} rw",
+    )
 
 
 # ----------------------------------------------------------------------------- disk, buffer, clock
@@ -323,11 +435,12 @@ async def run_doctor(
     timeout_s: float = 5.0,
     service_user: str = "outpost",
     extra_endpoints: Sequence[Endpoint] = (),
+    device_policy: DevicePolicy | None = None,
 ) -> list[Check]:
     """Every check, local ones first. Network checks run concurrently."""
     checks: list[Check] = []
     for port in serial_ports:
-        checks.append(await asyncio.to_thread(check_serial_port, port, service_user=service_user))
+        checks.extend(await asyncio.to_thread(_port_checks, port, service_user, device_policy))
     if data_dir:
         checks.append(await asyncio.to_thread(check_disk, data_dir))
     if buffer_path:
@@ -401,5 +514,6 @@ def run_for_config(
         kafka_ca_file=kafka.ca_file if kafka else None,
         extra_endpoints=modbus_tcp,
         timeout_s=timeout_s,
+        device_policy=load_device_policy() if ports else None,
     ))
     return checks, render_checks(checks)

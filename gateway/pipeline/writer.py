@@ -73,6 +73,10 @@ class RecordWriter:
             try:
                 await self.buffer.append(batch)
             except BufferCorrupt as e:
+                if getattr(e, "recovered", False):
+                    # The buffer moved the bad file aside and salvaged it already: try again.
+                    log.error("buffer was corrupt and is recovered", extra=fields(reason=str(e)))
+                    continue
                 # Found while running: the records stay in memory; the owner reopens the
                 # buffer (which moves the bad file aside) and restarts the pipeline.
                 log.error("buffer corrupt: reopening it", extra=fields(reason=str(e)))

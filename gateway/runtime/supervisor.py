@@ -189,7 +189,8 @@ class Gateway:
             settings = MqttUplinkSettings.from_config(cfg, self.secrets.mqtt_password)
             settings.software = f"outpost {_version()}"
             self.mqtt = SparkplugUplink(
-                settings, self.buffer, infos, self.write, snapshot=self.rbe.snapshot, clock=self.clock
+                settings, self.buffer, infos, self.write, snapshot=self.rbe.snapshot, clock=self.clock,
+                node_status=self.status, uplinks=["mqtt", *(["kafka"] if cfg.kafka is not None else [])],
             )
             self.mqtt.state.bind_metrics(self.metrics)
             self.owner.start("uplink:mqtt", self.mqtt.run)

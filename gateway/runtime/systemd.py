@@ -3,14 +3,22 @@
 The unit is `Type=notify` with `WatchdogSec=`. The gateway sends READY=1 once it runs,
 STATUS=... lines that `systemctl status` shows, STOPPING=1 on shutdown, and WATCHDOG=1
 pings from a task on the event loop itself: if the loop hangs, the pings stop and systemd
-restarts the process. Outside systemd (no NOTIFY_SOCKET) everything here is a no-op.
+restarts the process. Liveness checks registered with `Watchdog.add_check` (the buffer
+writer's heartbeat, for example) must all pass before a ping is sent, so a process whose
+loop runs but whose work has stalled is restarted too. `StatusLine` refreshes the STATUS=
+text from a callable (links, buffer depth). Outside systemd (no NOTIFY_SOCKET) everything
+here is a no-op.
 
     notifier = Notifier.from_environment()
     watchdog = Watchdog(notifier, interval_s=watchdog_interval_s())
+    watchdog.add_check("buffer-writer", buffer_writer_liveness)  # None, or why not alive
     watchdog.start()
+    status = StatusLine(notifier, status_text, interval_s=10.0)
+    status.start()
     notifier.ready("running: 10 devices")
     ...
     notifier.stopping()
+    await status.stop()
     await watchdog.stop()
 """
 
@@ -130,13 +138,19 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+LivenessCheck = Callable[[], str | None]
+"""Returns None while the thing it watches is alive, else a short reason ("no commit for 40 s")."""
+
+
 class Watchdog:
     """Owner of the task that sends WATCHDOG=1 every `interval_s` from the event loop.
 
-    `healthy` (optional) is asked before every ping; returning False withholds the ping so
-    that systemd restarts a process whose loop still runs but whose work has stalled (for
-    example a buffer thread that stopped answering). A failed send is logged once and
-    retried at the next tick.
+    Before every ping, `healthy` (optional, a bool) and every check added with `add_check`
+    are asked; any failure withholds the ping, so systemd restarts a process whose loop
+    still runs but whose work has stalled (a buffer writer thread that stopped committing).
+    A check that raises counts as failed. Which checks fail, and why, is logged once when
+    the pings stop and once when they resume. A failed send is logged once and retried at
+    the next tick.
     """
 
     def __init__(
@@ -149,9 +163,31 @@ class Watchdog:
         self._notifier = notifier
         self.interval_s = interval_s
         self._healthy = healthy
+        self._checks: dict[str, LivenessCheck] = {}
         self._task: asyncio.Task[None] | None = None
         self._states = StateLog(log)
         self.pings = 0
+        self.withheld = 0
+
+    def add_check(self, name: str, check: LivenessCheck) -> None:
+        """Register a liveness check; all of them must return None for a ping to be sent."""
+        if name in self._checks:
+            raise ValueError(f"watchdog check {name!r} is already registered")
+        self._checks[name] = check
+
+    def failing(self) -> dict[str, str]:
+        """Name -> reason for every check that fails now (empty: healthy)."""
+        failures: dict[str, str] = {}
+        if self._healthy is not None and not self._healthy():
+            failures["healthy"] = "gateway reports itself unhealthy"
+        for name, check in self._checks.items():
+            try:
+                reason = check()
+            except Exception as exc:  # a broken check must not kill the watchdog task
+                reason = f"check raised {type(exc).__name__}: {exc}"
+            if reason is not None:
+                failures[name] = str(reason) or "not alive"
+        return failures
 
     @property
     def active(self) -> bool:
@@ -173,7 +209,8 @@ class Watchdog:
     async def _run(self) -> None:
         assert self.interval_s is not None
         while True:
-            if self._healthy is None or self._healthy():
+            failures = self.failing()
+            if not failures:
                 self._states.recovered("watchdog:health", "watchdog pings resumed")
                 try:
                     self._notifier.watchdog()
@@ -182,7 +219,72 @@ class Watchdog:
                 except SystemdNotifyError as exc:
                     self._states.problem("watchdog:send", "watchdog ping failed", reason=str(exc))
             else:
+                self.withheld += 1
+                why = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
                 self._states.problem(
-                    "watchdog:health", "watchdog pings withheld: gateway reports itself unhealthy"
+                    "watchdog:health",
+                    f"watchdog pings withheld, systemd will restart the gateway: {why}",
+                    level=logging.ERROR,
+                    reason=why,
                 )
+            await asyncio.sleep(self.interval_s)
+
+
+class StatusLine:
+    """Owner of the task that refreshes STATUS= (what `systemctl status` shows) every `interval_s`.
+
+    `source` returns the current one-line text (links up/down, buffer depth); it is sent only
+    when it changed. A source that raises is logged once and the last text stays. Without a
+    service manager the task is not started.
+    """
+
+    def __init__(self, notifier: Notifier, source: Callable[[], str], *, interval_s: float = 10.0) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self._notifier = notifier
+        self._source = source
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._states = StateLog(log)
+        self.last: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self._notifier.enabled or self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="systemd-status")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def refresh(self) -> bool:
+        """Send the source's text now if it changed. True when a datagram was sent."""
+        try:
+            text = _one_line(self._source())
+        except Exception as exc:  # the status line is cosmetic: never let it take the task down
+            self._states.problem("status:source", "status line source failed", reason=repr(exc))
+            return False
+        self._states.recovered("status:source", "status line source works again")
+        if not text or text == self.last:
+            return False
+        try:
+            sent = self._notifier.status(text)
+        except SystemdNotifyError as exc:
+            self._states.problem("status:send", "status line update failed", reason=str(exc))
+            return False
+        self._states.recovered("status:send", "status line updates delivered again")
+        self.last = text
+        return sent
+
+    async def _run(self) -> None:
+        while True:
+            self.refresh()
             await asyncio.sleep(self.interval_s)

@@ -20,6 +20,7 @@ from drivers.base import Quality, Sample
 from gateway import records
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.errors import PayloadError
+from gateway.sparkplug.node_metrics import NodeMetric, add_node_metrics
 from gateway.sparkplug.payload import (
     QUALITY_CODES,
     QUALITY_PROPERTY,
@@ -137,8 +138,10 @@ def _node_control(p: Any, name: str, datatype: DataType, value: Any, ts_ms: int 
     set_metric_value(m, datatype, value, name)
 
 
-def build_nbirth(bdseq: int, ts_ms: int, *, seq: int = 0, software: str = "outpost") -> bytes:
-    """NBIRTH: seq set explicitly (0), bdSeq Int64, Node Control/Rebirth false (no alias)."""
+def build_nbirth(bdseq: int, ts_ms: int, *, seq: int = 0, software: str = "outpost",
+                 node_metrics: Iterable[tuple[NodeMetric, Any]] = ()) -> bytes:
+    """NBIRTH: seq set explicitly (0), bdSeq Int64, Node Control/Rebirth false (no alias),
+    then every node metric that later NDATA may carry (gateway.sparkplug.node_metrics)."""
     p = pb.Payload()
     p.timestamp = ts_ms
     p.seq = seq
@@ -146,6 +149,7 @@ def build_nbirth(bdseq: int, ts_ms: int, *, seq: int = 0, software: str = "outpo
     _node_control(p, REBIRTH, DataType.Boolean, False, ts_ms)
     _node_control(p, NEXT_SERVER, DataType.Boolean, False, ts_ms)
     _node_control(p, SOFTWARE, DataType.String, software, ts_ms)
+    add_node_metrics(p, node_metrics, ts_ms, birth=True)
     return p.SerializeToString()
 
 

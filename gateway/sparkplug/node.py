@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.sparkplug.edge import NEXT_SERVER, REBIRTH, AliasTable, PointLike
 from gateway.sparkplug.errors import CommandRejected, PayloadError
-from gateway.sparkplug.payload import DataType, decode_payload, driver_datatype
+from gateway.sparkplug.payload import DataType, decode_payload_each, driver_datatype
 from gateway.statefile import write_atomic
 from gateway.writes import WriteRefused, check_value, spec_from_point
 
@@ -78,12 +78,23 @@ class SeqCounter:
 
 
 class PrimaryHostState:
-    """Tracks `spBv1.0/STATE/<host_id>`; a STATE older than the newest one seen is ignored."""
+    """Tracks `spBv1.0/STATE/<host_id>` on one MQTT server; a STATE older than the newest seen
+    there is ignored.
+
+    Keep one per server (a host's STATE timestamps on one server say nothing about another)
+    and call `begin_connection()` on every new connection: the host counts as offline until a
+    STATE arrives on that connection. `offlines` counts every accepted offline STATE, so that
+    a session notices an offline even when a newer online follows before it looks.
+    """
 
     def __init__(self, host_id: str) -> None:
         self.host_id = host_id
         self.online = False
         self.timestamp: int | None = None
+        self.offlines = 0
+
+    def begin_connection(self) -> None:
+        self.online = False
 
     def update(self, payload: bytes) -> bool:
         """Apply one STATE message; returns True when it changed `online`.
@@ -103,6 +114,8 @@ class PrimaryHostState:
         if self.timestamp is not None and ts < self.timestamp:
             return False  # a stale retained or reordered message
         self.timestamp = ts
+        if not online:
+            self.offlines += 1
         changed = online != self.online
         self.online = online
         return changed
@@ -145,11 +158,11 @@ def parse_dcmd(device: str, data: bytes, points: Sequence[PointLike],
         return driver_datatype(info.datatype) if info is not None else None
 
     try:
-        payload = decode_payload(data, datatype_of)
+        payload, bad = decode_payload_each(data, datatype_of)
     except PayloadError as exc:
         return [], [CommandRejected(f"DCMD for device {device!r}: {exc}")]
     writes: list[Write] = []
-    rejected: list[CommandRejected] = []
+    rejected: list[CommandRejected] = [CommandRejected(f"DCMD for device {device!r}: {e}") for e in bad]
     for m in payload.metrics:
         info = resolve(m.name, m.alias)
         label = m.name if m.name is not None else f"alias {m.alias}"
@@ -173,11 +186,11 @@ class NodeCommand:
 def parse_ncmd(data: bytes) -> tuple[NodeCommand, list[CommandRejected]]:
     known = {REBIRTH: DataType.Boolean, NEXT_SERVER: DataType.Boolean}
     try:
-        payload = decode_payload(data, lambda name, alias: known.get(name or ""))
+        payload, bad = decode_payload_each(data, lambda name, alias: known.get(name or ""))
     except PayloadError as exc:
         return NodeCommand(), [CommandRejected(f"NCMD: {exc}")]
     rebirth = next_server = False
-    rejected = []
+    rejected = [CommandRejected(f"NCMD: {e}") for e in bad]
     for m in payload.metrics:
         if m.name == REBIRTH and m.value is True:
             rebirth = True

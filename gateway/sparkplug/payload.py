@@ -487,8 +487,11 @@ def _decode_propertyset(msg: Any, where: str) -> dict[str, PropertyValue]:
         raise PayloadError(f"{where}: PropertySet has {len(msg.keys)} keys, {len(msg.values)} values")
     out: dict[str, PropertyValue] = {}
     for key, pval in zip(msg.keys, msg.values, strict=True):
-        t = DataType(pval.type)
         w = f"{where} property {key!r}"
+        try:
+            t = DataType(pval.type)
+        except ValueError:
+            raise PayloadError(f"{w}: unknown datatype {pval.type}") from None
         if pval.is_null:
             value: Any = None
         elif t is DataType.PropertySet:
@@ -588,6 +591,33 @@ def _decode_metric(pm: Any, lookup: DatatypeLookup | None, where: str) -> Metric
         properties=_decode_propertyset(pm.properties, where) if pm.HasField("properties") else None,
         metadata=md,
     )
+
+
+def decode_payload_each(data: bytes, datatype_of: DatatypeLookup | None = None
+                        ) -> tuple[Payload, list[PayloadError]]:
+    """As decode_payload, but a metric that cannot be decoded is left out and its error
+    returned, so that one bad metric of a command never takes the others with it."""
+    p = PbPayload()
+    try:
+        p.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise PayloadError(f"not a Sparkplug B payload ({len(data)} bytes): {exc}") from None
+    metrics, errors = [], []
+    for i, pm in enumerate(p.metrics):
+        where = f"metric {pm.name!r}" if pm.HasField("name") else f"metric #{i} alias {pm.alias}"
+        try:
+            metrics.append(_decode_metric(pm, datatype_of, where))
+        except PayloadError as exc:
+            errors.append(exc)
+        except (ValueError, TypeError, OverflowError) as exc:  # whatever a hostile metric holds
+            errors.append(PayloadError(f"{where}: {type(exc).__name__}: {exc}"))
+    return Payload(
+        metrics=metrics,
+        timestamp=p.timestamp if p.HasField("timestamp") else None,
+        seq=p.seq if p.HasField("seq") else None,
+        uuid=p.uuid if p.HasField("uuid") else None,
+        body=bytes(p.body) if p.HasField("body") else None,
+    ), errors
 
 
 def decode_payload(data: bytes, datatype_of: DatatypeLookup | None = None) -> Payload:

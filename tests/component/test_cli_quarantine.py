@@ -55,3 +55,21 @@ def test_quarantine_commands(tmp_path: Path) -> None:
         assert st["dropped"]["quarantine_dropped"] == 1
     finally:
         buf.close()
+
+
+def test_check_says_what_removing_an_uplink_would_drop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    buf = Buffer.open(str(data / "buffer.db"), BufferSettings(100_000_000, 86400.0))
+    buf.register_cursor("mqtt")
+    buf.register_cursor("kafka")
+    now = int(time.time() * 1000)
+    seqs = buf.append([NewRecord("g/e/d", b"x", now, {"topic": "t", "type": "DDATA"}) for _ in range(7)])
+    buf.ack("mqtt", seqs[-1])
+    buf.close()
+    cfg = tmp_path / "outpost.toml"
+    cfg.write_text(f'[gateway]\ngroup_id = "g"\nedge_node_id = "e"\ndata_dir = "{data}"\n'
+                   '[mqtt]\nservers = ["mqtt://127.0.0.1:1883"]\n')
+    res = _outpost("check", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "no longer has uplink(s) kafka" in res.stdout and "7 undelivered record(s)" in res.stdout, res.stdout

@@ -240,3 +240,31 @@ async def test_a_write_overtakes_the_queued_reads_of_a_cycle(server):
     # At most the request in flight went before the write, not the rest of the cycle.
     assert reads_after - reads_before <= 1
     assert u.writes == [("holding", 0, [5])]
+
+
+async def test_a_burst_of_writes_is_coalesced_bounded_and_polling_goes_on(server):
+    u = server.units[1]
+    u.set_range("holding", 0, [0] * 400)
+    u.delay_s = 0.005
+    points = [{"name": "fast", "address": 0, "type": "uint16", "interval": "100ms"}]
+    points += [{"name": f"w{i}", "address": 100 + i, "type": "uint16", "writable": True,
+                "interval": "60s"} for i in range(200)]
+    async with Running(bus_for(server.port), [dev("m", 1, points)]) as run:
+        await run.until(lambda: len(run.good("m", "fast")) >= 2)
+        # 500 commands for 20 points (a flood of setpoints): the last value per point wins.
+        tasks = [asyncio.ensure_future(run.driver.write("m", f"w{i % 20}", i)) for i in range(500)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        written = [r for r in results if r is None]
+        superseded = [r for r in results if isinstance(r, WriteRejected) and "superseded" in str(r)]
+        assert len(written) + len(superseded) == 500, "every command gets an answer"
+        assert len(u.writes) == len(written) < 100
+        for i in range(20):
+            assert u.tables["holding"][100 + i] == 480 + i  # each point ends at its newest value
+        # 200 commands for 200 points (one DCMD with 200 metrics): every one is written, and
+        # the 100 ms point keeps being polled between them (observed, not timed).
+        u.writes.clear()
+        polls_before = len(run.good("m", "fast"))
+        await asyncio.gather(*(run.driver.write("m", f"w{i}", 1000 + i) for i in range(200)))
+        polls_during = len(run.good("m", "fast")) - polls_before
+    assert len(u.writes) == 200
+    assert polls_during >= 5, polls_during  # 200 writes of 5 ms: a second of bus time

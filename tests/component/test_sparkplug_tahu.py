@@ -1,8 +1,10 @@
-"""Cross-check our Sparkplug B codec against Eclipse Tahu's npm `sparkplug-payload`, run by Node.
+"""Cross-check our Sparkplug B bytes against Eclipse Tahu's npm `sparkplug-payload`, run by Node.
 
 Node decodes the bytes we produce and we decode the bytes it produces, for every datatype,
-negative integers and arrays included. Array types are packed and unpacked in the peer with
-Node's Buffer, because Tahu 1.0.x has no array support (see tests/peers/sparkplug_tahu.js).
+negative integers and arrays included: the codec both ways, and a whole session of the bytes
+the edge node itself publishes (build_* and stamp_data in gateway.sparkplug.edge). Array types
+are packed and unpacked in the peer with Node's Buffer, because Tahu 1.0.x has no array support
+(see tests/peers/sparkplug_tahu.js).
 """
 
 from __future__ import annotations
@@ -17,7 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import Quality
+from drivers.base import DATATYPES, PointInfo, Quality, Sample
+from gateway.pipeline.report import ReportByException
+from gateway.sparkplug.edge import (
+    AliasTable,
+    NodeIdentity,
+    build_dbirth,
+    build_ddeath,
+    build_nbirth,
+    build_ndeath,
+    stamp_data,
+)
+from gateway.sparkplug.node_metrics import NodeMetricsReporter, build_ndata, node_metric_defs
 from gateway.sparkplug.payload import (
     DataSet,
     DataType,
@@ -27,9 +40,11 @@ from gateway.sparkplug.payload import (
     PropertyValue,
     Template,
     decode_payload,
+    driver_datatype,
     encode_payload,
     quality_properties,
 )
+from gateway.sparkplug.topics import MessageType
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "peers" / "sparkplug_tahu.js"
@@ -198,3 +213,106 @@ def test_we_decode_tahu_bytes(node_modules: Path) -> None:
     assert tpl.is_definition and tpl.version == "2"
     assert tpl.metrics[0].name == "speed" and tpl.metrics[0].value == 0.5
     assert tpl.parameters == [Parameter("p", DataType.String, "v")]
+
+
+# ----------------------------------------------------------------------------------------
+# The bytes the edge node publishes: build_* and stamp_data, decoded by Tahu as a host would
+
+
+def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
+    """A whole session as gateway.sparkplug.edge makes it, not as a test encoder would.
+
+    NBIRTH and DBIRTH from build_nbirth/build_dbirth, DDATA from stored ReportByException
+    records through stamp_data (aliases only, no datatypes, historical, clock-corrected and
+    clock-flagged), DDEATH and the NDEATH Will. Tahu learns aliases and datatypes from the
+    births and decodes the DATA with them, like a Sparkplug host.
+    """
+    node = NodeIdentity("plant-7", "pump-3")
+    points = {
+        "meter1": [PointInfo(f"p_{dt}", dt, unit="u" if dt != "bool" else "", writable=dt == "int16",
+                             min=-10 if dt == "int16" else None, max=10 if dt == "int16" else None)
+                   for dt in DATATYPES],
+        "meter2": [PointInfo("on", "bool", writable=True)],
+    }
+    values = {"bool": True, "int8": -128, "int16": -7, "int32": -2_000_000_000, "int64": -(2**63),
+              "uint8": 255, "uint16": 65535, "uint32": 2**32 - 1, "uint64": 2**64 - 1,
+              "float32": 1.5, "float64": -3.141592653589793, "string": "héllo"}
+    rbe = ReportByException(node, points)
+    aliases = AliasTable(points)
+    for dt in DATATYPES:
+        rbe.offer(Sample("meter1", f"p_{dt}", values[dt], TS + 1))
+    rbe.offer(Sample("meter2", "on", None, TS + 2, Quality.BAD))
+    records = rbe.drain()
+    assert [r.stream for r in records] == ["plant-7/pump-3/meter1", "plant-7/pump-3/meter2"]
+
+    reporter = NodeMetricsReporter(node_metric_defs(["mqtt"]))
+    node_values = {"Outpost/Uptime": 5, "Outpost/Link/mqtt": True, "Outpost/System/CPU Temperature": None}
+    born_node = reporter.birth(node_values)
+    ndata = build_ndata(reporter.changes({"Outpost/Uptime": 100, "Outpost/Link/mqtt": False}), TS + 13, 6)
+    msgs: list[tuple[str, bytes]] = [
+        (node.topic(MessageType.NBIRTH), build_nbirth(7, TS, seq=0, software="outpost-test",
+                                                      node_metrics=born_node)),
+        (node.topic(MessageType.DBIRTH, "meter1"),
+         build_dbirth("meter1", points["meter1"], rbe.snapshot("meter1"), aliases, TS, 1)),
+        (node.topic(MessageType.DBIRTH, "meter2"),
+         build_dbirth("meter2", points["meter2"], {}, aliases, TS, 2)),
+        (node.topic(MessageType.DDATA, "meter1"),
+         stamp_data(records[0].payload, seq=3, ts_ms=TS + 10, device="meter1", aliases=aliases,
+                    historical=True, correction_ms=1000)),
+        (node.topic(MessageType.DDATA, "meter2"),
+         stamp_data(records[1].payload, seq=4, ts_ms=TS + 11, device="meter2", aliases=aliases,
+                    historical=False, clock_unsynced=True)),
+        (node.topic(MessageType.DDEATH, "meter2"), build_ddeath(TS + 12, 5)),
+        (node.topic(MessageType.NDATA), ndata),
+        (node.topic(MessageType.NDEATH), build_ndeath(7)),
+    ]
+    out = run_node(node_modules, {"op": "session", "messages": [
+        {"topic": t, "b64": base64.b64encode(b).decode()} for t, b in msgs]})["messages"]
+    nbirth, dbirth1, dbirth2, ddata1, ddata2, ddeath, ndata, ndeath = (m["tahu"] for m in out)
+
+    assert nbirth["seq"] == "0" and nbirth["timestamp"] == str(TS)
+    nb = {m["name"]: m for m in nbirth["metrics"]}
+    assert nb["bdSeq"]["type"] == "Int64" and nb["bdSeq"]["value"] == "7"
+    assert nb["Node Control/Rebirth"] == {"name": "Node Control/Rebirth", "type": "Boolean", "value": False,
+                                          "timestamp": str(TS)}  # no alias
+    assert nb["Properties/Software"]["value"] == "outpost-test"
+    assert nb["Outpost/Uptime"]["type"] == "UInt64" and nb["Outpost/Uptime"]["value"] == "5"
+    temp = nb["Outpost/System/CPU Temperature"]
+    assert temp["type"] == "Float" and temp["value"] is None
+    assert nb["Outpost/Link/mqtt"]["value"] is True and "alias" not in nb["Outpost/Link/mqtt"]
+
+    assert dbirth1["seq"] == "1" and dbirth2["seq"] == "2"
+    born = {m["name"]: m for m in dbirth1["metrics"]}
+    for dt in DATATYPES:
+        m = born[f"p_{dt}"]
+        assert m["type"] == driver_datatype(dt).name, dt
+        assert m["alias"] == str(aliases.alias("meter1", f"p_{dt}")), dt
+        assert m["timestamp"] == str(TS + 1)
+        assert m["properties"]["readOnly"]["value"] is (dt != "int16")
+    assert born["p_int16"]["properties"]["engLow"] == {"type": "Double", "value": -10.0}
+    assert born["p_float64"]["properties"]["engUnit"] == {"type": "String", "value": "u"}
+    never_read = dbirth2["metrics"][0]
+    assert never_read["value"] is None and never_read["properties"]["Quality"]["value"] == 500
+
+    assert out[3]["filled"] == len(DATATYPES) and ddata1["seq"] == "3"
+    assert ddata1["timestamp"] == str(TS + 10)
+    by_alias = {m["alias"]: m for m in ddata1["metrics"]}
+    for dt in DATATYPES:
+        m = by_alias[str(aliases.alias("meter1", f"p_{dt}"))]
+        assert "name" not in m and m["isHistorical"] is True, dt
+        assert m["timestamp"] == str(TS + 1 + 1000), dt   # corrected by the clock sync
+        want = values[dt]
+        if dt in ("int64", "uint64"):  # 64-bit as strings, as in SCALARS
+            want = str(want)
+        assert m["value"] == want, dt
+    bad = ddata2["metrics"][0]
+    assert "isHistorical" not in bad and bad["value"] is None
+    assert bad["properties"]["Quality"]["value"] == 0
+    assert bad["properties"]["clock_unsynced"] == {"type": "Boolean", "value": True}
+
+    assert ddeath["seq"] == "5" and ddeath["metrics"] == []
+    assert out[6]["filled"] == 2 and ndata["seq"] == "6"   # node metrics: datatype by name from NBIRTH
+    assert {m["name"]: (m["type"], m["value"]) for m in ndata["metrics"]} == {
+        "Outpost/Uptime": ("UInt64", "100"), "Outpost/Link/mqtt": ("Boolean", False)}
+    assert "seq" not in ndeath and [(m["name"], m["type"], m["value"]) for m in ndeath["metrics"]] == [
+        ("bdSeq", "Int64", "7")]

@@ -174,6 +174,34 @@ async def test_ncmd_next_server_walks_to_the_next_server(
     assert msgs[i - 1].metric("bdSeq").value == 0 and msgs[i].metric("bdSeq").value == 1
 
 
+async def test_host_offline_walks_to_the_next_server(mosquitto, toxiproxy, tmp_path: Path) -> None:
+    """Born on server 1, the Primary Host goes offline: NDEATH, then server 2, births only once
+    the host is online there (tck-id-operational-behavior-primary-application-state-with-multiple-servers-walk)."""
+    proxy = await asyncio.to_thread(toxiproxy.create, "sparkplug-walk", f"{mosquitto.host}:{mosquitto.port}")
+    first = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    second = f"mqtt://{proxy.host}:{proxy.port}"
+    host = await TestHost(mosquitto.host, mosquitto.port, host_id="scada-w").start(online=True)
+    rig = await Rig(Broker(mosquitto.host, mosquitto.port), tmp_path, servers=[first, second],
+                    primary_host_id="scada-w").open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+        assert flat(rig.uplink.state)["server"] == first
+        t = time.time_ns() // 1_000_000
+        host.publish_state(False, t)
+        await host.wait_for(lambda: host.of_type("NDEATH"), what="NDEATH after host offline")
+        await host.wait_for(lambda: flat(rig.uplink.state)["server"] == second, what="server 2")
+        await asyncio.sleep(1.0)
+        assert len(host.of_type("NBIRTH")) == 1          # host still offline: no births
+        host.publish_state(True, t + 1)
+        await host.wait_for(lambda: len(host.of_type("NBIRTH")) >= 2, what="births on server 2")
+        assert flat(rig.uplink.state)["server"] == second
+    finally:
+        await rig.close()
+        await host.stop()
+    assert [n.metric("bdSeq").value for n in host.of_type("NBIRTH")] == [0, 1]
+
+
 async def test_live_data_keeps_flowing_while_a_paced_backlog_is_flushed(
         mosquitto, toxiproxy, host: TestHost, tmp_path: Path) -> None:
     proxy = await asyncio.to_thread(toxiproxy.create, "sparkplug-paced",

@@ -123,11 +123,22 @@ class TestHost:
     async def start(self, online: bool | None = True) -> TestHost:
         self.client.on_message = self._on_message
         await self.client.connect(self.host, self.port, version=MQTTv50)
-        self.client.subscribe("spBv1.0/#", qos=1)
+        # Retain-As-Published: without it an MQTT 5 server clears RETAIN on every live
+        # delivery, and a check that births and data are not retained could never fail.
+        self.client.subscribe("spBv1.0/#", qos=1, retain_as_published=True)
         await asyncio.sleep(0.2)  # SUBACK before anything is published
         if online is not None:
             self.publish_state(online)
+            # Our own retained STATE must come back flagged retained: proof that the
+            # retain flag of what we record is the publisher's.
+            own = await self.wait_for(lambda: [s for s in self.seen if s.topic == self.state_topic],
+                                      what="our own STATE")
+            assert own[-1].retain, "the broker did not keep RETAIN as published"
         return self
+
+    @property
+    def state_topic(self) -> str:
+        return f"spBv1.0/STATE/{self.host_id}"
 
     def publish_state(self, online: bool, ts: int | None = None) -> None:
         body = json.dumps({"online": online, "timestamp": ts or time.time_ns() // 1_000_000})
@@ -200,7 +211,7 @@ def settings(broker: Broker, data_dir: Path, **kw: Any) -> MqttUplinkSettings:
     base = dict(group_id=GROUP, edge_node_id=EDGE, data_dir=str(data_dir),
                 servers=[f"mqtt://{broker.host}:{broker.port}"],
                 client_id=f"edge-{uuid.uuid4().hex[:6]}", keepalive=5, primary_host_id="scada-1",
-                rebirth_debounce=1.0, historical_max_per_s=1000, reconnect_min=0.2,
+                historical_max_per_s=1000, reconnect_min=0.2,
                 reconnect_max=1.0)
     base.update(kw)
     return MqttUplinkSettings(**base)
@@ -216,7 +227,7 @@ class Rig:
         self.writes: list[tuple[str, str, Any]] = []
         self.task: asyncio.Task[None] | None = None
 
-    async def open(self) -> Rig:
+    async def open(self, node_status: Any = None) -> Rig:
         self.buf = await AsyncBuffer.open(self.data_dir / "buffer.db",
                                           BufferSettings(10_000_000, 86400.0))
         await self.buf.register_cursor("mqtt")
@@ -225,7 +236,7 @@ class Rig:
             self.writes.append((device, point, value))
 
         self.uplink = SparkplugUplink(settings(self.broker, self.data_dir, **self.kw), self.buf,
-                                      POINTS, write, snapshot=self.rbe.snapshot)
+                                      POINTS, write, snapshot=self.rbe.snapshot, node_status=node_status)
         return self
 
     def start(self) -> None:
@@ -254,6 +265,18 @@ async def host(broker: Broker):
     h = await TestHost(broker.host, broker.port).start(online=True)
     yield h
     await h.stop()
+
+
+async def retained_on(broker: Broker, topic_filter: str) -> list[str]:
+    """Topics under `topic_filter` that hold a retained message now (a fresh subscriber's view)."""
+    got: list[str] = []
+    c = Client(f"retained-{uuid.uuid4().hex[:8]}")
+    c.on_message = lambda _c, topic, _p, _q, props: got.append(topic) or 0
+    await c.connect(broker.host, broker.port, version=MQTTv50)
+    c.subscribe(topic_filter, qos=1)
+    await asyncio.sleep(0.5)  # retained messages come right after the SUBACK
+    await c.disconnect()
+    return got
 
 
 def seqs(msgs: list[Seen]) -> list[int | None]:
@@ -323,6 +346,8 @@ async def test_births_then_history_then_live_data(broker: Broker, host: TestHost
     ndeath = msgs[-1]
     assert ndeath.metric("bdSeq").value == 0 and ndeath.qos == 1 and not ndeath.retain
     assert ndeath.payload.seq is None and len(ndeath.payload.metrics) == 1
+    # Nothing the edge node published stayed on the broker.
+    assert await retained_on(broker, f"spBv1.0/{GROUP}/#") == []
 
 
 async def test_bdseq_persists_across_restarts(broker: Broker, host: TestHost,
@@ -335,13 +360,17 @@ async def test_bdseq_persists_across_restarts(broker: Broker, host: TestHost,
         await rig.close()
         await host.wait_for(lambda n=expected: len(host.of_type("NDEATH")) > n, what="NDEATH")
     births = [m.metric("bdSeq").value for m in host.of_type("NBIRTH")]
+    # MQTT 5: the node's own NDEATH, then the same one as the Will (DISCONNECT reason 0x04).
     deaths = [m.metric("bdSeq").value for m in host.of_type("NDEATH")]
-    assert births == [0, 1, 2] and deaths == [0, 1, 2]
+    assert births == [0, 1, 2] and list(dict.fromkeys(deaths)) == [0, 1, 2]
+    assert all(deaths.count(b) <= 2 for b in births)
     assert (tmp_path / "sparkplug-bdseq").read_text().strip() == "2"
 
 
-async def test_ncmd_rebirth_same_bdseq_no_reconnect_debounced(broker: Broker, host: TestHost,
-                                                              tmp_path: Path) -> None:
+# Every rebirth request is honoured (no debounce): a second host asking a second after the
+# first still gets its births.
+async def test_ncmd_rebirth_same_bdseq_no_reconnect_every_request(broker: Broker, host: TestHost,
+                                                                 tmp_path: Path) -> None:
     rig = await Rig(broker, tmp_path).open()
     rig.start()
     try:
@@ -352,23 +381,30 @@ async def test_ncmd_rebirth_same_bdseq_no_reconnect_debounced(broker: Broker, ho
         cmd = encode_payload(Payload(timestamp=1, metrics=[
             Metric("Node Control/Rebirth", DataType.Boolean, True)]))
         host.publish(f"spBv1.0/{GROUP}/NCMD/{EDGE}", cmd)
-        host.publish(f"spBv1.0/{GROUP}/NCMD/{EDGE}", cmd)  # within the debounce: ignored
         await host.wait_for(lambda: len(host.of_type("NBIRTH")) >= 2, what="second NBIRTH")
         await host.wait_for(lambda: len(host.of_type("DBIRTH")) >= 4, what="second DBIRTHs")
         await rig.sample("meter1", "voltage", 20.0)
         await host.wait_for(lambda: len(host.of_type("DDATA")) >= 2, what="DDATA after rebirth")
+        host.publish(f"spBv1.0/{GROUP}/NCMD/{EDGE}", cmd)  # well inside the old 1 s debounce
+        await host.wait_for(lambda: len(host.of_type("DBIRTH")) >= 6, what="third births")
         await asyncio.sleep(0.5)
         assert rig.uplink.counters["connects"] == connects  # no reconnect
     finally:
         await rig.close()
     nbirths = host.of_type("NBIRTH")
-    assert len(nbirths) == 2
-    assert [n.metric("bdSeq").value for n in nbirths] == [0, 0]
+    assert len(nbirths) == 3
+    assert [n.metric("bdSeq").value for n in nbirths] == [0, 0, 0]
+    for nb in nbirths[1:]:
+        i = host.seen.index(nb)
+        after = [m for m in host.seen[i:] if m.type and m.type != "NDEATH"]
+        assert [m.type for m in after[:3]] == ["NBIRTH", "DBIRTH", "DBIRTH"]
+        assert seqs(after[:3]) == [0, 1, 2]
     i = host.seen.index(nbirths[1])
-    after = [m for m in host.seen[i:] if m.type and m.type != "NDEATH"]
-    assert [m.type for m in after[:3]] == ["NBIRTH", "DBIRTH", "DBIRTH"]
-    assert seqs(after) == list(range(len(after)))
-    assert not host.of_type("NDEATH")[:-1]  # only the final planned one
+    between = [m for m in host.seen[i:host.seen.index(nbirths[2])]
+               if m.type in ("NBIRTH", "DBIRTH", "DDATA", "NDATA", "DDEATH")]
+    assert seqs(between) == list(range(len(between)))
+    # NDEATH only at the planned stop (the node's own, then the Will with DISCONNECT 0x04)
+    assert all(host.seen.index(d) > host.seen.index(nbirths[2]) for d in host.of_type("NDEATH"))
 
 
 async def test_dcmd_by_alias_and_name_reaches_write_callback(broker: Broker, host: TestHost,
@@ -399,6 +435,8 @@ async def test_dcmd_by_alias_and_name_reaches_write_callback(broker: Broker, hos
     assert rig.uplink.counters["commands_rejected"] == 5
 
 
+# A device gets no DATA between its DDEATH and its next DBIRTH; what was stored meanwhile
+# waits and is sent as history right after that DBIRTH.
 async def test_ddeath_and_dbirth_follow_device_events(broker: Broker, host: TestHost,
                                                       tmp_path: Path) -> None:
     rig = await Rig(broker, tmp_path).open()
@@ -407,17 +445,49 @@ async def test_ddeath_and_dbirth_follow_device_events(broker: Broker, host: Test
         await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
         rig.uplink.on_device_event(DeviceEvent("meter2", DeviceState.OFFLINE, "timeout"))
         await host.wait_for(lambda: host.of_type("DDEATH"), what="DDEATH")
-        await rig.sample("meter2", "on", True)   # stored while dead: sent as history
-        await host.wait_for(lambda: host.of_type("DDATA"), what="DDATA")
+        await rig.sample("meter2", "on", True)   # stored while dead: waits for the DBIRTH
+        await rig.sample("meter1", "voltage", 50.0)  # another device's data goes on meanwhile
+        await host.wait_for(lambda: host.of_type("DDATA"), what="DDATA of meter1")
+        await asyncio.sleep(0.5)
+        assert [m.parsed.device_id for m in host.of_type("DDATA")] == ["meter1"]
         rig.uplink.on_device_event(DeviceEvent("meter2", DeviceState.ONLINE))
-        await host.wait_for(lambda: len(host.of_type("DBIRTH")) >= 3, what="DBIRTH again")
+        await host.wait_for(lambda: len(host.of_type("DDATA")) >= 2, what="meter2's DDATA after its DBIRTH")
     finally:
         await rig.close()
     msgs = [m for m in node_msgs(host) if m.type != "NDEATH"]
-    assert [m.type for m in msgs] == ["NBIRTH", "DBIRTH", "DBIRTH", "DDEATH", "DDATA", "DBIRTH"]
-    assert seqs(msgs) == list(range(6))
-    assert msgs[3].parsed.device_id == "meter2" and msgs[3].payload.timestamp
+    assert [(m.type, m.parsed.device_id) for m in msgs] == [
+        ("NBIRTH", None), ("DBIRTH", "meter1"), ("DBIRTH", "meter2"), ("DDEATH", "meter2"),
+        ("DDATA", "meter1"), ("DBIRTH", "meter2"), ("DDATA", "meter2")]
+    assert seqs(msgs) == list(range(7))
+    assert msgs[3].payload.timestamp
+    assert not msgs[4].payload.metrics[0].is_historical
+    assert msgs[6].payload.metrics[0].is_historical and msgs[6].payload.metrics[0].value is True
+
+
+# A device that is offline when the node births gets no DBIRTH and no DATA (alias-only DDATA
+# that no host could map); its records wait for its DBIRTH and are then sent as history.
+async def test_device_offline_at_birth_gets_no_data_until_its_dbirth(broker: Broker, host: TestHost,
+                                                                    tmp_path: Path) -> None:
+    rig = await Rig(broker, tmp_path).open()
+    rig.uplink.on_device_event(DeviceEvent("meter2", DeviceState.OFFLINE, "no answer at boot"))
+    await rig.sample("meter2", "on", False)      # read once before it went quiet
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH"), what="meter1's DBIRTH")
+        await rig.sample("meter1", "voltage", 7.0)
+        await host.wait_for(lambda: host.of_type("DDATA"), what="meter1's DDATA")
+        await asyncio.sleep(0.5)
+        assert [(m.type, m.parsed.device_id) for m in node_msgs(host)] == [
+            ("NBIRTH", None), ("DBIRTH", "meter1"), ("DDATA", "meter1")]
+        rig.uplink.on_device_event(DeviceEvent("meter2", DeviceState.ONLINE))
+        await host.wait_for(lambda: len(host.of_type("DDATA")) >= 2, what="meter2's DDATA")
+    finally:
+        await rig.close()
+    msgs = [m for m in node_msgs(host) if m.type != "NDEATH"]
+    assert [(m.type, m.parsed.device_id) for m in msgs][3:] == [("DBIRTH", "meter2"), ("DDATA", "meter2")]
     assert msgs[4].payload.metrics[0].is_historical
+    assert msgs[4].payload.metrics[0].alias == msgs[3].metric("on").alias
+    assert seqs(msgs) == list(range(5))
 
 
 async def test_waits_for_primary_host_and_leaves_when_it_goes_offline(
@@ -446,6 +516,101 @@ async def test_waits_for_primary_host_and_leaves_when_it_goes_offline(
     nbirths = host.of_type("NBIRTH")
     assert [n.metric("bdSeq").value for n in nbirths] == [0, 1]  # a new connection
     assert host.of_type("NDEATH")[0].metric("bdSeq").value == 0
+
+
+async def test_primary_host_state_is_reset_on_every_connection(broker: Broker, tmp_path: Path) -> None:
+    host = await TestHost(broker.host, broker.port, host_id="scada-7").start(online=True)
+    rig = await Rig(broker, tmp_path, primary_host_id="scada-7").open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+        # The host's retained STATE goes away (a broker restart would do the same) and the
+        # connection drops: after the reconnect nothing says the host is online.
+        host.client.publish(host.state_topic, b"", qos=1, retain=True)
+        await asyncio.sleep(0.3)
+        connects = rig.uplink.counters["connects"]
+        assert rig.uplink._conn is not None
+        rig.uplink._conn.abort()
+        await host.wait_for(lambda: rig.uplink.counters["connects"] > connects, what="reconnect")
+        await asyncio.sleep(1.5)
+        assert len(host.of_type("NBIRTH")) == 1, "births on the previous connection's STATE"
+        host.publish_state(True)
+        await host.wait_for(lambda: len(host.of_type("NBIRTH")) >= 2, what="births after STATE online")
+    finally:
+        await rig.close()
+        await host.stop()
+    assert [n.metric("bdSeq").value for n in host.of_type("NBIRTH")] == [0, 1]
+
+
+async def test_stop_while_waiting_for_the_host_publishes_no_ndeath(broker: Broker, tmp_path: Path) -> None:
+    host = await TestHost(broker.host, broker.port, host_id="scada-8").start(online=None)
+    rig = await Rig(broker, tmp_path, primary_host_id="scada-8").open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: rig.uplink.counters["connects"] >= 1, what="connected")
+        await asyncio.sleep(0.5)
+    finally:
+        await rig.close()
+    await asyncio.sleep(1.0)  # time for a Will, had the broker published one
+    await host.stop()
+    assert not node_msgs(host), "an NDEATH (or anything) without an NBIRTH in the session"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_disconnect_after_ndeath_carries_reason_0x04(broker: Broker, host: TestHost, tmp_path: Path,
+                                                            protocol: str) -> None:
+    """MQTT 5: DISCONNECT with reason 0x04 (Disconnect with Will Message) after the published
+    NDEATH, so the broker delivers the Will too; MQTT 3.1.1 has no reason code (Will discarded)."""
+    rig = await Rig(broker, tmp_path, protocol=protocol).open()
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+    finally:
+        await rig.close()
+    await host.wait_for(lambda: host.of_type("NDEATH"), what="NDEATH")
+    await asyncio.sleep(1.0)
+    deaths = [m.metric("bdSeq").value for m in host.of_type("NDEATH")]
+    assert deaths == ([0, 0] if protocol == "5" else [0])
+
+
+async def test_node_metrics_in_nbirth_then_ndata_by_exception(broker: Broker, host: TestHost,
+                                                              tmp_path: Path) -> None:
+    clock = {"synced": False, "holdover": False, "jumps": 0}
+    rig = Rig(broker, tmp_path, node_metrics_interval=0.2)
+
+    async def status() -> dict[str, Any]:
+        return {"version": "9.9.9", "uptime_s": 3.0, "clock": dict(clock),
+                "links": {"mqtt": {"up": True}}, "buffer": await rig.buf.stats()}
+
+    await rig.open(node_status=status)
+    await rig.sample("meter1", "voltage", 1.0, time.time_ns() // 1_000_000 - 90_000)  # a backlog record
+    rig.start()
+    try:
+        await host.wait_for(lambda: host.of_type("DBIRTH")[1:], what="births")
+        await asyncio.sleep(1.0)
+        clock["synced"] = True          # NTP synchronised: reported once
+        await host.wait_for(lambda: {m.name for d in host.of_type("NDATA") for m in d.payload.metrics}
+                            >= {"Outpost/Clock/State", "Outpost/Buffer/mqtt/Oldest Age"}, what="NDATA")
+        await asyncio.sleep(1.0)
+    finally:
+        await rig.close()
+    nbirth = host.of_type("NBIRTH")[0]
+    assert nbirth.metric("Properties/Version").value == "9.9.9"
+    assert nbirth.metric("Outpost/Clock/State").value == "unsynced"
+    assert nbirth.metric("Outpost/Link/mqtt").value is True
+    assert nbirth.metric("Outpost/Buffer/mqtt/Depth").value == 1
+    assert 85 < nbirth.metric("Outpost/Buffer/mqtt/Oldest Age").value < 200   # that record's age
+    assert nbirth.metric("Outpost/Buffer/mqtt/Depth").datatype is DataType.UInt64
+    ndata = host.of_type("NDATA")
+    # The backlog record was delivered (oldest age 90 s -> 0: beyond its 60 s deadband; depth
+    # 1 -> 0: within its deadband) and the clock synchronised. Each change once, nothing else
+    # (Outpost/System/* are this machine's own temperature and free disk, which may move).
+    reported = [(m.name, m.value) for d in ndata for m in d.payload.metrics
+                if not m.name.startswith("Outpost/System/")]
+    assert sorted(reported) == [("Outpost/Buffer/mqtt/Oldest Age", 0.0), ("Outpost/Clock/State", "synced")]
+    assert all(d.qos == 0 and not d.retain for d in ndata)
+    body = [m for m in node_msgs(host) if m.type != "NDEATH"]
+    assert seqs(body) == list(range(len(body)))
 
 
 KILL_SCRIPT = """

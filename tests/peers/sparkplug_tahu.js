@@ -1,11 +1,18 @@
 // Independent Sparkplug B codec for the cross-check tests: Eclipse Tahu's npm
-// `sparkplug-payload` (1.0.x), driven by tests/unit/test_sparkplug_tahu_crosscheck.py.
+// `sparkplug-payload` (1.0.x), driven by tests/component/test_sparkplug_tahu.py.
 //
 // stdin: one JSON request, stdout: one JSON answer.
 //   {"op": "decode", "b64": "..."}  -> Tahu's decodePayload() view, plus array metrics unpacked
 //                                      with Node's Buffer (Tahu 1.0.x has no array types)
 //   {"op": "encode", "payload": {...}} -> {"b64": "..."}; metrics use Tahu's {name, type, value};
 //                                      array metrics ({"array": true}) are packed with Buffer.
+//   {"op": "session", "messages": [{"topic": "...", "b64": "..."}, ...]}
+//                                   -> {"messages": [{"topic", "tahu", "arrays", "filled"}]}:
+//                                      decodes a node's messages in order as a host would: the
+//                                      alias and datatype of each metric are learnt from NBIRTH/
+//                                      DBIRTH, and DATA metrics, which carry an alias and no
+//                                      datatype, get that datatype before Tahu decodes them
+//                                      (`filled` counts them; an unknown alias is an error).
 // 64-bit integers travel as decimal strings both ways so nothing is rounded through doubles.
 "use strict";
 const sp = require("sparkplug-payload").get("spBv1.0");
@@ -109,10 +116,41 @@ function decode(b64) {
   return { tahu: plain(tahu), arrays };
 }
 
+function session(messages) {
+  const byAlias = new Map(), byName = new Map(), out = [];
+  for (const msg of messages) {
+    const type = msg.topic.split("/")[2];
+    const raw = Payload.decode(Buffer.from(msg.b64, "base64"));
+    let filled = 0;
+    raw.metrics.forEach((m) => {
+      // proto2 optional fields: protobufjs puts defaults on the prototype, so ask for own ones.
+      const hasType = Object.prototype.hasOwnProperty.call(m, "datatype") && m.datatype !== 0;
+      const alias = Object.prototype.hasOwnProperty.call(m, "alias") ? Long.fromValue(m.alias).toString() : null;
+      if (type === "NBIRTH" || type === "DBIRTH") {
+        if (alias !== null) byAlias.set(alias, m.datatype);
+        if (m.name) byName.set(type === "DBIRTH" ? msg.topic.split("/")[4] + "/" + m.name : m.name, m.datatype);
+      } else if (!hasType) {
+        const known = alias !== null ? byAlias.get(alias) : byName.get(m.name);
+        if (known === undefined) throw new Error(`${msg.topic}: metric ${m.name || "alias " + alias} was never born`);
+        m.datatype = known;
+        filled += 1;
+      }
+    });
+    const bytes = Buffer.from(Payload.encode(raw).finish());
+    const arrays = {};
+    raw.metrics.forEach((m) => {
+      if (m.datatype >= 22 && m.datatype <= 34) arrays[m.name || String(m.alias)] = unpackArray(m.datatype, m.bytesValue);
+    });
+    out.push({ topic: msg.topic, tahu: plain(sp.decodePayload(bytes)), arrays, filled });
+  }
+  return { messages: out };
+}
+
 let input = "";
 process.stdin.on("data", (d) => { input += d; });
 process.stdin.on("end", () => {
   const req = JSON.parse(input);
-  const out = req.op === "decode" ? decode(req.b64) : { b64: encode(req.payload) };
+  const out = req.op === "decode" ? decode(req.b64)
+    : req.op === "session" ? session(req.messages) : { b64: encode(req.payload) };
   process.stdout.write(JSON.stringify(out));
 });

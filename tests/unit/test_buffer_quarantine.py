@@ -214,3 +214,27 @@ async def test_async_quarantine_roundtrip_wakes_the_uplink(path):
         assert await abuf.wait_for_records("mqtt", 1.0)
         assert [r.payload[:6] for r in await abuf.read("mqtt")] == [b"000001"]
         assert [q.seq for q in await abuf.quarantine_list()] == []
+
+
+def test_an_uplink_drains_its_held_records_itself(path):
+    # A held destination (quarantine reason "held:<topic>") that accepts again: the uplink
+    # lists them oldest first and reports what it delivered; they leave, not as drops.
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("kafka")
+        buf.register_cursor("mqtt")
+        buf.append(recs(6))
+        for seq in (2, 4, 5):
+            buf.quarantine("kafka", seq, "held:plant.events")
+        buf.quarantine("mqtt", 4, "too_large")
+        q = buf.stats()["quarantine"]["by_cursor_reason"]
+        assert q == {"kafka": {"held:plant.events": 3}, "mqtt": {"too_large": 1}}
+        held = buf.quarantine_list("kafka", "held:plant.events", limit=2)
+        assert [r.seq for r in held] == [2, 4]
+        assert buf.quarantine_delivered("kafka", [r.seq for r in held]) == 2
+        assert buf.quarantine_delivered("kafka", [2]) == 0          # already gone
+        st = buf.stats()
+        assert st["quarantine"]["by_cursor_reason"] == {"kafka": {"held:plant.events": 1},
+                                                        "mqtt": {"too_large": 1}}
+        assert st["quarantine"]["delivered"] == 2
+        assert st["dropped"]["quarantine_dropped"] == 0
+    assert diagnostics.stats_for_path(path)["quarantine"]["delivered"] == 2

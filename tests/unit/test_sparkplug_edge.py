@@ -197,6 +197,22 @@ def test_dcmd_checks_writable_type_and_range_by_alias_or_name() -> None:
     assert w == [] and "DCMD for device 'd2'" in str(r[0])
 
 
+def test_a_metric_with_an_unknown_property_datatype_does_not_take_the_others_with_it() -> None:
+    raw = pb.Payload()
+    bad = raw.metrics.add()
+    bad.name, bad.datatype, bad.int_value = "n", int(DataType.Int16), 3
+    bad.properties.keys.append("x")
+    bad.properties.values.add().type = 99           # no such datatype
+    odd = raw.metrics.add()
+    odd.name, odd.datatype = "n", 12345              # no such datatype either
+    good = raw.metrics.add()
+    good.name, good.datatype, good.int_value = "n", int(DataType.Int16), 7
+    writes, rejected = parse_dcmd("d1", raw.SerializeToString(), POINTS["d1"], AliasTable(POINTS))
+    assert [(w.point, w.value) for w in writes] == [("n", 7)]
+    assert len(rejected) == 2 and "unknown datatype 99" in str(rejected[0])
+    assert "unknown datatype 12345" in str(rejected[1])
+
+
 def test_ncmd() -> None:
     cmd, rej = parse_ncmd(_cmd(Metric("Node Control/Rebirth", DataType.Boolean, True)))
     assert cmd.rebirth and not cmd.next_server and rej == []

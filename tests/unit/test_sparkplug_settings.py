@@ -18,13 +18,13 @@ def test_settings_from_config(tmp_path: Path) -> None:
         f'data_dir = "{tmp_path}"\n\n'
         '[mqtt]\nservers = ["mqtts://broker.example:8883", "mqtt://backup:1883"]\n'
         'primary_host_id = "scada-1"\nusername = "edge"\nkeepalive = "15s"\n'
-        'rebirth_debounce = "2s"\nuse_aliases = false\nprotocol = "3.1.1"\n'
+        'data_qos = 0\nuse_aliases = false\nprotocol = "3.1.1"\n'
     )
     s = MqttUplinkSettings.from_config(load_config(path), mqtt_password="secret")
     assert (s.group_id, s.edge_node_id, s.data_dir) == ("plant-7", "pump-3", str(tmp_path))
     assert s.servers == ["mqtts://broker.example:8883", "mqtt://backup:1883"]
     assert s.primary_host_id == "scada-1" and s.username == "edge" and s.password == "secret"
-    assert s.keepalive == 15.0 and s.rebirth_debounce == 2.0
+    assert s.keepalive == 15.0 and s.data_qos == 0
     assert s.use_aliases is False and s.protocol == "3.1.1"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -9,13 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import EXIT_CONFIG
+from gateway.diagnostics.doctor import DevicePolicy, check_device_policy, load_device_policy
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "outpost.service"
 SCRIPTS = [
     ROOT / "deploy" / "install.sh",
     ROOT / "raspberry-pi" / "firstboot.sh",
-    ROOT / "raspberry-pi" / "prepare-boot.sh",
-    ROOT / "raspberry-pi" / "stage.sh",
+    ROOT / "raspberry-pi" / "build-image.sh",
+    ROOT / "tests" / "deploy" / "probe.sh",
+    ROOT / "tests" / "deploy" / "firstboot-probe.sh",
 ]
 
 
@@ -34,7 +39,8 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 def test_shell_scripts_parse_and_are_executable(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     assert script.stat().st_mode & 0o111, f"{script} is not executable"
-    assert "set -euo pipefail" in script.read_text()
+    if "probe" not in script.name:  # the test probes record failures instead of stopping at one
+        assert "set -euo pipefail" in script.read_text()
 
 
 def test_unit_has_the_settings_the_gateway_relies_on() -> None:
@@ -47,8 +53,20 @@ def test_unit_has_the_settings_the_gateway_relies_on() -> None:
     assert s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
     # Serial adapters must stay reachable under the device policy.
     assert s["DevicePolicy"] == ["closed"]
-    assert {"char-ttyUSB rw", "char-ttyACM rw"} <= set(s["DeviceAllow"])
+    assert {"char-ttyUSB rw", "char-ttyACM rw", "char-ttyAMA rw", "char-ttyS rw", "char-ttySC rw"} <= set(
+        s["DeviceAllow"]
+    )
     assert "PrivateDevices" not in s
+    # Validate before reloading: the check runs before the SIGHUP.
+    check = "/opt/outpost/venv/bin/outpost check --config /etc/outpost/outpost.toml"
+    assert s["ExecReload"] == [check, "/bin/kill -HUP $MAINPID"]
+    # No crash loop on an invalid configuration: `outpost run` exits 2 and that stops the
+    # restarts; a failing ExecStartPre would be retried forever (test-deploy shows it).
+    assert s["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
+    assert "ExecStartPre" not in s
+    assert f'"$EXIT_STATUS" = {EXIT_CONFIG}' in s["ExecStopPost"][0] and "<3>" in s["ExecStopPost"][0]
+    assert s["SyslogLevelPrefix"] == ["yes"]
+    assert s["EnvironmentFile"] == ["-/etc/outpost/outpost.env"]
     # ProtectClock=yes would make adjtimex() fail and hide clock sync state.
     assert "ProtectClock" not in s
     assert "adjtimex clock_adjtime" in s["SystemCallFilter"]
@@ -100,7 +118,15 @@ def test_installer_dry_run_creates_user_venv_config_and_unit() -> None:
         "usermod --append --groups dialout outpost" in line for line in lines
     )
     assert "+ python3 -m venv /opt/outpost-test/venv" in lines
-    assert f"+ /opt/outpost-test/venv/bin/pip install --quiet --upgrade {ROOT}" in lines
+    pip = "+ /opt/outpost-test/venv/bin/python -m pip --disable-pip-version-check --no-input install --quiet"
+    # Locked, hash-checked dependencies, then Outpost itself; never a pip self-upgrade.
+    assert f"{pip} --no-deps --require-hashes -r {ROOT}/deploy/requirements.lock" in lines
+    assert f"{pip} --no-deps --force-reinstall {ROOT}" in lines
+    assert not any("--upgrade pip" in line for line in lines)
+    # Secrets: root-only, read by systemd, not by the outpost group.
+    assert any(line.endswith("/etc/outpost/outpost.env") and "-m 0600 -o root -g root" in line for line in lines) or (
+        "+ chmod 0600 /etc/outpost/outpost.env" in lines
+    )
     assert f"+ install -m 0644 {ROOT}/deploy/systemd/outpost.service /etc/systemd/system/outpost.service" in lines
     assert "+ install -d -m 0750 -o root -g outpost /etc/outpost" in lines
     # The service is (re)started only after the configuration validated.
@@ -117,93 +143,120 @@ def test_installer_refuses_a_directory_that_is_not_outpost(tmp_path: Path) -> No
     assert proc.returncode == 1 and "pyproject.toml" in proc.stderr
 
 
-def fake_boot(tmp_path: Path) -> Path:
-    boot = tmp_path / "bootfs"
-    boot.mkdir(parents=True)
-    (boot / "cmdline.txt").write_text("console=serial0,115200 root=PARTUUID=1234-02 rootwait\n")
-    return boot
+def test_journald_drop_in_caps_the_journal_and_sets_no_default() -> None:
+    conf = (ROOT / "raspberry-pi" / "files" / "journald-outpost.conf").read_text()
+    lines = [line for line in conf.splitlines() if line and not line.startswith(("#", "["))]
+    settings = dict(line.split("=", 1) for line in lines)
+    assert settings["SystemMaxUse"] == "64M" and settings["Storage"] == "persistent"
+    # journald's defaults (SyncIntervalSec=5m, RateLimitIntervalSec=30s) are not restated as if
+    # they were changes; its sync happens at once only for crit/alert/emerg, not warnings.
+    assert "SyncIntervalSec" not in settings and "RateLimitIntervalSec" not in settings
+    assert "warnings and worse" not in conf
+    firstboot = (ROOT / "raspberry-pi" / "firstboot.sh").read_text()
+    assert "files/journald-outpost.conf" in firstboot and "systemd-timesyncd" in firstboot
 
 
-def source_tree(tmp_path: Path) -> Path:
-    """A small stand-in for the checkout (the real one is being edited while tests run)."""
-    src = tmp_path / "src"
-    if not src.exists():
-        for rel in ("pyproject.toml", "README.md", "gateway/__init__.py", "drivers/__init__.py",
-                    "buffer/__init__.py", "deploy/install.sh", "deploy/systemd/outpost.service",
-                    "raspberry-pi/stage.sh", "raspberry-pi/firstboot.sh"):
-            target = src / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / rel, target)
-        (src / ".venv" / "bin").mkdir(parents=True)
-        (src / "tests").mkdir()
-        (src / "gateway" / "__pycache__").mkdir()
-    return src
-
-
-def prepare(boot: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(ROOT / "raspberry-pi" / "prepare-boot.sh"), str(boot),
-         "--source", str(source_tree(boot.parent)), *extra],
-        capture_output=True, text=True, timeout=120,
-    )
-
-
-def test_prepare_boot_hooks_into_imagers_firstrun_before_it_deletes_itself(tmp_path: Path) -> None:
-    boot = fake_boot(tmp_path)
-    (boot / "firstrun.sh").write_text(
-        "#!/bin/bash\nset +e\nsystemctl enable ssh\nrm -f /boot/firmware/firstrun.sh\n"
-        "sed -i 's| systemd.run.*||g' /boot/firmware/cmdline.txt\nexit 0\n"
-    )
-    config = tmp_path / "site.toml"
-    config.write_text("[gateway]\n")
-    for _ in range(2):  # idempotent
-        proc = prepare(boot, "--config", str(config))
-        assert proc.returncode == 0, proc.stderr
-    lines = (boot / "firstrun.sh").read_text().splitlines()
-    hook = "bash /boot/firmware/outpost/raspberry-pi/stage.sh"
-    assert lines.count(hook) == 1
-    assert lines.index(hook) == lines.index("rm -f /boot/firmware/firstrun.sh") - 1
-    assert (boot / "outpost.toml").read_text() == "[gateway]\n"
-    assert (boot / "outpost" / "raspberry-pi" / "stage.sh").exists()
-    assert (boot / "outpost" / "deploy" / "install.sh").exists()
-    assert (boot / "outpost" / "pyproject.toml").exists()
-    assert (boot / "outpost" / "gateway" / "__init__.py").exists()
-    assert not (boot / "outpost" / ".venv").exists()
-    assert not (boot / "outpost" / "tests").exists()
-    assert not (boot / "outpost" / "gateway" / "__pycache__").exists()
-
-
-def test_prepare_boot_adds_a_cloud_init_runcmd(tmp_path: Path) -> None:
-    boot = fake_boot(tmp_path)
-    (boot / "user-data").write_text("#cloud-config\nhostname: pump3\nruncmd:\n  - [echo, hi]\n")
-    assert prepare(boot).returncode == 0
-    assert prepare(boot).returncode == 0
-    text = (boot / "user-data").read_text()
-    assert text.count("outpost/raspberry-pi/stage.sh") == 1
-    assert text.count("runcmd:") == 1
-    assert "  - [env, OUTPOST_STAGE_START=1, bash, /boot/firmware/outpost/raspberry-pi/stage.sh]" in text
-
-    boot2 = fake_boot(tmp_path / "b2")
-    (boot2 / "user-data").write_text("#cloud-config\nhostname: pump4\n")
-    assert prepare(boot2).returncode == 0
-    assert (boot2 / "user-data").read_text().endswith(
-        "runcmd:\n  - [env, OUTPOST_STAGE_START=1, bash, /boot/firmware/outpost/raspberry-pi/stage.sh]\n"
-    )
-
-
-def test_prepare_boot_without_a_hook_explains_the_manual_route(tmp_path: Path) -> None:
-    proc = prepare(fake_boot(tmp_path))
-    assert proc.returncode == 1 and "firstboot.sh" in proc.stderr
-    assert prepare(tmp_path / "nowhere").returncode == 2
-    not_source = subprocess.run(
-        [str(ROOT / "raspberry-pi" / "prepare-boot.sh"), str(fake_boot(tmp_path / "b3")), "--source", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert not_source.returncode == 2 and "not an Outpost source tree" in not_source.stderr
-
-
-def test_firstboot_limits_journald_and_enables_ntp() -> None:
+def test_firstboot_moves_configuration_and_secrets_off_the_boot_partition() -> None:
+    """The order of the steps; their effect is checked by the first boot in `make test-deploy`."""
     text = (ROOT / "raspberry-pi" / "firstboot.sh").read_text()
-    assert "SystemMaxUse=64M" in text and "SyncIntervalSec=5m" in text
-    assert "timedatectl set-ntp true" in text and "systemd-timesyncd" in text
-    assert "deploy/install.sh" in text and "systemctl enable outpost.service" in text
+    # Secrets are installed root-only before the FAT copies are overwritten and removed.
+    assert text.index("install -m 0600 -o root -g root /dev/null /etc/outpost/outpost.env.new") < text.index(
+        'rm -f "$BOOT_DIR/$f"')
+    assert "for f in outpost.toml outpost.env authorized_keys" in text
+    # The login user joins no Outpost group.
+    assert "--groups outpost" not in text and "-aG outpost" not in text
+    # settings.conf is parsed, never sourced.
+    assert "source " not in text and ". \"$BOOT_DIR" not in text
+
+
+def test_build_image_refuses_what_is_not_a_pi_image(tmp_path: Path) -> None:
+    script = ROOT / "raspberry-pi" / "build-image.sh"
+    img = tmp_path / "x.img"
+    img.write_bytes(b"\0" * 4096)
+    dist = tmp_path / "outpost-0.1.0-aarch64.tar.gz"
+    dist.write_bytes(b"")
+    proc = subprocess.run([str(script), "--image", str(img), "--dist", str(dist), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "make dist" in proc.stderr
+    proc = subprocess.run([str(script), "--image", str(img), "--dist", str(dist), "--output", "o", "--rs485", "rs232"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--rs485" in proc.stderr
+
+
+# --- the unit's device policy, as `outpost doctor` checks it ---------------------------
+
+PROC_DEVICES = """Character devices:
+  1 mem
+  4 /dev/vc/0
+  4 tty
+  4 ttyS
+  5 /dev/tty
+136 pts
+188 ttyUSB
+204 ttyAMA
+240 ttySC
+
+Block devices:
+  7 loop
+"""
+
+
+@pytest.fixture
+def pty_path() -> object:
+    master, slave = os.openpty()
+    try:
+        yield os.ttyname(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_shipped_unit_allows_every_serial_driver_the_gateway_supports() -> None:
+    policy = load_device_policy(str(UNIT))
+    assert policy is not None and policy.policy == "closed"
+    allowed = {dev for dev, access in policy.allow if "rw" in access}
+    for driver in ("ttyUSB", "ttyACM", "ttyAMA", "ttyS", "ttySC"):
+        assert f"char-{driver}" in allowed
+
+
+def test_device_policy_check_refuses_a_hat_the_unit_does_not_allow(tmp_path: Path, pty_path: str) -> None:
+    # A pty stands in for the port; the fake /proc/devices says its major is the SC16IS7xx driver.
+    major = os.major(os.stat(pty_path).st_rdev)
+    proc = PROC_DEVICES.replace("136 pts", f"{major} ttySC")
+    old = tmp_path / "old.service"
+    old.write_text("[Service]\nDevicePolicy=strict\nDeviceAllow=char-ttyUSB rw\nDeviceAllow=char-ttyAMA rw\n")
+    check = check_device_policy(pty_path, load_device_policy(str(old)), proc_devices=proc)
+    assert not check.ok
+    assert "ttySC" in check.detail and "DeviceAllow=char-ttySC rw" in check.hint
+    # The shipped unit lets it through.
+    check = check_device_policy(pty_path, load_device_policy(str(UNIT)), proc_devices=proc)
+    assert check.ok and "char-ttySC" in check.detail
+
+
+def test_device_policy_drop_ins_add_and_reset(tmp_path: Path, pty_path: str) -> None:
+    major = os.major(os.stat(pty_path).st_rdev)
+    proc = PROC_DEVICES.replace("136 pts", f"{major} ttyXR")  # a driver nobody listed
+    unit = tmp_path / "outpost.service"
+    unit.write_text("[Service]\nDevicePolicy=closed\nDeviceAllow=char-ttyUSB rw\n")
+    assert not check_device_policy(pty_path, load_device_policy(str(unit)), proc_devices=proc).ok
+    dropins = tmp_path / "outpost.service.d"
+    dropins.mkdir()
+    (dropins / "xr.conf").write_text("[Service]\nDeviceAllow=char-ttyXR rw\n")
+    assert check_device_policy(pty_path, load_device_policy(str(unit)), proc_devices=proc).ok
+    # Read-only access is not enough for a Modbus master.
+    (dropins / "xr.conf").write_text("[Service]\nDeviceAllow=\nDeviceAllow=char-ttyXR r\n")
+    policy = load_device_policy(str(unit))
+    assert policy.allow == (("char-ttyXR", "r"),)
+    assert not check_device_policy(pty_path, policy, proc_devices=proc).ok
+    # A node allowed by path (same major:minor) passes; no unit at all is not checked.
+    by_path = DevicePolicy("x", "strict", ((pty_path, "rw"),))
+    assert check_device_policy(pty_path, by_path, proc_devices=proc).ok
+    assert load_device_policy(str(tmp_path / "absent.service")) is None
+    assert check_device_policy(pty_path, DevicePolicy("x"), proc_devices=proc).ok
+
+
+def test_ptys_pass_closed_policy_as_systemd_allows_char_pts(pty_path: str) -> None:
+    proc = PROC_DEVICES.replace("136 pts", f"{os.major(os.stat(pty_path).st_rdev)} pts")
+    policy = DevicePolicy("x", "closed", (("char-ttyUSB", "rw"),))
+    assert check_device_policy(pty_path, policy, proc_devices=proc).ok
+    assert not check_device_policy(pty_path, DevicePolicy("x", "strict", policy.allow), proc_devices=proc).ok

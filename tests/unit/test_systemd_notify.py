@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.runtime.systemd import Notifier, SystemdNotifyError, Watchdog, watchdog_interval_s
+from gateway.runtime.systemd import Notifier, StatusLine, SystemdNotifyError, Watchdog, watchdog_interval_s
 
 
 @pytest.fixture
@@ -190,3 +191,97 @@ async def test_watchdog_does_nothing_without_interval_or_socket(manager: tuple[s
     assert not w1.active and not w2.active
     await w1.stop()
     await w2.stop()
+
+
+async def test_every_liveness_check_must_pass_before_a_ping(
+    manager: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture,
+) -> None:
+    path, sock = manager
+    caplog.set_level(logging.INFO, logger="gateway.runtime.systemd")
+    writer_stalled: str | None = "no commit for 40 s"
+    notifier = Notifier(path)
+    watchdog = Watchdog(notifier, interval_s=0.02)
+    watchdog.add_check("loop", lambda: None)
+    watchdog.add_check("buffer-writer", lambda: writer_stalled)
+    with pytest.raises(ValueError, match="already registered"):
+        watchdog.add_check("loop", lambda: None)
+    watchdog.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert drain(sock) == []
+        assert watchdog.withheld >= 2
+        assert watchdog.failing() == {"buffer-writer": "no commit for 40 s"}
+        # Logged once (not every tick), naming the check and its reason.
+        withheld = [r for r in caplog.records if "pings withheld" in r.getMessage()]
+        assert len(withheld) == 1 and "buffer-writer: no commit for 40 s" in withheld[0].getMessage()
+        writer_stalled = None
+        assert await pings_within(sock, 2, timeout_s=5)
+        assert any("pings resumed" in r.getMessage() for r in caplog.records)
+    finally:
+        await watchdog.stop()
+        notifier.close()
+
+
+async def test_a_check_that_raises_withholds_pings(manager: tuple[str, socket.socket]) -> None:
+    path, sock = manager
+    notifier = Notifier(path)
+    watchdog = Watchdog(notifier, interval_s=0.02)
+
+    def broken() -> str | None:
+        raise RuntimeError("heartbeat file gone")
+
+    watchdog.add_check("buffer-writer", broken)
+    watchdog.start()
+    try:
+        await asyncio.sleep(0.15)
+        assert drain(sock) == []
+        assert "heartbeat file gone" in watchdog.failing()["buffer-writer"]
+    finally:
+        await watchdog.stop()
+        notifier.close()
+
+
+async def test_status_line_is_refreshed_from_its_source_and_only_when_it_changes(
+    manager: tuple[str, socket.socket],
+) -> None:
+    path, sock = manager
+    text = "mqtt up, kafka down since 10:02; buffer 120 records"
+    notifier = Notifier(path)
+    line = StatusLine(notifier, lambda: text, interval_s=0.02)
+    line.start()
+    try:
+        await asyncio.sleep(0.15)
+        assert drain(sock) == [f"STATUS={text}"]
+        text = "mqtt up, kafka up\nbuffer 0 records"
+        deadline = time.monotonic() + 5
+        got: list[str] = []
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            got = drain(sock)
+        assert got == ["STATUS=mqtt up, kafka up buffer 0 records"]
+    finally:
+        await line.stop()
+        notifier.close()
+    assert not line.active
+
+
+async def test_status_line_survives_a_failing_source(manager: tuple[str, socket.socket]) -> None:
+    path, sock = manager
+    calls = 0
+
+    def source() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("links")
+        return "recovered"
+
+    line = StatusLine(Notifier(path), source, interval_s=0.02)
+    assert line.refresh() is False and line.last is None
+    assert line.refresh() is True and drain(sock) == ["STATUS=recovered"]
+    # Without a service manager nothing starts.
+    idle = StatusLine(Notifier(None), source)
+    idle.start()
+    assert not idle.active
+    with pytest.raises(ValueError):
+        StatusLine(Notifier(None), source, interval_s=0)

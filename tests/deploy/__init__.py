@@ -1,0 +1,1 @@
+"""Deployment tests: release tarballs installed offline in emulated Raspberry Pi OS-like roots."""

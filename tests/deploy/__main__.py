@@ -1,0 +1,5 @@
+import sys
+
+from tests.deploy.run import main
+
+sys.exit(main())
