@@ -656,6 +656,60 @@ def unique(prefix: str) -> str:
     return f"{prefix}.{uuid.uuid4().hex[:8]}"
 
 
+def stored_readings(db: Path, cursor: str) -> dict[str, set[int]] | None:
+    """Counter values still in a stopped gateway's buffer for `cursor`: records after its
+    cursor and its quarantined (held) records. An undelivered reading found here is not lost
+    (nothing stored is lost), only late. None: the file could not be read."""
+    out: dict[str, set[int]] = {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            row = c.execute("SELECT acked_seq FROM cursors WHERE name = ?", (cursor,)).fetchone()
+            acked = row[0] if row else 0
+            rows = c.execute("SELECT s.name, r.payload FROM records r JOIN streams s ON s.id = r.stream_id "
+                             "WHERE r.seq > ?", (acked,)).fetchall()
+            with contextlib.suppress(sqlite3.OperationalError):  # a buffer without a quarantine
+                rows += c.execute("SELECT s.name, q.payload FROM quarantine q JOIN streams s ON "
+                                  "s.id = q.stream_id WHERE q.cursor = ?", (cursor,)).fetchall()
+    except sqlite3.Error:
+        return None
+    for stream, payload in rows:
+        p = pb.Payload()
+        with contextlib.suppress(Exception):
+            p.ParseFromString(payload)
+        vals = {int(_metric_value(m)) for m in p.metrics if m.name == "n"
+                and isinstance(_metric_value(m), int | float)}
+        out.setdefault(stream.rsplit("/", 1)[-1], set()).update(vals)
+    return out
+
+
+def salvage_book(db: Path) -> dict[str, int] | None:
+    """Records salvaged from moved-aside files and records counted lost by the salvage."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            rec, lost, files = c.execute("SELECT coalesce(sum(records), 0), coalesce(sum(lost), 0), "
+                                         "count(*) FROM salvaged").fetchone()
+            return {"files": int(files), "records": int(rec), "lost": int(lost)}
+    except sqlite3.Error:
+        return None
+
+
+def discount_stored(r: CaseResult, audits: dict[str, dict[str, Any]], stored: dict[str, set[int]] | None) -> None:
+    """After fill_counters and the gateway's stop: a reading not delivered but still stored
+    in the buffer is late, not lost (`pending_in_buffer`)."""
+    if stored is None:
+        r.figures["stored_after_stop"] = "unreadable"
+        return
+    pending = 0
+    for d, a in audits.items():
+        missing = set(a.get("_missing", []))
+        late = missing & stored.get(d, set())
+        a["pending_in_buffer"] = len(late)
+        a["holes"] -= len(late)
+        pending += len(late)
+    r.lost = sum(a["holes"] for a in audits.values())
+    r.figures["pending_in_buffer_after_stop"] = pending
+
+
 def fill_counters(r: CaseResult, audits: dict[str, dict[str, Any]]) -> None:
     """Sum the per-device audits into the case's figures.
 
@@ -681,6 +735,7 @@ def fill_counters(r: CaseResult, audits: dict[str, dict[str, Any]]) -> None:
         a["expected"] -= len(mine)
         a["holes"] = len(holes[d] - mine)
         a["hole_examples"] = sorted(holes[d] - mine)[:8]
+        a["_missing"] = sorted(holes[d] - mine)
     r.expected = sum(a["expected"] for a in audits.values())
     r.delivered = sum(a["delivered"] for a in audits.values())
     r.lost = sum(a["holes"] for a in audits.values())
@@ -749,6 +804,10 @@ async def case_mqtt_acl(env: Env, p: Params, r: CaseResult) -> None:
         healthy = gw.audit(watch.ddata, "healthy")
         refused = gw.audit(watch.ddata, "refused")
         fill_counters(r, {"healthy": healthy, "refused": refused})
+        held_end = held_records(await gw.status(), "mqtt")
+        await gw.stop()
+        discount_stored(r, {"healthy": healthy, "refused": refused},
+                        await asyncio.to_thread(stored_readings, gw.data_dir / "buffer.db", "mqtt"))
         bridged = [json.loads(payload)["k"] for _t, _topic, payload in watch.other]
         r.checks["refused device delivered in order after the lift"] = refused["in_order"] and refused["holes"] == 0
         r.checks["refused device caught up with the healthy one"] = refused["max"] >= healthy["max"] - 30
@@ -758,7 +817,7 @@ async def case_mqtt_acl(env: Env, p: Params, r: CaseResult) -> None:
             bridged[:n_cmds] == list(range(n_cmds)))
         r.checks["bridge: offsets committed after the lift"] = committed_after == n_cmds
         r.checks["lost == 0"] = r.lost == 0
-        r.figures.update({"held_at_end": held_records(await gw.status(), "mqtt"),
+        r.figures.update({"held_at_end": held_end,
                           "bridged_after_lift": bridged, "committed_while_refused": committed_while,
                           "committed_after_lift": committed_after, "lift_to_drained_s":
                           round(time.monotonic() - t_lift, 1), "mqtt_refused": mq.get("refused"),
@@ -1133,21 +1192,30 @@ async def case_corruption(env: Env, p: Params, r: CaseResult) -> None:
         buf = (st or {}).get("buffer") or {}
         audits = {f"d{i}": gw.audit(watch.ddata, f"d{i}") for i in range(6)}
         fill_counters(r, audits)
+        alive = gw.proc.alive()
+        await gw.stop()
+        discount_stored(r, audits, await asyncio.to_thread(stored_readings, gw.data_dir / "buffer.db", "mqtt"))
         counted_lost = 0
         salv = buf.get("salvage") or buf.get("salvaged")
         if isinstance(salv, dict):
             counted_lost = int(salv.get("lost") or 0)
+        # What the buffer itself recorded of its salvages (`salvaged` table of the new file).
+        book = await asyncio.to_thread(salvage_book, gw.data_dir / "buffer.db")
+        r.figures["salvage_book"] = book
+        if salv is None and book is not None:
+            salv = book["records"]
+            counted_lost = max(counted_lost, book["lost"])
         dropped = buf.get("dropped") or {}
         counted_lost += sum(int(v) for k, v in dropped.items() if "corrupt" in k or "lost" in k)
         # A record holds ~2 samples of `n` per device (100 ms points, 100 ms flushes, jitter).
         r.figures.update({"pages_damaged": len(hit), "salvaged": salv, "dropped": dropped,
                           "buffer_keys": sorted(buf), "counted_lost_records": counted_lost,
                           "readings_missing": r.lost, "task_crashes": task_crashes(st),
-                          "gateway_alive": gw.proc.alive(), "lift_to_drained_s": round(time.monotonic() - t_lift, 1)})
+                          "gateway_alive": alive, "lift_to_drained_s": round(time.monotonic() - t_lift, 1)})
         r.quarantined = quarantined(st)
         uncounted = max(0, r.lost - 3 * counted_lost)
         r.lost = uncounted
-        r.checks["gateway alive, no crash loop"] = gw.proc.alive() and all(v < 3 for v in task_crashes(st).values())
+        r.checks["gateway alive, no crash loop"] = alive and all(v < 3 for v in task_crashes(st).values())
         r.checks["buffer recovered: uplink drained after the lift"] = drained
         r.checks["unsent records salvaged (status shows salvaged > 0)"] = bool(
             salv if not isinstance(salv, dict) else salv.get("records"))
@@ -1408,6 +1476,9 @@ async def run_case(n: int, env: Env, params: Params) -> CaseResult:
     except Exception as exc:
         r.error = f"{type(exc).__name__}: {exc}"[:1500]
         r.figures["traceback"] = traceback.format_exc()[-1500:]
+    for a in (r.figures.get("audit") or {}).values():
+        if isinstance(a, dict):
+            a.pop("_missing", None)
     r.seconds = round(time.monotonic() - started, 1)
     return r
 
