@@ -126,9 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_CONFIG
     assert res.config is not None and res.secrets is not None
+    cfg, secrets = res.config, res.secrets
+    del res  # the objects built for the check are not kept for years beside the real ones
     from gateway.runtime.supervisor import run_gateway
 
-    return asyncio.run(run_gateway(res.config, res.secrets, config_path=path))
+    return asyncio.run(run_gateway(cfg, secrets, config_path=path))
 
 
 # --- status / tail -----------------------------------------------------------------------
