@@ -14,11 +14,14 @@ Every case prints the same figures:
   simulator skips a tick it is too late for), or delivered;
 - `delivered`: of those, the readings an independent consumer saw (a gmqtt subscriber on
   MQTT, kcat as the Kafka admin user on Kafka);
-- `held`: records the refused destination's cursor held in the buffer just before the
-  refusal was lifted;
-- `quarantined`: records in the buffer's quarantine (`outpost status`, buffer.quarantine)
-  at the end of the refusal;
-- `lost`: expected readings never delivered and not counted anywhere by the gateway;
+- `held`: records of the refused destination held in the buffer just before the refusal
+  was lifted (quarantined as `held:<destination>` where the gateway keeps them there,
+  else behind the uplink's cursor);
+- `quarantined`: records quarantined for good (too large, not encodable; `outpost status`
+  buffer.quarantine less the held ones) at the end of the refusal;
+- `lost`: expected readings never delivered, not found in the stopped gateway's buffer
+  (records after the cursor, quarantined records: late, not lost) and not counted as lost
+  by it;
 - `healthy_stalled_s`: the longest gap between two deliveries on a destination that was
   not refused, measured by the consumer while the refusal lasted (a healthy 100 ms point
   delivers every ~0.1-0.3 s).
