@@ -124,12 +124,17 @@ def build_outpost_wheel(python: str, work: Path, version: str | None) -> Path:
             src.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, src / part)
     if version:
-        pyproject = src / "pyproject.toml"
-        text = pyproject.read_text()
-        text, n = re.subn(r'(?m)^version = "[^"]*"', f'version = "{version}"', text, count=1)
-        if n != 1:
-            raise DistError("no version line in pyproject.toml")
-        pyproject.write_text(text)
+        # The version is written once, in gateway/version.py (pyproject reads it), or in pyproject.
+        for path, pattern in ((src / "gateway" / "version.py", r'(?m)^__version__ = "[^"]*"'),
+                              (src / "pyproject.toml", r'(?m)^version = "[^"]*"')):
+            if path.exists():
+                text, n = re.subn(pattern, pattern.split(" = ")[0].removeprefix("(?m)^") + f' = "{version}"',
+                                  path.read_text(), count=1)
+                if n == 1:
+                    path.write_text(text)
+                    break
+        else:
+            raise DistError("no version in gateway/version.py or pyproject.toml")
     out = work / "outpost-wheel"
     run([python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
          "-w", str(out), str(src)])
@@ -244,6 +249,16 @@ def lock_pins_from_wheel(w: Path) -> str:
     return f"{canonical(parts[0])}=={parts[1]}"
 
 
+def source_version() -> str:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    if "version" in project:
+        return project["version"]
+    match = re.search(r'(?m)^__version__ = "([^"]+)"', (ROOT / "gateway" / "version.py").read_text())
+    if not match:
+        raise DistError("no __version__ in gateway/version.py")
+    return match.group(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", choices=ARCHES)
@@ -256,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     lock_text = LOCK.read_text()
     blocks = lock_blocks(lock_text)
     pins = lock_pins(lock_text)
-    version = args.version or tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     try:
+        version = args.version or source_version()
         with tempfile.TemporaryDirectory(prefix="outpost-dist-") as tmp:
             work = Path(tmp)
             outpost = build_outpost_wheel(args.python, work, args.version)

@@ -195,6 +195,36 @@ class UplinkState:
         return f"{self.name} {word}"
 
 
+HELD_PREFIX = "held:"  # quarantine reason of a held destination's records: held:<topic>
+
+
+@dataclass(slots=True)
+class HeldDestination:
+    """A destination that refuses (not authorised, unknown topic, quota): its records wait in
+    the buffer's quarantine under `reason_key`, in order; it is probed with `backoff` until it
+    accepts, and then drained oldest first before it flows directly again. The same for the
+    Sparkplug session (MQTT topics) and the Kafka uplink (Kafka topics)."""
+
+    topic: str
+    backoff: Any  # common.backoff.Backoff
+    draining: bool = False
+    next_probe: float = 0.0
+
+    @property
+    def reason_key(self) -> str:
+        return held_key(self.topic)
+
+
+def held_key(topic: str) -> str:
+    return (HELD_PREFIX + topic)[:200]  # the buffer keeps reasons of at most 200 characters
+
+
+def held_topics(stats: dict[str, Any], cursor: str) -> list[str]:
+    """Destinations with records held in the buffer for `cursor` (after a restart)."""
+    reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(cursor, {})
+    return [r[len(HELD_PREFIX):] for r in reasons if r.startswith(HELD_PREFIX)]
+
+
 class Uplink(Protocol):
     """What the supervisor needs of every uplink and inbound consumer."""
 

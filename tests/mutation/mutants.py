@@ -9,9 +9,10 @@ mutated, nor decorators (as mutmut), nor a line marked `# pragma: no mutate`.
 
 A mutant that can only change the text of a log line or of an error message (a string in a
 `raise`, in an exception's constructor, in an `assert` message, anything inside a logging
-call, or an error-location label: a variable named `where`/`w` passed on, or an f-string that
-starts with one, such as f"{where} row {r}") is marked `text_only`: it is counted apart and
-does not enter the score.
+call, or an error-location label: a variable named `where`/`w`/`what`/`detail` passed on, an argument
+for a parameter of that name of a function of the same module, or an f-string that starts
+with one, such as f"{where} row {r}") is marked `text_only`: it is counted apart and does
+not enter the score.
 """
 
 from __future__ import annotations
@@ -39,11 +40,22 @@ _METHOD_SWAP = {
     "removeprefix": "removesuffix", "removesuffix": "removeprefix",
     "partition": "rpartition", "rpartition": "partition",
 }
+# split() and rsplit() without a maxsplit give the same list: swapping them is no mutation.
+_SAME_WITHOUT_LIMIT = {"split", "rsplit"}
+_TYPING = {"Literal", "Callable", "Union", "Optional", "TypeVar", "Protocol"}
 _LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "log"}
 _LOG_OBJECTS = {"log", "logger", "_log", "logging", "LOG", "_logger", "warnings"}
 _NO_MUTATE = "pragma: no mutate"
 # Names the codebase uses for the "where did it happen" label of error messages only.
-_LABEL_NAMES = {"where", "w"}
+_LABEL_NAMES = {"where", "w", "what", "detail"}
+
+
+def _is_type_alias(value: ast.AST) -> bool:
+    if isinstance(value, ast.Subscript):
+        base = value.value
+        name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
+        return name in _TYPING
+    return False
 
 
 def _assigns_label(node: ast.AST) -> bool:
@@ -104,6 +116,41 @@ def _is_exception_ctor(call: ast.Call) -> bool:
     return name.endswith(("Error", "Exception", "Warning", "Full", "Closed", "Corrupt", "Locked", "Cursor"))
 
 
+def _is_text(node: ast.AST) -> bool:
+    """A string literal, an f-string, or a concatenation with a string literal in it."""
+    if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+        return True
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and (
+        _is_text(node.left) or _is_text(node.right))
+
+
+def _positional_params(tree: ast.AST) -> dict[str, tuple[str, ...]]:
+    """Functions and methods of this module by name: their positional parameters (no self),
+    so that a label passed by position (`self._write("purge", body)`) is recognised."""
+    seen: dict[str, tuple[str, ...]] = {}
+    clash: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            names = tuple(a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls"))
+            if node.name in seen and seen[node.name] != names:
+                clash.add(node.name)
+            seen[node.name] = names
+    return {k: v for k, v in seen.items() if k not in clash}
+
+
+def _exception_classes(tree: ast.AST) -> set[str]:
+    """Classes of this module that derive from an exception (their constructors take messages)."""
+    found: set[str] = set()
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    for _ in range(3):  # a subclass of a subclass
+        for c in classes:
+            for b in c.bases:
+                name = b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+                if name.endswith(("Error", "Exception")) or name in found:
+                    found.add(c.name)
+    return found
+
+
 def _docstring_ids(tree: ast.AST) -> set[int]:
     ids = set()
     for node in ast.walk(tree):
@@ -132,7 +179,9 @@ class _Walker:
         self._stmt: list[tuple[int, int]] = [(0, 0)]
 
     def run(self, tree: ast.Module) -> ast.Module:
+        self._params = _positional_params(tree)
         self._docstrings = _docstring_ids(tree)
+        self._exceptions = _exception_classes(tree)
         self._visit_children(tree, _Ctx())
         return tree
 
@@ -189,9 +238,24 @@ class _Walker:
         if isinstance(parent, ast.Call) and field in ("args", "keywords"):
             if _is_log_call(parent):
                 return _Ctx(ctx.skip, ctx.message, True, ctx.in_fstring)
-            if _is_exception_ctor(parent):
-                return _Ctx(ctx.skip, True, ctx.log_call, ctx.in_fstring)
+            value = child.value if isinstance(child, ast.keyword) else child
+            if self._is_exception_ctor(parent):
+                # A message built from strings: whatever is inside only changes its text.
+                return _Ctx(ctx.skip, True, ctx.log_call, ctx.in_fstring or _is_text(value))
+            if self._label_argument(parent, child):
+                return _Ctx(ctx.skip, True, ctx.log_call, True)
         return ctx
+
+    def _label_argument(self, call: ast.Call, child: ast.AST) -> bool:
+        """`child` is passed for a `where`/`what` parameter of a function of this module."""
+        if isinstance(child, ast.keyword):
+            return child.arg in _LABEL_NAMES
+        f = call.func
+        params = self._params.get(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""), ())
+        for i, arg in enumerate(call.args):
+            if arg is child:
+                return i < len(params) and params[i] in _LABEL_NAMES
+        return False
 
     def _ctx_for(self, node: ast.AST, ctx: _Ctx) -> _Ctx:
         if id(node) in self._docstrings:
@@ -203,11 +267,18 @@ class _Walker:
             return _Ctx(skip=True)
         if isinstance(node, ast.ImportFrom | ast.Import | ast.Global | ast.Nonlocal):
             return _Ctx(skip=True)
+        if isinstance(node, ast.Assign) and _is_type_alias(node.value):
+            return _Ctx(skip=True)      # a type alias: only annotations use it
         if isinstance(node, ast.JoinedStr):
             return _Ctx(ctx.skip, ctx.message or _is_label(node), ctx.log_call, True)
         if isinstance(node, ast.Assign) and _assigns_label(node):
             return _Ctx(ctx.skip, True, ctx.log_call, ctx.in_fstring)
         return ctx
+
+    def _is_exception_ctor(self, call: ast.Call) -> bool:
+        f = call.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        return name in self._exceptions or _is_exception_ctor(call)
 
     def _text_only(self, node: ast.AST, ctx: _Ctx) -> bool:
         if ctx.log_call:
@@ -273,13 +344,18 @@ class _Walker:
 
     def _call(self, node: ast.Call) -> Iterator[tuple]:
         f = node.func
-        sink = _is_exception_ctor(node) or _is_log_call(node)
+        log_call = _is_log_call(node)
+        sink = log_call or self._is_exception_ctor(node)
 
-        def message(arg: ast.AST) -> tuple:
-            is_text = isinstance(arg, ast.JoinedStr) or (isinstance(arg, ast.Constant) and isinstance(arg.value, str))
-            return (True,) if (sink and is_text) or _is_label(arg) else ()
+        params = self._params.get(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""), ())
 
-        if isinstance(f, ast.Attribute) and f.attr in _METHOD_SWAP:
+        def message(arg: ast.AST, param: str | None = None) -> tuple:
+            is_text = _is_text(arg)
+            label = _is_label(arg) or param in _LABEL_NAMES
+            return (True,) if (sink and is_text) or log_call or label else ()
+
+        if isinstance(f, ast.Attribute) and f.attr in _METHOD_SWAP and not (
+                f.attr in _SAME_WITHOUT_LIMIT and len(node.args) < 2 and not node.keywords):
             new = copy.copy(node)
             new.func = ast.copy_location(ast.Attribute(f.value, _METHOD_SWAP[f.attr], f.ctx), f)
             yield new, "method"
@@ -289,13 +365,13 @@ class _Walker:
             new = copy.copy(node)
             new.args = list(node.args)
             new.args[i] = ast.copy_location(ast.Constant(None), arg)
-            yield (new, "arg-none", *message(arg))
+            yield (new, "arg-none", *message(arg, params[i] if i < len(params) else None))
         for i, kw in enumerate(node.keywords):
             if kw.arg is None:
                 continue
             new = copy.copy(node)
             new.keywords = node.keywords[:i] + node.keywords[i + 1:]
-            yield (new, "kwarg-drop", *message(kw.value))
+            yield (new, "kwarg-drop", *message(kw.value, kw.arg))
 
 
 def list_mutants(source: str) -> list[Mutant]:

@@ -709,3 +709,100 @@ def test_corrupt_copies_lists_main_files_oldest_first(tmp_path):
         (tmp_path / name).write_text("x")
     assert corrupt_copies(str(base)) == [str(tmp_path / "b.db.corrupt-1"), str(tmp_path / "b.db.corrupt-2")]
     assert corrupt_copies(str(tmp_path / "missing" / "b.db")) == []
+
+
+def test_default_tuning_is_the_documented_one():
+    s = settings()
+    assert (s.checkpoint_wal_bytes, s.wal_max_bytes, s.vacuum_slack_bytes, s.reserve_bytes) == (
+        4 * 1024 * 1024, 64 * 1024 * 1024, 8 * 1024 * 1024, 4 * 1024 * 1024)
+
+
+def test_expiry_stops_at_the_first_young_record_even_if_older_ones_follow(path):
+    old = NOW - 3_600_000
+    with Buffer.open(path, settings(max_age_s=60.0)) as buf:
+        buf.register_cursor("c")
+        buf._next_age_check = float("inf")
+        buf.append(recs(3, ts=old) + recs(1, start=3) + recs(1, start=4, ts=old))
+        buf._next_age_check = 0.0
+        buf.append(recs(1, start=5))
+        assert buf.stats()["dropped"]["age"] == 3
+        assert [r.seq for r in buf.read("c")] == [4, 5, 6]   # the late old record waits its turn
+
+
+def test_a_batch_over_the_size_cap_is_not_retriable(path):
+    with Buffer.open(path, settings(max_size_bytes=64 * 1024)) as buf:
+        with pytest.raises(BufferError, match="does not fit under the limit of 65536 bytes") as exc:
+            buf.append(recs(1000))
+        assert exc.value.retriable is False
+
+
+def test_every_checkpoint_mode_is_accepted(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.append(recs(5))
+        for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            assert buf.checkpoint(mode)["mode"] == mode
+
+
+def test_state_is_recovered_from_the_records_when_meta_lags(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(5))
+    with sqlite3.connect(path) as conn:                  # e.g. a file restored from a backup
+        conn.execute("UPDATE meta SET value = 2 WHERE key = 'last_seq'")
+    with Buffer.open(path, settings()) as buf:
+        assert buf.stats()["last_seq"] == 5
+        assert buf.append(recs(1)) == [6]                # never a seq twice
+
+
+def test_the_lock_file_names_the_holder(path):
+    with Buffer.open(path, settings()):
+        with open(path + ".lock") as f:
+            assert f.read() == f"{os.getpid()}\n"
+
+
+def test_a_write_that_meets_a_full_disk_frees_room_once_then_reports_it(path):
+    from buffer import BufferIOError
+
+    with Buffer.open(path, settings(reserve_bytes=64 * 1024)) as buf:
+        buf.append(recs(10))
+        _limit_file(buf, 0)
+        with pytest.raises(BufferIOError, match="register_cursor: disk full") as exc:
+            for i in range(200):                         # cursor rows until no page is left
+                buf.register_cursor(f"c{i:03d}" + "x" * 1000)
+        assert exc.value.retriable
+        assert not os.path.exists(path + ".reserve")     # the retry released the reserve first
+        st = buf.stats()                                 # what was committed stays
+        assert st["records"] == 10 and st["last_seq"] == 10
+
+
+def test_a_second_corrupt_copy_in_the_same_second_gets_a_number(path):
+    import time as _time
+
+    with open(path, "wb") as f:
+        f.write(b"garbage" * 1000)
+    now = _time.time()
+    for t in (now, now + 1):             # the copy's name is stamped to the second: take both
+        stamp = _time.strftime("%Y%m%dT%H%M%SZ", _time.gmtime(t))
+        open(f"{path}.corrupt-{stamp}", "w").close()
+    with Buffer.open(path, settings()) as buf:
+        assert buf.moved_aside.endswith("-2") and os.path.getsize(buf.moved_aside) == 7000
+
+
+def test_a_path_that_cannot_be_opened_is_an_io_error_not_a_corruption(tmp_path):
+    from buffer import BufferIOError
+
+    target = tmp_path / "adir"
+    target.mkdir()
+    with pytest.raises(BufferIOError, match="cannot open buffer") as exc:
+        Buffer.open(target, settings())
+    assert exc.value.retriable is False
+    assert target.is_dir() and not list(tmp_path.glob("adir.corrupt-*"))   # nothing moved aside
+
+
+def test_age_is_checked_at_most_every_tenth_of_max_age(path):
+    with Buffer.open(path, settings(max_age_s=5.0)) as buf:
+        buf.append(recs(1))
+        before = time.monotonic()
+        buf.append(recs(1))                       # records present: this append checks the age
+        nxt = buf._next_age_check
+        assert before < nxt <= time.monotonic() + 0.5     # min(1 s, max_age / 10) ahead

@@ -278,3 +278,12 @@ def test_json_document_layout_alias_only_metrics_and_escapes() -> None:
     assert doc["metrics"][0] == {"alias": 4, "datatype": "Double", "value": 1.5, "quality": "good",
                                  "is_historical": False}
     assert "timestamp" not in doc["metrics"][1]
+
+
+def test_json_float_arrays_use_the_shortest_float32_decimals() -> None:
+    from gateway.sparkplug.payload import DataType, Metric, Payload, encode_payload
+
+    payload = encode_payload(Payload(metrics=[Metric("f", DataType.FloatArray, [0.1, 21.3]),
+                                              Metric("d", DataType.DoubleArray, [0.1])]))
+    doc = json.loads(format_record(Rec(1, "s", payload), _mapping(format="json"), "g/e").value)
+    assert [m["value"] for m in doc["metrics"]] == [[0.1, 21.3], [0.1]]

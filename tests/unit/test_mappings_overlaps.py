@@ -144,3 +144,15 @@ def test_bridged_filters_keep_config_order() -> None:
                           _m("c", "q/#")])
     assert table.bridged_filters() == ["z/#", "a/#", "m/+"]
     assert MappingTable([]).bridged_filters() == []
+
+
+def test_from_config_prefers_the_given_name_and_names_what_is_missing() -> None:
+    class Section:
+        name = "obj"
+        mqtt_topic_filters = ["a/#"]
+        kafka_topic = "t1"
+
+    table = mappings_from_config([Section(), {"name": "d", "mqtt_topic_filters": ["b/+"], "kafka_topic": "t2"}])
+    assert [m.name for m in table.mappings] == ["obj", "d"]
+    with pytest.raises(MappingError, match="kafka mapping '': kafka_topic must be a non-empty string"):
+        Mapping.from_config({"mqtt_topic_filters": ["a/#"]})

@@ -295,3 +295,33 @@ def test_nmea_parser_edges():
     with pytest.raises(SkipLine) as err:
         skip.parse(f"{body}*{checksum_text('nmea', body)}".encode())
     assert isinstance(err.value, BadLine) and "GPRMC" in str(err.value)
+
+
+def test_more_framing_boundaries():
+    f = Framer(cfg(terminator="\\n", max_line_length=4))
+    assert f.feed(b"abcd") == [] and f.overflows == 0      # exactly the maximum, still waiting
+    assert f.feed(b"\n") == [b"abcd"]
+    f = Framer(cfg(framing="start", start="$", parser="csv", max_line_length=4))
+    assert f.feed(b"$abc") == [] and f.overflows == 0      # exactly the maximum, no next start yet
+    assert f.feed(b"$") == [b"$abc"]
+    f = Framer(cfg(framing="start", start="$", parser="csv"))
+    assert f.feed(b"$AX\r\n$B \t\r\n$C") == [b"$AX", b"$B \t"]   # only CR/LF are trimmed
+
+
+def test_more_checksum_and_conversion_boundaries():
+    from drivers.serial_line.codec import convert, nmea_checksum
+
+    assert checksum_text("nmea", "$XA") == f"{nmea_checksum('XA'):02X}"   # only the $ or ! goes
+    assert verify_checksum("*00", "sum8") == ""                           # separator at the start
+    for t, lo, hi in (("int16", -(2**15), 2**15 - 1), ("uint8", 0, 255)):
+        assert convert(_point(type=t), str(lo)) == lo and convert(_point(type=t), str(hi)) == hi
+        for bad in (lo - 1, hi + 1):
+            with pytest.raises(BadLine, match=f"out of range for {t}"):
+                convert(_point(type=t), str(bad))
+
+
+def test_more_parser_cleanup():
+    p = LineParser(cfg(parser="csv", points=[{"name": "a", "source": 0, "type": "string"}]))
+    assert p.parse(b"XaX\r\n") == {"a": "XaX"}
+    kv = LineParser(cfg(parser="kv", points=[{"name": "v", "source": "V"}]))
+    assert kv.parse(b";V=1") == {"v": 1.0}                # an empty item before the first pair

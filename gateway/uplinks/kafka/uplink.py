@@ -40,7 +40,7 @@ from common.backoff import Backoff
 from common.logs import fields
 from gateway.errors import UplinkError
 from gateway.records import H_TOPIC, H_TYPE
-from gateway.uplinks.core import UplinkState
+from gateway.uplinks.core import HeldDestination, UplinkState, held_key, held_topics
 from gateway.uplinks.kafka import adapter
 from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, HELD, Route, Window, route_entry
 from gateway.uplinks.kafka.format import MessageFactory
@@ -63,22 +63,7 @@ _LAG_EVERY_S = 5.0
 _MAX_FANOUT = 4
 _ROUTES_MAX = 4096
 COUNTERS = ("delivered", "messages", "bytes", "unmatched", "held", "quarantined", "resent")
-HELD_PREFIX = "held:"
 
-
-@dataclass(slots=True)
-class _Held:
-    """A Kafka topic the cluster refuses: its records wait in the buffer's quarantine, in
-    order, probed with backoff until the topic accepts, then drained oldest first."""
-
-    topic: str
-    backoff: Backoff
-    draining: bool = False
-    next_probe: float = 0.0
-
-    @property
-    def reason_key(self) -> str:
-        return (HELD_PREFIX + self.topic)[:200]
 
 
 class _RenewProducer(Exception):
@@ -150,7 +135,7 @@ class KafkaUplink:
         self._partitions_checked = 0.0
         self._lag_checked = 0.0
         self._pumped_ok = False
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, HeldDestination] = {}
 
     # --- public ------------------------------------------------------------------------
 
@@ -402,7 +387,7 @@ class KafkaUplink:
                              mapping=r.mapping, seq=r.seq, stream=r.stream, reason=r.reason,
                              detail=r.detail)
         for seq, topic in window.held:
-            await self._buffer.quarantine(CURSOR, seq, self._held_key(topic))
+            await self._buffer.quarantine(CURSOR, seq, held_key(topic))
             self.state.count("held")
 
     async def _route(self, producer: Any, rec: Any, only: str | None = None) -> Route:
@@ -431,13 +416,10 @@ class KafkaUplink:
 
     # --- held topics -------------------------------------------------------------------
 
-    def _held_key(self, topic: str) -> str:
-        return (HELD_PREFIX + topic)[:200]
-
     def _hold(self, topic: str, reason: str) -> None:
         held = self._held.get(topic)
         if held is None:
-            held = self._held[topic] = _Held(topic, Backoff(self._s.reconnect_min_s, self._s.reconnect_max_s))
+            held = self._held[topic] = HeldDestination(topic, Backoff(self._s.reconnect_min_s, self._s.reconnect_max_s))
             self._routes.clear()  # routes to it become HELD entries
         held.draining = False
         held.next_probe = time.monotonic() + held.backoff.next()
@@ -445,13 +427,9 @@ class KafkaUplink:
 
     async def _load_held(self) -> None:
         """After a restart: topics with records held in the buffer are probed first."""
-        stats = await self._buffer.stats()
-        reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(CURSOR, {})
-        for reason in reasons:
-            if reason.startswith(HELD_PREFIX):
-                topic = reason[len(HELD_PREFIX):]
-                self._held.setdefault(topic, _Held(topic, Backoff(self._s.reconnect_min_s,
-                                                                  self._s.reconnect_max_s)))
+        for topic in held_topics(await self._buffer.stats(), CURSOR):
+            backoff = Backoff(self._s.reconnect_min_s, self._s.reconnect_max_s)
+            self._held.setdefault(topic, HeldDestination(topic, backoff))
 
     async def _serve_held(self, producer: Any) -> bool:
         """Probe each held topic that is due; drain one window of a topic that accepts again.
@@ -574,7 +552,7 @@ class KafkaUplink:
                 continue
             self._hold(topic, f"{type(exc).__name__}: {exc}")
             for seq in w.seqs.get((topic, partition), []):
-                await self._buffer.quarantine(CURSOR, seq, self._held_key(topic))
+                await self._buffer.quarantine(CURSOR, seq, held_key(topic))
                 self.state.count("held")
                 held.add(seq)
         await self._ack(w.last_seq, max(0, w.n_delivered - len(held)))

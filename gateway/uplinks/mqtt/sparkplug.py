@@ -61,7 +61,7 @@ from gateway.sparkplug.node_metrics import (
 )
 from gateway.sparkplug.topics import MessageType, TopicError, parse_topic, state_topic
 from gateway.statefile import read_text, write_atomic
-from gateway.uplinks.core import Outcome, UplinkState
+from gateway.uplinks.core import HELD_PREFIX, HeldDestination, Outcome, UplinkState, held_topics
 from gateway.uplinks.mqtt.client import (
     RC_DISCONNECT_WITH_WILL,
     RC_SUCCESS,
@@ -153,23 +153,8 @@ class _Refused(UplinkError):
 COUNTERS = ("published", "historical", "held", "quarantined", "births", "rebirths", "connects",
             "commands", "commands_rejected", "writes_failed", "refused", "skipped",
             "dropped_unconfigured", "node_data")
-HELD_PREFIX = "held:"
 DELIVERED_FILE = "mqtt-delivered.json"
 
-
-@dataclass(slots=True)
-class _Held:
-    """A topic the broker refuses (not authorised, quota): its records wait in the buffer's
-    quarantine, in order, until a probe is accepted; then they are drained oldest first."""
-
-    topic: str
-    backoff: Backoff
-    draining: bool = False
-    next_probe: float = 0.0
-
-    @property
-    def reason_key(self) -> str:
-        return (HELD_PREFIX + self.topic)[:200]
 
 
 class SparkplugUplink:
@@ -238,7 +223,7 @@ class SparkplugUplink:
         self.state.on_render = self._note_session
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._refusal_backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
-        self._held: dict[str, _Held] = {}   # topics the broker refuses (see _serve_held)
+        self._held: dict[str, HeldDestination] = {}   # topics the broker refuses (see _serve_held)
 
     # -- what the runtime calls ----------------------------------------------------------
 
@@ -739,7 +724,7 @@ class SparkplugUplink:
     def _hold(self, topic: str, reason: str) -> None:
         if topic not in self._held:
             st = self.settings
-            self._held[topic] = _Held(topic, Backoff(st.reconnect_min, st.reconnect_max))
+            self._held[topic] = HeldDestination(topic, Backoff(st.reconnect_min, st.reconnect_max))
         held = self._held[topic]
         held.draining = False
         held.next_probe = time.monotonic() + held.backoff.next()
@@ -747,13 +732,9 @@ class SparkplugUplink:
 
     async def _load_held(self) -> None:
         """After a restart: topics with records held in the buffer are probed first."""
-        stats = await self.buffer.stats()
-        reasons = ((stats.get("quarantine") or {}).get("by_cursor_reason") or {}).get(CURSOR, {})
         st = self.settings
-        for reason in reasons:
-            if reason.startswith(HELD_PREFIX):
-                topic = reason[len(HELD_PREFIX):]
-                self._held.setdefault(topic, _Held(topic, Backoff(st.reconnect_min, st.reconnect_max)))
+        for topic in held_topics(await self.buffer.stats(), CURSOR):
+            self._held.setdefault(topic, HeldDestination(topic, Backoff(st.reconnect_min, st.reconnect_max)))
 
     async def _serve_held(self, client: MqttConnection) -> bool:
         """Probe each held topic with its oldest record; drain a topic that accepts again.
