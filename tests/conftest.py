@@ -20,7 +20,7 @@ import pytest
 
 from tests.harness import leaks
 from tests.harness.common import kill_all_live, session_run_dir
-from tests.harness.kafka import ExternalKafka, KafkaCluster, KafkaService
+from tests.harness.kafka import ExternalKafka, KafkaCluster, KafkaService, SecuredKafka
 from tests.harness.mosquitto import MosquittoService
 from tests.harness.pty import PtyPair
 from tests.harness.stack import Stack
@@ -90,6 +90,17 @@ def _outpost_kafka_cluster(_outpost_stack: Stack) -> Iterator[KafkaCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(_outpost_stack: Stack) -> Iterator[SecuredKafka]:
+    """A Kafka that says no (tests/harness/kafka.py SecuredKafka): SASL users admin and
+    outpost, ACLs enforced, no topic auto-creation. Started the first time a test asks."""
+    broker = SecuredKafka(_outpost_stack.run).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -872,3 +874,332 @@ async def _describe_partition(bootstrap: str, topic: str, partition: int) -> dic
         raise HarnessError(f"topic {topic!r} has no partition {partition}: {meta}")
     finally:
         await admin.close()
+
+
+# -- a Kafka that says no ------------------------------------------------------------------
+#
+# What a real site's cluster does to a new gateway: every client authenticates (SASL/PLAIN
+# here), the StandardAuthorizer checks every request against ACLs, nothing is allowed where
+# no ACL says so, and topics are created by an operator, never by a producer's metadata
+# request. The harness is the operator: `admin` is a super user; `outpost` (the gateway's
+# user) starts with ALL on every topic and group and IdempotentWrite on the cluster, and a
+# test refuses one topic to it with a DENY (which beats any ALLOW) and lifts the refusal by
+# deleting that DENY again. ACL requests go through aiokafka's protocol classes on an admin
+# connection (aiokafka 0.14 has them but no admin method for them), so a grant or a
+# revocation costs a round trip, not the start of a JVM.
+
+ACL_RESOURCE = {"any": 1, "topic": 2, "group": 3, "cluster": 4, "transactional_id": 5}
+ACL_PATTERN = {"any": 1, "match": 2, "literal": 3, "prefixed": 4}
+ACL_OPERATION = {"any": 1, "all": 2, "read": 3, "write": 4, "create": 5, "delete": 6, "alter": 7,
+                 "describe": 8, "cluster_action": 9, "describe_configs": 10, "alter_configs": 11,
+                 "idempotent_write": 12}
+ACL_PERMISSION = {"any": 1, "deny": 2, "allow": 3}
+_TOPIC_AUTHORIZATION_FAILED = 29
+
+
+@dataclass(frozen=True)
+class Acl:
+    """One ACL binding: `principal` ("User:outpost") may (`allow`) or may not (`deny`) do
+    `operation` on the `resource` named `name` (`pattern`: literal, or a name prefix)."""
+
+    resource: str
+    name: str
+    principal: str
+    operation: str
+    permission: str
+    pattern: str = "literal"
+    host: str = "*"
+
+    def request_args(self) -> tuple[int, str, int, str, str, int, int]:
+        try:
+            return (ACL_RESOURCE[self.resource], self.name, ACL_PATTERN[self.pattern],
+                    self.principal, self.host, ACL_OPERATION[self.operation],
+                    ACL_PERMISSION[self.permission])
+        except KeyError as exc:
+            raise HarnessError(f"ACL {self}: unknown word {exc}") from None
+
+
+class SecuredKafka:
+    """A KRaft node (broker+controller) that authenticates and authorises every request.
+
+    One SASL_PLAINTEXT listener (mechanism PLAIN) for clients and the broker itself, and a
+    SASL_PLAINTEXT controller listener; `authorizer.class.name` = StandardAuthorizer,
+    `super.users` = User:admin, `allow.everyone.if.no.acl.found` = false,
+    `auto.create.topics.enable` = false. Users: `admin` and `outpost` (`.users`).
+
+    `.bootstrap`, `.client_options(user)` (aiokafka keyword arguments), `.kcat_args(user)`,
+    `.create_topic(name, partitions=1)`, `.add_acl(Acl)`, `.delete_acl(Acl)`, `.acls()`,
+    `.refuse_topic(topic, user="outpost")`, `.lift_topic_refusal(topic, user="outpost")`,
+    `.committed(group, topic, partition=0)`, `.commit(group, topic, offset)`, `.stop()`,
+    `.start()`, `.log_path`.
+    """
+
+    def __init__(self, run: RunDir, *, name: str = "kafka-secured", detached: bool = False) -> None:
+        self.host = "127.0.0.1"
+        self.port, self.controller_port = free_ports(2)
+        self.users: dict[str, str] = {"admin": secrets.token_hex(8), "outpost": secrets.token_hex(8)}
+        self.name = name
+        self._folder = run.sub(name)
+        self.data_dir = self._folder / "data"
+        self.config_path = self._folder / "server.properties"
+        self.log4j_path = self._folder / "log4j.properties"
+        self.log_path = run.log(name)
+        self._detached = detached
+        self.process: ManagedProcess | None = None
+        self.external = False
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def client_options(self, user: str = "admin") -> dict[str, Any]:
+        """aiokafka client keyword arguments for `user` (bootstrap included)."""
+        return {"bootstrap_servers": self.bootstrap, "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "PLAIN", "sasl_plain_username": user,
+                "sasl_plain_password": self.users[user]}
+
+    def kcat_args(self, user: str = "admin") -> list[str]:
+        """kcat (librdkafka) arguments that reach the broker as `user`."""
+        return ["-b", self.bootstrap, "-X", "security.protocol=SASL_PLAINTEXT",
+                "-X", "sasl.mechanisms=PLAIN", "-X", f"sasl.username={user}",
+                "-X", f"sasl.password={self.users[user]}"]
+
+    def _jaas(self) -> str:
+        users = " ".join(f'user_{u}="{pw}"' for u, pw in self.users.items())
+        return ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="admin" password="{self.users["admin"]}" {users};')
+
+    def _server_properties(self) -> str:
+        h = self.host
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{h}:{self.controller_port}",
+            "listeners": f"SASL://{h}:{self.port},CONTROLLER://{h}:{self.controller_port}",
+            "advertised.listeners": f"SASL://{h}:{self.port}",
+            "listener.security.protocol.map": "SASL:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            "inter.broker.listener.name": "SASL",
+            "controller.listener.names": "CONTROLLER",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.sasl.plain.sasl.jaas.config": self._jaas(),
+            "listener.name.controller.plain.sasl.jaas.config": self._jaas(),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:admin",
+            "allow.everyone.if.no.acl.found": "false",
+            "auto.create.topics.enable": "false",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "delete.topic.enable": "true",
+            "log.segment.bytes": str(16 * 1024 * 1024),
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "num.recovery.threads.per.data.dir": "1",
+            "background.threads": "2",
+        }
+        lines = ["# Generated by tests/harness/kafka.py (SecuredKafka) for one run."]
+        lines += [f"{k}={_escape_property(v)}" for k, v in props.items()]
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout_s: float = 180) -> SecuredKafka:
+        if self.process is not None and self.process.alive():
+            return self
+        self.config_path.write_text(self._server_properties())
+        self.log4j_path.write_text(_CLUSTER_LOG4J)
+        if not (self.data_dir / "meta.properties").exists():
+            run_checked([*_cluster_jvm("128m", self.log4j_path), "kafka.tools.StorageTool",
+                         # `=`: a cluster id may begin with "-", which argparse takes for an option
+                         "format", f"--cluster-id={_cluster_id()}", "-c", str(self.config_path),
+                         "--ignore-formatted"], f"formatting {self.name}'s data dir", timeout_s=300)
+        first = self.process is None
+        self.process = ManagedProcess(
+            self.name, [*_cluster_jvm(CLUSTER_HEAP, self.log4j_path), "kafka.Kafka",
+                        str(self.config_path)], self.log_path, detached=self._detached).start()
+        try:
+            wait_until(self._ready, timeout_s, f"{self.name} at {self.bootstrap} to answer admin "
+                       "requests as User:admin", interval_s=1,
+                       on_timeout=lambda: log_tail(self.log_path, 60))
+            if first:
+                for acl in self.default_acls("outpost"):
+                    self.add_acl(acl)
+        except BaseException:
+            self.process.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        self.process.check_alive()
+        if not port_open(self.host, self.port):
+            return False
+        return run_async(self._describe_cluster, timeout_s=20)
+
+    async def _describe_cluster(self) -> bool:
+        async with self._admin() as admin:
+            info = await admin.describe_cluster()
+            return bool(info.get("brokers"))
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self.process is not None:
+            self.process.stop(timeout_s)
+
+    @staticmethod
+    def default_acls(user: str) -> list[Acl]:
+        """What an operator grants a gateway: every topic and group, idempotent produce."""
+        p = f"User:{user}"
+        return [Acl("topic", "*", p, "all", "allow"), Acl("group", "*", p, "all", "allow"),
+                Acl("cluster", "kafka-cluster", p, "idempotent_write", "allow")]
+
+    # -- admin requests ----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> Any:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(request_timeout_ms=15000, **self.client_options("admin"))
+        try:
+            await admin.start()
+            yield admin
+        finally:
+            await admin.close()
+
+    async def _send(self, request: Any) -> Any:
+        async with self._admin() as admin:
+            node = next(iter(admin._client.cluster.brokers())).nodeId
+            return await admin._send_request_to_node(node, request)
+
+    def create_topic(self, name: str, partitions: int = 1, **configs: str) -> None:
+        """Create `name` as admin (idempotent) and wait until every partition has a leader."""
+        async def body() -> None:
+            from aiokafka.admin import NewTopic
+
+            async with self._admin() as admin:
+                resp = await admin.create_topics([NewTopic(name, partitions, 1,
+                                                           topic_configs=dict(configs))])
+                for entry in resp.topic_errors:
+                    if entry[1] not in (0, 36):
+                        raise HarnessError(f"{self.name}: creating topic {entry[0]!r} failed "
+                                           f"with error code {entry[1]}: {entry[2:]}")
+                for _ in range(100):
+                    (meta,) = await admin.describe_topics([name])
+                    parts = meta.get("partitions", [])
+                    if (meta.get("error_code", 0) == 0 and len(parts) >= partitions
+                            and all(p.get("leader", -1) >= 0 for p in parts)):
+                        return
+                    await asyncio.sleep(0.1)
+                raise HarnessError(f"{self.name}: topic {name!r} has no leader after 10s")
+
+        run_async(body, timeout_s=60)
+
+    def acls(self) -> list[Acl]:
+        """Every ACL binding the broker's authorizer holds."""
+        from aiokafka.protocol.admin import DescribeAclsRequest
+
+        resp = run_async(lambda: self._send(DescribeAclsRequest(1, None, 1, None, None, 1, 1)),
+                         timeout_s=30)
+        if resp.error_code:
+            raise HarnessError(f"{self.name}: DescribeAcls failed: {resp.error_code} "
+                               f"{resp.error_message}")
+        names = {v: k for k, v in ACL_RESOURCE.items()}
+        patterns = {v: k for k, v in ACL_PATTERN.items()}
+        ops = {v: k for k, v in ACL_OPERATION.items()}
+        perms = {v: k for k, v in ACL_PERMISSION.items()}
+        out = []
+        for rtype, rname, ptype, entries in resp.resources:
+            for principal, host, op, perm in entries:
+                out.append(Acl(names[rtype], rname, principal, ops[op], perms[perm],
+                               patterns[ptype], host))
+        return out
+
+    def _wait_acl(self, acl: Acl, present: bool) -> None:
+        # The broker's authorizer applies ACLs from the metadata log; DescribeAcls answers
+        # from that same authorizer, so once it agrees, the next request is judged by it.
+        wait_until(lambda: (acl in self.acls()) == present, 20,
+                   f"{self.name}: ACL {acl} {'applied' if present else 'removed'}", interval_s=0.1)
+
+    def add_acl(self, acl: Acl) -> None:
+        from aiokafka.protocol.admin import CreateAclsRequest
+
+        resp = run_async(lambda: self._send(CreateAclsRequest(*acl.request_args())), timeout_s=30)
+        for code, message in resp.creation_responses:
+            if code:
+                raise HarnessError(f"{self.name}: CreateAcls {acl} failed: {code} {message}")
+        self._wait_acl(acl, True)
+
+    def delete_acl(self, acl: Acl) -> int:
+        """Delete the bindings equal to `acl`; returns how many the broker matched."""
+        from aiokafka.protocol.admin import DeleteAclsRequest
+
+        resp = run_async(lambda: self._send(DeleteAclsRequest(*acl.request_args())), timeout_s=30)
+        matched = 0
+        for code, message, matching in resp.filter_responses:
+            if code:
+                raise HarnessError(f"{self.name}: DeleteAcls {acl} failed: {code} {message}")
+            matched += len(matching)
+        self._wait_acl(acl, False)
+        return matched
+
+    def refuse_topic(self, topic: str, user: str = "outpost") -> Acl:
+        """DENY every operation on `topic` to `user` (it then gets TOPIC_AUTHORIZATION_FAILED)."""
+        acl = Acl("topic", topic, f"User:{user}", "all", "deny")
+        self.add_acl(acl)
+        return acl
+
+    def lift_topic_refusal(self, topic: str, user: str = "outpost") -> None:
+        if not self.delete_acl(Acl("topic", topic, f"User:{user}", "all", "deny")):
+            raise HarnessError(f"{self.name}: no DENY on topic {topic!r} for {user} to lift")
+
+    # -- consumer groups ----------------------------------------------------------------------
+    def committed(self, group: str, topic: str, partition: int = 0) -> int | None:
+        """The offset `group` committed on topic[partition] (None: nothing committed)."""
+        async def body() -> int | None:
+            from aiokafka.structs import TopicPartition
+
+            async with self._admin() as admin:
+                got = await admin.list_consumer_group_offsets(group)
+                meta = got.get(TopicPartition(topic, partition))
+                return None if meta is None or meta.offset < 0 else int(meta.offset)
+
+        return run_async(body, timeout_s=30)
+
+    def commit(self, group: str, topic: str, offset: int, partition: int = 0) -> None:
+        """Commit `offset` for `group` (before its consumers start: where they begin)."""
+        async def body() -> None:
+            from aiokafka import AIOKafkaConsumer
+            from aiokafka.structs import TopicPartition
+
+            tp = TopicPartition(topic, partition)
+            consumer = AIOKafkaConsumer(group_id=group, enable_auto_commit=False,
+                                        **self.client_options("admin"))
+            try:
+                await consumer.start()
+                consumer.assign([tp])
+                await consumer.commit({tp: offset})
+            finally:
+                await consumer.stop()
+
+        run_async(body, timeout_s=60)
+
+    def produce(self, topic: str, values: list[bytes], key: bytes | None = None) -> None:
+        """Produce `values` in order (acks=all) as admin."""
+        async def body() -> None:
+            from aiokafka import AIOKafkaProducer
+
+            producer = AIOKafkaProducer(acks="all", enable_idempotence=True,
+                                        max_request_size=8_000_000, **self.client_options("admin"))
+            try:
+                await producer.start()
+                for v in values:
+                    await producer.send_and_wait(topic, v, key=key)
+            finally:
+                await producer.stop()
+
+        run_async(body, timeout_s=60)

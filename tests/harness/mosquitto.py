@@ -204,6 +204,8 @@ class RefusingMosquitto:
     `set_acl()` rewrites it and sends SIGHUP, which makes Mosquitto reload it, so a test can
     lift a refusal while the gateway runs. `max_packet_size` (bytes) makes the broker refuse
     larger packets. MQTT 5 clients get the refusal as a PUBACK reason code (0x87).
+    `restart(max_packet_size=...)` changes the limit (a restart, as on a real broker);
+    `connections(client_id)` counts that client's CONNECTs from the broker's log.
     """
 
     def __init__(self, run: RunDir, name: str, acl: str, *, max_packet_size: int | None = None) -> None:
@@ -213,6 +215,7 @@ class RefusingMosquitto:
         self.log_path = run.log(name)
         self.acl_path = self._folder / "acl"
         self.config_path = self._folder / "mosquitto.conf"
+        self.live_log_path = self._folder / "broker.log"  # written line by line
         self._acl = acl
         self._max_packet_size = max_packet_size
         self.process: ManagedProcess | None = None
@@ -227,6 +230,7 @@ class RefusingMosquitto:
         limit = f"max_packet_size {self._max_packet_size}\n" if self._max_packet_size else ""
         self.config_path.write_text(
             "user root\npersistence false\nlog_dest stdout\n"
+            f"log_dest file {self.live_log_path}\nconnection_messages true\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             f"{limit}listener {self.port} {self.host}\nallow_anonymous true\n"
             f"acl_file {self.acl_path}\n")
@@ -240,6 +244,25 @@ class RefusingMosquitto:
             self.stop()
             raise
         return self
+
+    def restart(self, *, max_packet_size: int | None) -> None:
+        """Stop, and start again on the same port with another `max_packet_size` (None: none).
+
+        Mosquitto reads `max_packet_size` only at start: changing it costs every client its
+        connection, as it does on a real broker.
+        """
+        self.stop()
+        self._max_packet_size = max_packet_size
+        self.start()
+
+    def connections(self, client_id: str) -> int:
+        """How many times a client with this id connected (the broker's own log lines)."""
+        try:
+            text = self.live_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in text.splitlines()
+                   if "New client connected" in line and f" as {client_id} " in line)
 
     def set_acl(self, acl: str) -> None:
         import os
