@@ -1038,8 +1038,9 @@ class Buffer:
 
         self._write("quarantine", body)
         if added[0]:
-            log.warning("buffer record quarantined cursor=%s seq=%d reason=%s path=%s",
-                        cursor, seq, reason, self.path)
+            # Per record at debug: the uplink logs the refusal once, the counters tell the rest.
+            log.debug("buffer record quarantined cursor=%s seq=%d reason=%s path=%s",
+                      cursor, seq, reason, self.path)
         self._maintain()
         return added[0]
 
@@ -1465,6 +1466,14 @@ class Buffer:
                     lost += n_lost
                     self._salvage_commit(name, records, after_new, n_lost, done=False)
                     after = after_new
+                # What the old file had in quarantine goes back to its uplink, which quarantines
+                # or holds it again if it is still refused: never lost without a count.
+                q_records, q_lost = found.quarantined()
+                q_records = [r for r in q_records if json.loads(r.headers[TARGET_KEY])[0] in self._st.cursors]
+                if q_records or q_lost:
+                    self._salvage_commit(name, q_records, after, q_lost, done=False)
+                    salvaged += len(q_records)
+                    lost += q_lost
             self._salvage_commit(name, [], found.hi if found and found.hi else 0, 0, done=True)
         finally:
             if found is not None:
@@ -1758,6 +1767,26 @@ class _SalvageSource:
             out.append(NewRecord(stream, payload, ts_ms, headers))
         lost = (end - after) - len(out) - not_owed
         return out, end, max(0, lost)
+
+    def quarantined(self) -> tuple[list[NewRecord], int]:
+        """The source's quarantined records, as records for their own uplink again (as a
+        quarantine retry makes them), and how many rows could not be read."""
+        try:
+            total = self.conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+            rows = self.conn.execute("SELECT cursor, seq, stream_id, ts_ms, headers_id, payload "
+                                     "FROM quarantine ORDER BY cursor, seq").fetchall()
+        except sqlite3.Error:
+            return [], 0  # no quarantine table (an older file) or none readable: nothing known
+        out: list[NewRecord] = []
+        for cursor, _seq, sid, ts_ms, hid, payload in rows:
+            stream = self.streams.get(sid)
+            headers = self.header_sets.get(hid)
+            if not isinstance(stream, str) or headers is None or not isinstance(payload, bytes):
+                continue
+            h = {k: v for k, v in headers.items() if k != TARGET_KEY}
+            h[TARGET_KEY] = json.dumps([cursor])
+            out.append(NewRecord(stream, payload, ts_ms, h))
+        return out, max(0, int(total) - len(out))
 
 
 def _try(fn: Callable[[], Any], default: Any) -> Any:

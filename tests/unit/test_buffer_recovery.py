@@ -117,6 +117,27 @@ def test_salvage_sends_each_record_only_to_the_uplinks_that_still_owed_it(path):
         assert kafka == list(range(1000, 3000))
 
 
+def test_salvage_brings_back_what_the_old_file_had_in_quarantine(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("mqtt")
+        buf.register_cursor("kafka")
+        seqs = buf.append(recs(100))
+        for seq in seqs[:30]:
+            buf.quarantine("mqtt", seq, "held:spBv1.0/g/DDATA/n/d1")  # a refused topic's records
+        buf.ack("mqtt", seqs[-1])
+        buf.ack("kafka", seqs[-1])
+        assert buf.stats()["records"] == 0 and buf.stats()["quarantine"]["records"] == 30
+    damage_index_page(path)
+    with Buffer.open(path, settings()) as buf:
+        assert buf.moved_aside is not None
+        st = buf.stats()
+        # Not lost without a count: back to their uplink (which holds them again if still
+        # refused), and counted as salvaged.
+        assert st["salvaged"] == 30 and st["dropped"]["corrupt"] == 0
+        assert ids(buf.read("mqtt", 100)) == list(range(30))
+        assert buf.read("kafka", 100) == []
+
+
 def test_salvage_from_a_damaged_page_counts_what_it_could_not_read(path):
     with Buffer.open(path, settings()) as buf:
         buf.register_cursor("mqtt")

@@ -310,7 +310,11 @@ class KafkaUplink:
 
     async def _partitions_of(self, producer: Any, topic: str) -> list[int]:
         """Partitions from cluster metadata; DestinationRefused for a refused or unknown topic."""
-        return await adapter.topic_partitions(producer, topic, min(5.0, self._s.request_timeout_s))
+        # Short: the pump waits for this, and every healthy mapping with it. A topic the
+        # brokers create on first use has its leader within a second; one that does not
+        # exist is held and probed again with backoff (each probe one metadata round trip).
+        wait = 0.0 if topic in self._held else min(1.0, self._s.request_timeout_s)
+        return await adapter.topic_partitions(producer, topic, wait)
 
     async def _send_window(self, producer: Any, records: list[Any]) -> _InFlight:
         """Format `records` (a prefix of them if a batch fills) and hand the batches over."""

@@ -754,7 +754,8 @@ class SparkplugUplink:
                 continue  # its device has no DBIRTH in this session: no DATA for it yet
             if self._stop_data():
                 break
-            limit = self.settings.batch_max_records if held.draining else 1
+            # Within the broker's Receive Maximum: gmqtt runs out of packet ids beyond it.
+            limit = min(self.settings.batch_max_records, client.inflight_limit()) if held.draining else 1
             batch = await self.buffer.quarantine_list(CURSOR, held.reason_key, limit=limit)
             if not batch:
                 del self._held[topic]
