@@ -211,6 +211,8 @@ class Buffer:
         self._mono_ns: Callable[[], int] = time.monotonic_ns
         self._boot_id = _read_boot_id()
         self._reserve_path = path + ".reserve"
+        # recover() -> _salvage: what this process knew of a file it moved aside.
+        self._salvage_hints: dict[str, tuple[int, int, dict[str, int], int]] = {}
         self._attach(conn, moved_aside)
         self._ensure_reserve()
 
@@ -234,6 +236,7 @@ class Buffer:
         self._last_checkpoint: dict[str, Any] | None = None
         self._checkpoint_failing = False
         self._wal_pinned_since_ms: int | None = None
+        self._next_wal_look = 0.0
         self._pin_warned = False
         self._next_pin_check = 0.0
         self._unsynced_records = 0
@@ -1213,7 +1216,13 @@ class Buffer:
         """Bounded WAL and reclaimed space, run after writes on the same thread."""
         s = self.settings
         now = time.monotonic()
-        if (self._wal_bytes_est >= s.checkpoint_wal_bytes
+        wal_big = self._wal_bytes_est >= s.checkpoint_wal_bytes
+        if not wal_big and now >= self._next_wal_look:
+            # The estimate counts record bytes; small commits write whole pages, so the file
+            # itself is looked at now and then (once a second): a pin shows up either way.
+            self._next_wal_look = now + 1.0
+            wal_big = _size(self.path + "-wal") >= s.checkpoint_wal_bytes
+        if (wal_big
                 or (self._wal_pinned_since_ms is not None and now >= self._next_pin_check)):
             # The write before us is committed and must be reported as such: a failing
             # checkpoint (disk full) is logged and retried after the next write.
@@ -1379,7 +1388,13 @@ class Buffer:
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        # What this process knew of the file: the damage may have taken the pages that say
+        # which seqs it held and what each uplink had (then the salvage scans that range).
+        old = self._st
+        hint = (old.min_seq, old.last_seq, {n: c.acked_seq for n, c in old.cursors.items()},
+                old.quarantined)
         moved = _move_aside(self.path)
+        self._salvage_hints[os.path.basename(moved)] = hint
         log.error("buffer file corrupt while running, moved aside path=%s moved_to=%s",
                   self.path, moved)
         conn, _ = _open_checked(self.path, self.settings)
@@ -1444,6 +1459,16 @@ class Buffer:
         buffer as new records, each for the cursors that had not acknowledged it yet.
         Unreadable records in its seq range are counted as dropped under `corrupt`."""
         found = _SalvageSource.open(src)
+        hint = self._salvage_hints.pop(name, None)
+        known_quarantined = None
+        if found is not None and hint is not None:
+            lo, hi, cursors, known_quarantined = hint
+            if not found.cursors:
+                found.cursors = dict(cursors)
+            if found.hi is None or found.hi < hi:
+                found.hi = hi
+            if found.lo is None:
+                found.lo = max(1, min([lo, *(a + 1 for a in found.cursors.values())]))
         salvaged = lost = 0
         try:
             if found is not None and found.lo is not None and found.hi is not None:
@@ -1469,6 +1494,10 @@ class Buffer:
                 # What the old file had in quarantine goes back to its uplink, which quarantines
                 # or holds it again if it is still refused: never lost without a count.
                 q_records, q_lost = found.quarantined()
+                if known_quarantined is not None:
+                    # Rows the damage made unreadable, even uncountable: what this process
+                    # knew it had in quarantine, less what came back, is counted as lost.
+                    q_lost = max(q_lost, known_quarantined - len(q_records))
                 q_records = [r for r in q_records if json.loads(r.headers[TARGET_KEY])[0] in self._st.cursors]
                 if q_records or q_lost:
                     self._salvage_commit(name, q_records, after, q_lost, done=False)
