@@ -272,16 +272,35 @@ class KafkaSection(_Section):
 class DiagnosticsSection(_Section):
     socket_path: str = Field("/run/outpost/outpost.sock", min_length=1, description="Unix socket for status and tail")
     socket_group: str = Field("outpost", min_length=1, description="group allowed to use the socket")
-    metrics_listen: str | None = Field(None, description='e.g. "127.0.0.1:9108"; off when unset')
+    metrics_listen: str | None = Field(
+        None, description='HTTP listener for the status page, /status.json and /metrics, e.g. "127.0.0.1:9108"; '
+                          "off when unset")
+    page: bool = Field(True, description="serve the status page (/ and /status.json) beside /metrics")
+    allow_remote: bool = Field(False, description="let metrics_listen be an address beyond loopback (needs token_file)")
+    token_file: str | None = Field(
+        None, description="file holding the token every HTTP request must carry (Bearer or ?token=); "
+                          "required with allow_remote")
+
+    _token_file = field_validator("token_file")(lambda v: _non_empty(v))
 
     @field_validator("metrics_listen")
     @classmethod
-    def _loopback(cls, v: str | None) -> str | None:
+    def _host_port(cls, v: str | None) -> str | None:
         if v is not None:
-            host, _ = parse_host_port(v)
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise ValueError(f"metrics listen only on loopback (127.0.0.1, ::1), got {host!r}")
+            parse_host_port(v)
         return v
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> DiagnosticsSection:
+        if self.metrics_listen is not None and not self.allow_remote:
+            host, _ = parse_host_port(self.metrics_listen)
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError(
+                    f"metrics_listen only on loopback (127.0.0.1, ::1), got {host!r}; reach it with ssh -L, "
+                    "or set allow_remote = true with a token_file")
+        if self.allow_remote and self.token_file is None:
+            raise ValueError("allow_remote = true needs token_file (the token every request must carry)")
+        return self
 
 
 class OutpostConfig(_Section):
@@ -729,6 +748,8 @@ def _validation_problems(locate: Locate, data: dict[str, Any], exc: ValidationEr
 # Only these keys take `${VAR}`: they are the secrets, resolved at start from the service's
 # environment (/etc/outpost/outpost.env). Everywhere else the file is used as written, so a
 # `${...}` there is refused rather than taken literally (see the README, "Secrets").
+MIN_TOKEN_CHARS = 16  # diagnostics.token_file: a token shorter than this is refused
+
 ENV_REFERENCE_KEYS = ("mqtt.password", "kafka.sasl_password")
 
 
@@ -993,6 +1014,7 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
 class Secrets:
     mqtt_password: str | None = None
     kafka_sasl_password: str | None = None
+    diagnostics_token: str | None = None
 
 
 def unset_variables(value: str | None, env: dict[str, str]) -> list[str]:
@@ -1040,9 +1062,16 @@ def resolve_secrets(
         if err:
             key = "sasl_password_file" if cfg.kafka.sasl_password_file is not None else "sasl_password"
             problems.append(f"{locate(['kafka', key])}: {err}")
+    token, err = _resolve_one(None, cfg.diagnostics.token_file, "diagnostics.token", env)
+    if err:
+        problems.append(f"{locate(['diagnostics', 'token_file'])}: {err}")
+    elif token is not None and len(token.strip()) < MIN_TOKEN_CHARS:
+        problems.append(f"{locate(['diagnostics', 'token_file'])}: the token in {cfg.diagnostics.token_file!r} "
+                        f"has fewer than {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 24`)")
     if problems:
         raise ConfigError(path, problems)
-    return Secrets(mqtt_password=mqtt_pw, kafka_sasl_password=kafka_pw)
+    return Secrets(mqtt_password=mqtt_pw, kafka_sasl_password=kafka_pw,
+                   diagnostics_token=token.strip() if token else None)
 
 
 def warnings(cfg: OutpostConfig, env: dict[str, str] | None = None) -> list[str]:

@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from gateway.diagnostics.errors import DiagnosticsError
+from gateway.diagnostics.plots import link_strip, sparkline
+
+PLOT_WIDTH = 48
 
 _MAX_LINE = 16 * 1024 * 1024
 
@@ -180,6 +183,12 @@ def _since(now_ms: int, since_ms: Any) -> str:
     return f" for {_age((now_ms - since_ms) / 1000)} (since {_utc(int(since_ms))})"
 
 
+def _changes_word(changes: list[Any], from_ms: int) -> str:
+    downs = sum(1 for c in changes if isinstance(c, list | tuple) and len(c) == 2
+                and c[1] != "up" and isinstance(c[0], int | float) and c[0] >= from_ms)
+    return "no outage" if not downs else f"{downs} outage{'s' if downs > 1 else ''}"
+
+
 def render_status(status: dict[str, Any], *, now_ms: int | None = None) -> str:
     """The human view of a status document (`outpost status`, `--watch`).
 
@@ -208,9 +217,16 @@ def render_status(status: dict[str, Any], *, now_ms: int | None = None) -> str:
     else:
         out.append("Clock     unknown")
 
+    history = status.get("history") if isinstance(status.get("history"), dict) else {}
+    depth = history.get("depth") or {}
+    times = [t for t in (depth.get("t_ms") or []) if isinstance(t, int | float)]
+    from_ms = int(min(times[0], now - 60_000)) if times else now - 60_000
+    window = f" (last {_age((now - from_ms) / 1000)}, oldest left)" if history else ""
+
     out.append("")
-    out.append("Links")
+    out.append("Links" + window)
     links = status.get("links") or {}
+    link_history = history.get("links") or {}
     if not links:
         out.append("  (none configured)")
     for name, link in links.items():
@@ -226,6 +242,10 @@ def render_status(status: dict[str, Any], *, now_ms: int | None = None) -> str:
         counters = {k: v for k, v in (link.get("counters") or {}).items() if v}
         if counters:
             out.append(f"  {'':<13} " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+        changes = link_history.get(name)
+        if history and isinstance(changes, list):
+            strip = link_strip(changes, from_ms, now, PLOT_WIDTH)
+            out.append(f"  {'':<13} {strip}  {_changes_word(changes, from_ms)}")
 
     if status.get("reload_error"):
         out.append(f"  LAST RELOAD REJECTED (running the previous configuration): {status['reload_error']}")
@@ -240,6 +260,10 @@ def render_status(status: dict[str, Any], *, now_ms: int | None = None) -> str:
             out.append(
                 f"  {cursor:<13} {c.get('records', 0):>9} records  {_bytes(c.get('bytes'))} waiting{lag}"
             )
+            series = (depth.get("cursors") or {}).get(cursor)
+            if history and isinstance(series, list) and series:
+                top = max((v for v in series if isinstance(v, int | float)), default=0)
+                out.append(f"  {'':<13} {sparkline(series, PLOT_WIDTH)}  max {top}")
         dropped = {k: v for k, v in (buf.get("dropped") or {}).items() if v}
         if dropped:
             out.append("  DROPPED: " + ", ".join(f"{n} by {why}" for why, n in sorted(dropped.items())))

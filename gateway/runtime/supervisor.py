@@ -107,10 +107,10 @@ class Gateway:
         self.inbound: list[Any] = []
         self.status_server: Any = None
         self.metrics_server: Any = None
-        self.metrics: Any = None
+        self.metrics: Any = None  # /metrics is rendered from status() at scrape time: nothing to bind
+        self.history: Any = None
         self._pending_carry: list[Any] = []  # records of a writer being replaced (reload, recovery)
         self._dropped_in_memory = 0
-        self._device_metrics: dict[str, tuple[Any, Any]] = {}  # device -> (samples_read, errors) handles
         self.recover_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._polling = False
@@ -167,11 +167,6 @@ class Gateway:
         await self._sync_cursors()
         infos = {d.name: d.point_infos() for d in cfg.devices}
         self.devices = {name: self.devices.get(name) or DeviceStatus() for name in infos}
-        if self.metrics is not None:
-            m = self.metrics
-            self._device_metrics = {
-                name: (m.samples_read.labels(device=name), m.errors.labels(device=name)) for name in infos
-            }
         self.write_specs = specs_from_config(cfg)
         node = NodeIdentity(cfg.gateway.group_id, cfg.gateway.edge_node_id)
         self.rbe = ReportByException(node, infos)
@@ -238,23 +233,28 @@ class Gateway:
         self.owner.start("housekeeping", self._housekeeping_loop)
 
     async def _start_diagnostics(self) -> None:
-        from gateway.diagnostics.metrics import GatewayMetrics, MetricsRegistry, MetricsServer
+        from gateway.diagnostics.history import HISTORY_FILE, StatusHistory
         from gateway.diagnostics.server import StatusServer
 
-        registry = MetricsRegistry()
-        self.metrics = GatewayMetrics(registry)
         d = self.cfg.diagnostics
+        # Every renderer (socket, page, /status.json, /metrics) gets the status with its history.
+        self.history = StatusHistory(self.status, path=os.path.join(self.cfg.gateway.data_dir, HISTORY_FILE))
+        self.history.start()
         socket_dir = os.path.dirname(d.socket_path) or "."
         await asyncio.to_thread(os.makedirs, socket_dir, exist_ok=True)
-        self.status_server = StatusServer(d.socket_path, self.status, group=d.socket_group)
+        self.status_server = StatusServer(d.socket_path, self.history.document, group=d.socket_group)
         try:
             await self.status_server.start()
         except Exception as e:  # diagnostics must never stop the data path
             log.error("status socket failed", extra=fields(path=d.socket_path, reason=str(e)))
             self.status_server = None
         if d.metrics_listen:
-            self.metrics_server = MetricsServer(registry, d.metrics_listen)
+            from gateway.diagnostics.web import WebServer
+
             try:
+                self.metrics_server = WebServer(
+                    self.history.document, d.metrics_listen, page=d.page, allow_remote=d.allow_remote,
+                    token=self.secrets.diagnostics_token)
                 await self.metrics_server.start()
             except Exception as e:
                 log.error("metrics listener failed", extra=fields(listen=d.metrics_listen, reason=str(e)))
@@ -299,6 +299,9 @@ class Gateway:
             if self.metrics_server is not None:
                 with contextlib.suppress(Exception):
                     await self.metrics_server.close()
+            if self.history is not None:
+                with contextlib.suppress(Exception):
+                    await self.history.close()
             if self.buffer is not None:
                 await self.buffer.close()
             self._stopped.set()
@@ -370,11 +373,6 @@ class Gateway:
             else:
                 st.errors += 1
                 st.last_error = s.reason
-        handles = self._device_metrics.get(s.device)
-        if handles is not None:
-            handles[0].inc()
-            if s.quality is not Quality.GOOD:
-                handles[1].inc()
         if self.status_server is not None and self.status_server.tail_clients:  # skip the dict otherwise
             self.status_server.publish_sample(
                 {
@@ -427,27 +425,14 @@ class Gateway:
                 log.warning("clock", extra=fields(kind=getattr(ev, "kind", ev), detail=getattr(ev, "detail", "")))
             if self.notifier is not None:
                 self.notifier.status(await self.status_line())
-            if self.metrics is not None and self.buffer is not None:
+            if self.buffer is not None:
                 try:
-                    await self._update_metrics()
+                    await self.buffer.stats()  # a file found corrupt here is reopened
                 except BufferCorrupt as e:
                     log.error("buffer corrupt: reopening it", extra=fields(reason=str(e)))
                     self.recover_requested.set()
-                except Exception as e:  # metrics never stop the gateway
-                    log.debug("metrics update failed", extra=fields(reason=repr(e)))
-
-    async def _update_metrics(self) -> None:
-        assert self.buffer is not None
-        stats = await self.buffer.stats()
-        m = self.metrics
-        for name, c in stats.get("cursors", {}).items():
-            m.buffer_records.labels(cursor=name).set(c.get("records", 0))
-        m.buffer_bytes.set((stats.get("file_size_bytes") or 0) + (stats.get("wal_size_bytes") or 0))
-        for reason, n in stats.get("dropped", {}).items():
-            # The buffer counts drops since it was created; the counter follows that total.
-            m.buffer_dropped.inc(max(0.0, n - m.buffer_dropped.value(reason=reason)), reason=reason)
-        clock = self.clock.status()
-        m.clock_synced.set(1 if clock.get("synced") else 0)
+                except Exception as e:  # a check never stops the gateway
+                    log.debug("buffer check failed", extra=fields(reason=repr(e)))
 
     # -- status -------------------------------------------------------------------------
 
