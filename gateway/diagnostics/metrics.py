@@ -21,13 +21,14 @@ from importlib import metadata
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The text format every Prometheus reads (what generate_latest writes for these names).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # The event that means "acknowledged by the remote side" for each uplink's counters.
 DELIVERED_EVENTS = frozenset({"published", "delivered"})
