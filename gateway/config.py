@@ -1067,7 +1067,8 @@ def resolve_secrets(
         problems.append(f"{locate(['diagnostics', 'token_file'])}: {err}")
     elif token is not None and len(token.strip()) < MIN_TOKEN_CHARS:
         problems.append(f"{locate(['diagnostics', 'token_file'])}: diagnostics.token_file: the token in "
-                        f"{cfg.diagnostics.token_file!r} has fewer than {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 24`)")
+                        f"{cfg.diagnostics.token_file!r} has fewer than {MIN_TOKEN_CHARS} characters "
+                        "(e.g. `openssl rand -hex 24`)")
     if problems:
         raise ConfigError(path, problems)
     return Secrets(mqtt_password=mqtt_pw, kafka_sasl_password=kafka_pw,
