@@ -190,7 +190,11 @@ class Page:
         return answer.get("result", {}).get("value")
 
     async def screenshot(self, path: Path) -> Path:
-        shot = await self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        # The whole page, however long, and no empty space below it.
+        size = await self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+        clip = {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1}
+        shot = await self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                          "clip": clip})
         data = base64.b64decode(shot["data"])
 
         def write() -> None:

@@ -154,7 +154,7 @@ async def test_status_page_follows_a_running_gateway(tmp_path: Path, mosquitto, 
         return dict(last)
 
     try:
-        page = await browser.new_page(1280, 1500)
+        page = await browser.new_page(1280, 900)
         await until(lambda: port_open("127.0.0.1", http_port), 60, "the gateway's HTTP listener", interval_s=0.2)
         await page.goto(f"http://127.0.0.1:{http_port}/")
 
