@@ -46,6 +46,12 @@
     return (i === 0 ? v.toFixed(0) : v.toFixed(1)) + " " + units[i];
   }
 
+  function note(text, columns) {
+    const row = el("tr", { class: "note" });
+    row.appendChild(el("td", { colspan: columns, class: "muted" }, text));
+    return row;
+  }
+
   function fill(tbody, rows) {
     tbody.replaceChildren(...rows);
   }
@@ -93,7 +99,7 @@
       row.appendChild(el("td", { class: "muted" }, counters.join(", ")));
       rows.push(row);
     }
-    if (!rows.length) rows.push(el("tr", {}, "no uplink configured"));
+    if (!rows.length) rows.push(note("no uplink configured", 6));
     fill($("#links tbody"), rows);
   }
 
@@ -179,7 +185,7 @@
       cells.forEach((c, i) => tr.appendChild(el("td", i === 0 ? { class: "down" } : {}, c)));
       return tr;
     });
-    if (!trs.length) trs.push(el("tr", { "data-drop": "none" }, "nothing dropped, nothing quarantined"));
+    if (!trs.length) trs.push(note("nothing dropped, nothing quarantined", 3));
     fill($("#drops tbody"), trs);
   }
 
@@ -200,7 +206,7 @@
       row.appendChild(el("td", { class: "muted" }, d.last_error || ""));
       rows.push(row);
     }
-    if (!rows.length) rows.push(el("tr", {}, "no device configured"));
+    if (!rows.length) rows.push(note("no device configured", 6));
     fill($("#devices tbody"), rows);
   }
 
