@@ -119,7 +119,8 @@ class StatusHistory:
             prev = before["links"].get(name) if before is not None else None
             if not ring or ring[-1][1] != state:
                 ring.append((at, state))
-                if prev is not None or state != "up":
+                # A link seen for the first time is news only if it failed (not merely connecting).
+                if prev is not None or (state != "up" and error):
                     self._event(at, level, said)
             elif prev is not None and prev[1] != since:
                 # Gone and back between two samples: keep the gap visible.

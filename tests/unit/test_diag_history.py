@@ -135,3 +135,16 @@ def test_outpost_status_draws_the_trend_and_the_link_history() -> None:
     links = text.split("Buffer")[0]
     strip = next(line for line in links.splitlines() if "outage" in line and DOWN in line)
     assert strip.strip().startswith(UP) and "1 outage" in strip
+
+
+def test_a_link_that_is_still_connecting_at_start_is_not_an_outage_event() -> None:
+    h = StatusHistory(lambda: {})
+    h.record({"links": {}}, now_ms=T0)  # the first sample comes before the uplinks exist
+    connecting = doc(0, kafka_up=False, kafka_since=T0 + 100)
+    connecting["links"]["kafka"]["last_error"] = ""
+    h.record(connecting, now_ms=T0 + 5000)
+    h.record(doc(0, kafka_since=T0 + 7000), now_ms=T0 + 10_000)
+    assert [e["text"] for e in h.events] == ["kafka up"]
+    failing = StatusHistory(lambda: {})
+    failing.record(doc(0, kafka_up=False, kafka_since=T0), now_ms=T0)
+    assert [e["text"] for e in failing.events] == ["kafka down: connection refused"]
