@@ -110,7 +110,13 @@ class WebServer:
         self._token = token.encode() if token else None
         self._document = document
         self.metrics = metrics or GatewayMetrics()
-        self._assets = _load_assets() if page else {}
+        self._assets: dict[str, bytes] = {}
+        if page:
+            try:
+                self._assets = _load_assets()
+            except OSError as exc:  # an install without the page's files still serves the metrics
+                log.error("status page files missing: serving /metrics and /status.json only",
+                          extra=fields(reason=str(exc)))
         self._timeout_s = request_timeout_s
         self._max_clients = max_clients
         self._server: asyncio.AbstractServer | None = None
