@@ -201,127 +201,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILURE
 
 
-# --- buffer ------------------------------------------------------------------------------
-
-
-def _buffer_path(args: argparse.Namespace) -> Path:
-    if args.file:
-        return Path(args.file)
-    cfg = load_config(args.config or _default_config())
-    return Path(cfg.gateway.data_dir) / "buffer.db"
-
-
-def cmd_buffer(args: argparse.Namespace) -> int:
-    from buffer import BufferError
-
-    try:
-        path = _buffer_path(args)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_CONFIG
-    if not path.exists():
-        print(f"outpost buffer: no buffer file at {path}", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        return _buffer_command(args, path)
-    except BufferError as e:
-        print(f"outpost buffer {args.buffer_cmd}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-
-
-def _buffer_command(args: argparse.Namespace, path: Path) -> int:
-    from buffer import diagnostics as bd
-    if args.buffer_cmd == "stats":
-        stats = bd.stats_for_path(str(path))
-        print(json.dumps(stats, indent=2, sort_keys=True, default=str))
-        return EXIT_OK
-    if args.buffer_cmd == "export":
-        since = _parse_since(args.since) if args.since else None
-        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
-        try:
-            n = bd.export_jsonl(str(path), out, since_ts_ms=since, cursor=args.cursor)
-        finally:
-            if out is not sys.stdout:
-                out.close()
-        print(f"exported {n} record(s)", file=sys.stderr)
-        return EXIT_OK
-    if args.buffer_cmd == "quarantine":
-        return _quarantine_command(args, path)
-    if args.buffer_cmd == "purge":
-        what = f"cursor {args.cursor!r}" if args.cursor else "every record"
-        if not args.yes:
-            if not sys.stdin.isatty():
-                print("outpost buffer purge: refusing without --yes when not at a terminal", file=sys.stderr)
-                return EXIT_CONFIG
-            answer = input(f"Purge {what} from {path}? Records not yet delivered are lost. Type 'purge': ")
-            if answer.strip() != "purge":
-                print("nothing purged")
-                return EXIT_OK
-        n = bd.purge(str(path), cursor=args.cursor)
-        print(f"purged {n} record(s) (counted as dropped, reason=purged)")
-        return EXIT_OK
-    return EXIT_CONFIG
-
-
-def _quarantine_command(args: argparse.Namespace, path: Path) -> int:
-    from buffer import diagnostics as bd
-
-    cmd, cursor, reason = args.quarantine_cmd, args.cursor, args.reason
-    if cmd == "list":
-        rows = bd.quarantine_list(str(path), cursor, reason)
-        for r in rows:
-            print(f"{r['cursor']:<6} seq {r['seq']:<10} {r['reason']:<28} {r['stream']}  "
-                  f"{r['payload_bytes']} bytes")
-        print(f"{len(rows)} quarantined record(s)", file=sys.stderr)
-        return EXIT_OK
-    if cmd == "export":
-        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
-        try:
-            n = bd.quarantine_export(str(path), out, cursor, reason)
-        finally:
-            if out is not sys.stdout:
-                out.close()
-        print(f"exported {n} quarantined record(s)", file=sys.stderr)
-        return EXIT_OK
-    if cmd == "retry":
-        n = bd.quarantine_retry(str(path), cursor, reason, seqs=args.seq)
-        print(f"{n} record(s) go back to their uplink")
-        return EXIT_OK
-    if not args.yes:
-        if not sys.stdin.isatty():
-            print("outpost buffer quarantine drop: refusing without --yes when not at a terminal",
-                  file=sys.stderr)
-            return EXIT_CONFIG
-        if input("Drop these quarantined records for good? Type 'drop': ").strip() != "drop":
-            print("nothing dropped")
-            return EXIT_OK
-    n = bd.quarantine_drop(str(path), cursor, reason, seqs=args.seq)
-    print(f"dropped {n} quarantined record(s) (counted as dropped, reason=quarantine_dropped)")
-    return EXIT_OK
-
-
-def _parse_since(value: str) -> int:
-    """`--since` takes a duration ("2h": that long ago) or an ISO-8601 time."""
-    import datetime as dt
-    import time
-
-    from drivers.units import parse_duration
-
-    try:
-        return int((time.time() - parse_duration(value)) * 1000)
-    except ValueError:
-        pass
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise SystemExit(
-            f'outpost buffer export: --since {value!r} is neither a duration ("2h") nor an ISO time'
-        ) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1000)
-
-
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -368,35 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     if probe_cli is not None:
         probe_cli.add_parser(sub)
 
-    b = sub.add_parser("buffer", help="inspect the store-and-forward buffer")
-    _add_config(b)
-    b.add_argument("--file", help="buffer file (default: <data_dir>/buffer.db from the config)")
-    bsub = b.add_subparsers(dest="buffer_cmd", required=True)
-    bsub.add_parser("stats", help="records, bytes and drops per cursor")
-    be = bsub.add_parser("export", help="write records as JSON lines")
-    be.add_argument("--since", help='a duration ago ("2h") or an ISO time')
-    be.add_argument("--cursor", help="only records this uplink has not yet delivered")
-    be.add_argument("--output", "-o", help="file (default stdout)")
-    be.add_argument("--format", choices=["jsonl"], default="jsonl", help="one JSON object per record")
-    bq = bsub.add_parser("quarantine", help="records an uplink could not deliver, kept aside with why")
-    qsub = bq.add_subparsers(dest="quarantine_cmd", required=True)
-    for name, text in (("list", "one line per quarantined record (no payload)"),
-                       ("export", "quarantined records as JSON lines, payloads in base64"),
-                       ("retry", "send them again: each goes back to its uplink (gateway stopped)"),
-                       ("drop", "delete them, counted as dropped (gateway stopped; asks first)")):
-        q = qsub.add_parser(name, help=text)
-        q.add_argument("--cursor", help="only this uplink's (mqtt, kafka)")
-        q.add_argument("--reason", help='only this reason, e.g. "too_large" or "held:plant.events"')
-        if name in ("retry", "drop"):
-            q.add_argument("--seq", type=int, action="append", help="only this record (repeatable)")
-        if name == "drop":
-            q.add_argument("--yes", action="store_true", help="do not ask")
-        if name == "export":
-            q.add_argument("--output", "-o", help="file (default stdout)")
-    bp = bsub.add_parser("purge", help="delete records (asks for confirmation)")
-    bp.add_argument("--cursor", help="only advance this uplink's cursor past everything")
-    bp.add_argument("--yes", action="store_true", help="do not ask")
-    b.set_defaults(func=cmd_buffer)
+    from gateway.cli import buffer as buffer_cli
+
+    buffer_cli.add_parser(sub)
     return p
 
 
