@@ -172,14 +172,18 @@ async def measure(rate: int, stack: Stack, base: Path, fmt: str, warmup_s: float
 
 
 def _child_main(clock: str, argv: list[str]) -> int:
-    """`outpost <argv>` with the kernel clock probe answering `clock` (synced / unsynced)."""
+    """`outpost <argv>` with the kernel clock probe answering `clock`: `synced`, `unsynced`,
+    or `file:PATH` (synced while PATH exists: a test synchronises the clock by creating it)."""
     from gateway import clock as clock_mod
     from gateway.cli import main as outpost_main
 
-    status = clock_mod.ClockStatus(synced=clock == "synced", source=f"benchmark: forced {clock}")
+    def probe() -> Any:
+        synced = Path(clock[5:]).exists() if clock.startswith("file:") else clock == "synced"
+        return clock_mod.ClockStatus(synced=synced, source=f"benchmark: forced {clock}")
+
     kwdefaults = clock_mod.ClockGuard.__init__.__kwdefaults__
     assert kwdefaults is not None and "probe" in kwdefaults, "ClockGuard(probe=...) changed"
-    kwdefaults["probe"] = lambda: status
+    kwdefaults["probe"] = probe
     return outpost_main(argv)
 
 
