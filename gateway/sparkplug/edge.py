@@ -105,11 +105,14 @@ class AliasTable:
         self._by_key: dict[tuple[str, str], int] = {}
         self._by_alias: dict[int, tuple[str, str]] = {}
         self._markers: dict[str, int] = {}
+        self._by_device: dict[str, dict[str, int]] = {}
         alias = 1
         for device, points in devices.items():
+            names = self._by_device.setdefault(device, {})
             for p in points:
                 self._by_key[(device, p.name)] = alias
                 self._by_alias[alias] = (device, p.name)
+                names[p.name] = alias
                 alias += 1
         for device in devices:
             self._markers[device] = alias
@@ -117,6 +120,10 @@ class AliasTable:
 
     def alias(self, device: str, point: str) -> int | None:
         return self._by_key.get((device, point))
+
+    def of_device(self, device: str) -> dict[str, int]:
+        """Point name -> alias of one device (empty for a device the table does not know)."""
+        return self._by_device.get(device, {})
 
     def marker(self, device: str) -> int | None:
         """The alias of the device's clock marker metric (never a point: DCMD cannot write it)."""
@@ -274,29 +281,27 @@ def stamp_data(stored: bytes, *, seq: int, ts_ms: int, device: str | None,
         raise PayloadError(f"stored record for {device!r} is not a Sparkplug payload: {exc}") from None
     p.seq = seq
     p.timestamp = ts_ms
-    newest = None
+    by_name = aliases.of_device(device) if aliases is not None and device is not None else None
     for m in p.metrics:
-        if aliases is not None and device is not None:
-            alias = aliases.alias(device, m.name)
+        if by_name is not None:
+            alias = by_name.get(m.name)
             if alias is not None:
                 m.alias = alias
                 m.ClearField("name")
         m.ClearField("datatype")
         if historical:
             m.is_historical = True
-        if m.HasField("timestamp"):
-            if correction_ms:
-                m.timestamp = m.timestamp + correction_ms
-            if newest is None or m.timestamp > newest:
-                newest = m.timestamp
+        if correction_ms and m.HasField("timestamp"):
+            m.timestamp = m.timestamp + correction_ms
     if clock_unsynced or clock_resynced:
+        newest = max((m.timestamp for m in p.metrics if m.HasField("timestamp")), default=ts_ms)
         m = p.metrics.add()
         marker = aliases.marker(device) if aliases is not None and device is not None else None
         if marker is not None:
             m.alias = marker
         else:
             m.name = CLOCK_MARKER
-        m.timestamp = newest if newest is not None else ts_ms
+        m.timestamp = newest
         if historical:
             m.is_historical = True
         m.boolean_value = clock_unsynced
