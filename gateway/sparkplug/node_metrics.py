@@ -25,6 +25,8 @@ from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.payload import DataType, set_metric_value
 
 PREFIX = "Outpost"
+# Declared in the NBIRTH and every DBIRTH; flags the timestamps of a DATA payload (edge.py).
+CLOCK_MARKER = f"{PREFIX}/Clock/Unsynced"
 # The buffer's drop reasons and classes of quarantine reasons: fixed, so that the NBIRTH can
 # declare them before any drop happened. A quarantine reason is "held:<topic>" (the broker
 # refuses the topic), "too_large", "refused_0x.." (the broker refuses the record), or another
@@ -214,10 +216,18 @@ def add_node_metrics(p: Any, metrics: Iterable[tuple[NodeMetric, Any]], ts_ms: i
         set_metric_value(m, d.datatype, value, f"node metric {d.name!r}")
 
 
-def build_ndata(metrics: Sequence[tuple[NodeMetric, Any]], ts_ms: int, seq: int) -> bytes:
-    """NDATA with the changed node metrics (names, no aliases: node metrics are never aliased)."""
+def build_ndata(metrics: Sequence[tuple[NodeMetric, Any]], ts_ms: int, seq: int,
+                clock_marker: bool | None = None) -> bytes:
+    """NDATA with the changed node metrics (names, no aliases: node metrics are never aliased),
+    and the clock marker last with `clock_marker` as its value unless None (the README's rule:
+    true when `ts_ms` was read from an untrusted clock)."""
     p = pb.Payload()
     p.timestamp = ts_ms
     p.seq = seq
     add_node_metrics(p, metrics, ts_ms, birth=False)
+    if clock_marker is not None:
+        m = p.metrics.add()
+        m.name = CLOCK_MARKER
+        m.timestamp = ts_ms
+        m.boolean_value = clock_marker
     return p.SerializeToString()

@@ -6,7 +6,9 @@ Run: python -m tests.benchmarks.sparkplug --json
 - gateway_path: what the gateway does per record: report-by-exception builds the stored
   record (names, datatypes), then stamp_data turns it into the published DDATA (aliases, seq).
 - decode_payload: bytes -> Metric objects, datatypes looked up by alias as a host does.
-- bytes per metric on the wire for the same DDATA with aliases and with names.
+- bytes per metric on the wire for the same DDATA with aliases and with names, and with
+  aliases from a clock that is not synchronised (`_unsynced`: the clock flag's cost), and
+  the gateway path's rate for such records.
 """
 
 from __future__ import annotations
@@ -55,16 +57,17 @@ def run(min_s: float) -> dict[str, object]:
     rbe = ReportByException(node, devices)
     counter = [0]
 
-    def gateway_path() -> bytes:
+    def gateway_path(unsynced: bool = False) -> bytes:
         counter[0] += 1
         base = counter[0] * 1000.0   # every value changes, so every sample is reported
         for i, p in enumerate(points):
             rbe.offer(Sample("meter1", p.name, base + i, TS + i))
         stored = rbe.drain()[0].payload
         return stamp_data(stored, seq=counter[0] % 256, ts_ms=TS, device="meter1",
-                          aliases=aliases, historical=False)
+                          aliases=aliases, historical=False, clock_unsynced=unsynced)
 
     path_rate, _ = _rate(gateway_path, min_s)
+    path_unsynced_rate, _ = _rate(lambda: gateway_path(True), min_s)
 
     def stored_ddata() -> bytes:
         fresh = ReportByException(node, devices)
@@ -76,6 +79,8 @@ def run(min_s: float) -> dict[str, object]:
                               aliases=aliases, historical=False)
     wire_named = stamp_data(stored_ddata(), seq=17, ts_ms=TS, device="meter1", aliases=None,
                             historical=False)
+    wire_unsynced = stamp_data(stored_ddata(), seq=17, ts_ms=TS, device="meter1",
+                               aliases=aliases, historical=False, clock_unsynced=True)
     types = {aliases.alias("meter1", p.name): DataType.Float for p in points}
 
     def decode() -> Payload:
@@ -89,11 +94,14 @@ def run(min_s: float) -> dict[str, object]:
         "python": platform.python_version(),
         "encode_payload_metrics_per_s": round(enc_rate * N_METRICS),
         "gateway_path_metrics_per_s": round(path_rate * N_METRICS),
+        "gateway_path_unsynced_metrics_per_s": round(path_unsynced_rate * N_METRICS),
         "decode_payload_metrics_per_s": round(dec_rate * N_METRICS),
         "wire_bytes_with_aliases": len(wire_aliased),
         "wire_bytes_without_aliases": len(wire_named),
         "bytes_per_metric_with_aliases": round(len(wire_aliased) / N_METRICS, 2),
         "bytes_per_metric_without_aliases": round(len(wire_named) / N_METRICS, 2),
+        "wire_bytes_with_aliases_unsynced": len(wire_unsynced),
+        "bytes_per_metric_with_aliases_unsynced": round(len(wire_unsynced) / N_METRICS, 2),
         "metric_name_example": points[0].name,
     }
 

@@ -22,6 +22,7 @@ import pytest
 from drivers.base import DATATYPES, PointInfo, Quality, Sample
 from gateway.pipeline.report import ReportByException
 from gateway.sparkplug.edge import (
+    CLOCK_MARKER,
     AliasTable,
     NodeIdentity,
     build_dbirth,
@@ -251,11 +252,12 @@ def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
     ndata = build_ndata(reporter.changes({"Outpost/Uptime": 100, "Outpost/Link/mqtt": False}), TS + 13, 6)
     msgs: list[tuple[str, bytes]] = [
         (node.topic(MessageType.NBIRTH), build_nbirth(7, TS, seq=0, software="outpost-test",
-                                                      node_metrics=born_node)),
+                                                      node_metrics=born_node, clock_unsynced=False)),
         (node.topic(MessageType.DBIRTH, "meter1"),
-         build_dbirth("meter1", points["meter1"], rbe.snapshot("meter1"), aliases, TS, 1)),
+         build_dbirth("meter1", points["meter1"], rbe.snapshot("meter1"), aliases, TS, 1,
+                      clock_unsynced=False)),
         (node.topic(MessageType.DBIRTH, "meter2"),
-         build_dbirth("meter2", points["meter2"], {}, aliases, TS, 2)),
+         build_dbirth("meter2", points["meter2"], {}, aliases, TS, 2, clock_unsynced=False)),
         (node.topic(MessageType.DDATA, "meter1"),
          stamp_data(records[0].payload, seq=3, ts_ms=TS + 10, device="meter1", aliases=aliases,
                     historical=True, correction_ms=1000)),
@@ -305,10 +307,16 @@ def test_tahu_reads_the_edge_nodes_own_messages(node_modules: Path) -> None:
         if dt in ("int64", "uint64"):  # 64-bit as strings, as in SCALARS
             want = str(want)
         assert m["value"] == want, dt
-    bad = ddata2["metrics"][0]
+    bad, marker = ddata2["metrics"]
     assert "isHistorical" not in bad and bad["value"] is None
     assert bad["properties"]["Quality"]["value"] == 0
-    assert bad["properties"]["clock_unsynced"] == {"type": "Boolean", "value": True}
+    # clock_unsynced: the payload's clock marker, declared in the DBIRTH, flags every metric
+    assert "clock_unsynced" not in bad["properties"] and out[4]["filled"] == 2
+    assert marker == {"alias": str(aliases.marker("meter2")), "type": "Boolean", "value": True,
+                      "timestamp": str(TS + 2)}
+    born_marker = dbirth2["metrics"][-1]
+    assert (born_marker["name"], born_marker["type"], born_marker["value"]) == (CLOCK_MARKER, "Boolean", False)
+    assert born_marker["alias"] == marker["alias"]
 
     assert ddeath["seq"] == "5" and ddeath["metrics"] == []
     assert out[6]["filled"] == 2 and ndata["seq"] == "6"   # node metrics: datatype by name from NBIRTH

@@ -332,7 +332,7 @@ async def test_births_then_history_then_live_data(broker: Broker, host: TestHost
     sp = dbirth1.metric("setpoint")
     assert sp.properties["readOnly"].value is False and sp.properties["engLow"].value == -100
     aliases = {m.alias for b in host.of_type("DBIRTH") for m in b.payload.metrics}
-    assert len(aliases) == 3 and None not in aliases  # unique across the node
+    assert len(aliases) == 5 and None not in aliases  # unique across the node (3 points, 2 clock markers)
     ddata = host.of_type("DDATA")
     hist, live = ddata[:2], ddata[2:]
     # History first, oldest first, with the original timestamps and is_historical.

@@ -6,7 +6,7 @@ from drivers.base import PointInfo, Quality, Sample
 from gateway.pipeline.report import ReportByException
 from gateway.records import NO_FIX, ClockFix, clock_fix
 from gateway.sparkplug import sparkplug_b_pb2 as pb
-from gateway.sparkplug.edge import NodeIdentity, stamp_data
+from gateway.sparkplug.edge import NodeIdentity, clock_flags, stamp_data
 from gateway.uplinks.kafka.format import H_CLOCK, format_record
 from gateway.uplinks.kafka.mappings import Mapping
 from tests.unit.test_clock_guard import REAL_NOW_NS, FakeHost, S
@@ -51,11 +51,11 @@ def test_still_unsynced_record_is_flagged_not_held() -> None:
     headers = guard.record_headers()
     fix = clock_fix(guard, headers)
     assert fix.unsynced and fix.correction_ms == 0
-    p = pb.Payload()
-    p.ParseFromString(stamp_data(_record(host.wall // 1_000_000), seq=1, ts_ms=1, device="d", aliases=None,
-                                 historical=False, clock_unsynced=True))
-    props = dict(zip(p.metrics[0].properties.keys, p.metrics[0].properties.values, strict=True))
-    assert props["clock_unsynced"].boolean_value is True
+    data = stamp_data(_record(host.wall // 1_000_000), seq=1, ts_ms=1, device="d", aliases=None,
+                      historical=False, clock_unsynced=fix.unsynced)
+    p = pb.Payload.FromString(data)
+    assert p.metrics[0].timestamp == host.wall // 1_000_000  # published, not held, not shifted
+    assert clock_flags(data) == [True]  # the clock marker of the payload flags its metric
 
 
 def test_record_from_an_earlier_boot_is_flagged() -> None:

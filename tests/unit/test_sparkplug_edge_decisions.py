@@ -9,11 +9,13 @@ from drivers.base import PointInfo, Quality, Sample
 from gateway.pipeline.report import ReportByException
 from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.edge import (
+    CLOCK_MARKER,
     AliasTable,
     NodeIdentity,
     build_dbirth,
     build_nbirth,
     build_ndeath,
+    clock_flags,
     datatypes_of,
     stamp_data,
 )
@@ -172,11 +174,15 @@ def test_stamp_data_corrects_timestamps_and_marks_unsynced_clocks() -> None:
     shifted = pb.Payload.FromString(stamp_data(stored, seq=1, ts_ms=5, device="d1", aliases=None,
                                                historical=False, correction_ms=250))
     assert [m.timestamp for m in shifted.metrics] == [1250, 1251]
-    unsynced = decode_payload(stamp_data(stored, seq=1, ts_ms=5, device="d1", aliases=None,
-                                         historical=False, clock_unsynced=True))
-    for m in unsynced.metrics:
-        assert m.properties["clock_unsynced"].type is DataType.Boolean
-        assert m.properties["clock_unsynced"].value is True
+    flagged = stamp_data(stored, seq=1, ts_ms=5, device="d1", aliases=None,
+                         historical=False, clock_unsynced=True)
+    unsynced = pb.Payload.FromString(flagged)
+    *samples, marker = unsynced.metrics
+    assert [m.name for m in samples] == ["t", "n"] and all(len(m.properties.keys) == 0 for m in samples)
+    # one marker for the payload, by name without aliases, at the newest timestamp, last
+    assert marker.name == CLOCK_MARKER and marker.boolean_value is True and marker.timestamp == 1001
+    assert clock_flags(flagged) == [True, True] and clock_flags(stamp_data(
+        stored, seq=1, ts_ms=5, device="d1", aliases=None, historical=False)) == [False, False]
     # a metric without a timestamp is left without one
     bare = pb.Payload()
     bm = bare.metrics.add()

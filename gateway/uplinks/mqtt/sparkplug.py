@@ -42,6 +42,7 @@ from gateway.sparkplug.edge import (
     build_ddeath,
     build_nbirth,
     build_ndeath,
+    check_point_names,
     stamp_data,
 )
 from gateway.sparkplug.errors import PayloadError, SparkplugError
@@ -171,6 +172,10 @@ class SparkplugUplink:
         self.settings = settings
         self.buffer = buffer
         self.devices = {d: list(p) for d, p in devices.items()}
+        try:
+            check_point_names(self.devices)
+        except PayloadError as exc:
+            raise SparkplugError(str(exc)) from None
         self.write_cb = write_cb
         self.snapshot = snapshot or (lambda device: {})
         self.clock = clock  # gateway.clock.ClockGuard: corrects or flags unsynced timestamps
@@ -207,6 +212,10 @@ class SparkplugUplink:
         # waiting. The cursor never passes them; they go out as history after the DBIRTH.
         self._waiting: dict[str, int] = {}
         self._unconfigured: set[str] = set()   # streams of removed devices, logged once each
+        # The clock marker's value hosts hold as the live value, per device (None: the node),
+        # from its birth and then its last live DATA: a trusted payload after a flagged one
+        # carries the marker false once, so a host's live value does not stay true.
+        self._clock_live: dict[str | None, bool] = {}
         self._live_after = 0
         self._backlog_pos: int | None = None
         self._backlog_active = False
@@ -382,9 +391,11 @@ class SparkplugUplink:
         seq = self._seq.reset()
         born = (self._node_reporter.birth(node_metrics)
                 if self._node_reporter is not None and node_metrics is not None else ())
+        self._clock_live.clear()
+        self._clock_live[None] = self._clock_untrusted()
         client.publish(self.node.topic(MessageType.NBIRTH),
                        build_nbirth(self.bdseq or 0, ts, seq=seq, software=self.settings.software,
-                                    node_metrics=born),
+                                    node_metrics=born, clock_unsynced=self._clock_live[None]),
                        qos=0, retain=False)
         self._session_born = True
         if self._host is not None:
@@ -401,10 +412,16 @@ class SparkplugUplink:
         log.info("births published", extra=_fields(bdseq=self.bdseq, dbirths=len(self._born)))
 
     def _dbirth(self, client: MqttConnection, device: str, points: Sequence[PointLike]) -> None:
+        untrusted = self._clock_live[device] = self._clock_untrusted()
         client.publish(self.node.topic(MessageType.DBIRTH, device),
                        build_dbirth(device, points, self.snapshot(device), self.aliases,
-                                    now_ms(), self._seq.take()), qos=0, retain=False)
+                                    now_ms(), self._seq.take(), clock_unsynced=untrusted),
+                       qos=0, retain=False)
         self._born.add(device)
+
+    def _clock_untrusted(self) -> bool:
+        """The clock marker's value in a birth: the clock is not trusted now."""
+        return self.clock is not None and not self.clock.trusted
 
     def _apply_pending_events(self) -> None:
         """Before births: only the latest state of each device matters."""
@@ -613,9 +630,12 @@ class SparkplugUplink:
         changed = self._node_reporter.changes(values)
         if not changed:
             return
-        data = build_ndata(changed, now_ms(), self._seq.peek)
+        untrusted = self._clock_untrusted()
+        marker = True if untrusted else (False if self._clock_live.get(None) else None)
+        data = build_ndata(changed, now_ms(), self._seq.peek, clock_marker=marker)
         client.publish(self.node.topic(MessageType.NDATA), data, qos=0, retain=False)
         self._seq.take()
+        self._clock_live[None] = untrusted
         self.state.count("node_data")
 
     async def _publish_batch(self, client: MqttConnection,
@@ -876,17 +896,22 @@ class SparkplugUplink:
                 self._waiting[device] = rec.seq
             return _WAIT
         fix = clock_fix(self.clock, rec.headers)
+        # History never changes a host's live value: only live payloads end a flagged run.
+        resynced = not historical and not fix.unsynced and self._clock_live.get(device, False)
         try:
             # seq is taken only once the record stamped: a skipped record leaves no gap.
             data = stamp_data(rec.payload, seq=self._seq.peek, ts_ms=now_ms(), device=device,
                               aliases=self.aliases, historical=historical,
-                              correction_ms=fix.correction_ms, clock_unsynced=fix.unsynced)
+                              correction_ms=fix.correction_ms, clock_unsynced=fix.unsynced,
+                              clock_resynced=resynced)
         except PayloadError as exc:
             self._skip(rec, exc)
             return None
         topic = self.node.topic(MessageType(mtype), device)
         fut = client.publish(topic, data, qos=self.settings.data_qos, retain=False)
         self._seq.take()
+        if not historical:
+            self._clock_live[device] = fix.unsynced
         if fut is None:  # data_qos = 0: handed to the connection is all there is
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(RC_SUCCESS)
