@@ -15,6 +15,8 @@ from drivers.simulator.config import SimulatorPointConfig
 class Waveform:
     """The value sequence of one simulated point."""
 
+    __slots__ = ("_rng", "_walk", "_walk_tick", "cfg", "interval", "name")
+
     def __init__(self, cfg: SimulatorPointConfig, name: str, device: str, seed: int, interval: float):
         self.cfg = cfg
         self.name = name
