@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,7 @@ _DIRECT: dict[DataType, tuple[int, int, int]] = {
     DataType.Double: (_DOUBLE, 0, 0),
 }
 _GOOD = Quality.GOOD
+_TS_MS = operator.attrgetter("ts_ms")
 
 
 def _is_number(v: Any) -> bool:
@@ -152,7 +154,7 @@ class ReportByException:
     def _record(self, device: str, samples: list[Sample],
                 extra_headers: Mapping[str, str] | None = None) -> NewRecord:
         p = pb.Payload()
-        ts = max(s.ts_ms for s in samples)
+        ts = max(map(_TS_MS, samples))
         p.timestamp = ts
         points = self._points[device]
         add = p.metrics.add
