@@ -386,8 +386,8 @@ class Gateway:
         self.rbe.offer(s)
 
     def _collect_device_metrics(self) -> None:
-        """Before a scrape: samples read and errors per device, from the devices' counters
-        (which only grow: a reload keeps a device's DeviceStatus)."""
+        """Before a scrape and every housekeeping round: samples read and errors per device,
+        from the devices' counters (which only grow: a reload keeps a device's DeviceStatus)."""
         m = self.metrics
         for name, st in self.devices.items():
             for counter, total in ((m.samples_read, st.samples), (m.errors, st.errors)):
@@ -443,6 +443,7 @@ class Gateway:
 
     async def _update_metrics(self) -> None:
         assert self.buffer is not None
+        self._collect_device_metrics()  # also between scrapes, for readers of the values
         stats = await self.buffer.stats()
         m = self.metrics
         for name, c in stats.get("cursors", {}).items():

@@ -270,5 +270,8 @@ async def test_device_samples_and_errors_reach_the_metrics_at_scrape_time(tmp_pa
         assert gw.metrics.samples_read.value(device="sim2") == base["sim2"] + 1
         assert gw.metrics.errors.value(device="sim1") == 1
         assert gw.metrics.errors.value(device="sim2") == 1
+        gw._on_sample(Sample("sim2", "ramp1", 3.0, 4, Quality.GOOD))
+        await gw._update_metrics()  # the housekeeping round brings them up to date too
+        assert gw.metrics.samples_read.value(device="sim2") == base["sim2"] + 2
     finally:
         await gw.stop()
