@@ -11,7 +11,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class Quality(enum.StrEnum):
@@ -25,8 +25,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
+    """One reading of one point. A named tuple rather than a frozen dataclass: drivers make
+    one per register read (10,000 a second in the gateway benchmark), and a tuple is made
+    in about a third of the time of a frozen dataclass, which sets each field through
+    object.__setattr__."""
+
     device: str             # the device name from the config (Sparkplug device id)
     point: str              # the point name within the device
     value: Any              # decoded and scaled value; None when quality is bad

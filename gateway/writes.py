@@ -179,6 +179,7 @@ def specs_from_config(cfg: Any) -> dict[str, dict[str, WriteSpec]]:
     """Every device's points, from gateway.config.OutpostConfig; scaled Modbus registers keep
     their raw type so that `check_value` can refuse what the device cannot store exactly."""
     out: dict[str, dict[str, WriteSpec]] = {}
+    shared: dict[WriteSpec, WriteSpec] = {}  # one object per distinct spec (10,000 points, few specs)
     for dev in cfg.devices:
         specs = {info.name: spec_from_point(info) for info in dev.point_infos()}
         if getattr(dev, "driver", "") == "modbus":
@@ -195,7 +196,7 @@ def specs_from_config(cfg: Any) -> dict[str, dict[str, WriteSpec]]:
                     max_bytes=2 * p.length if p.type == "string" and p.length else None,
                     encoding=p.encoding,
                 )
-        out[dev.name] = specs
+        out[dev.name] = {name: shared.setdefault(spec, spec) for name, spec in specs.items()}
     return out
 
 

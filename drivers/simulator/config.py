@@ -6,6 +6,7 @@ same config produce the same values: load tests are repeatable.
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,7 +45,9 @@ class SimulatorPointConfig(BaseModel):
     def names(self) -> list[str]:
         if self.count == 1:
             return [self.name]
-        return [f"{self.name}_{i}" for i in range(self.count)]
+        # Interned: the check, the driver, report by exception and the write checks each ask,
+        # and 10,000 expanded names would otherwise be held four times over.
+        return [sys.intern(f"{self.name}_{i}") for i in range(self.count)]
 
 
 class SimulatorDeviceConfig(BaseModel):

@@ -77,12 +77,16 @@ class SimulatorDriver:
     def _emit(self, key: tuple[str, float], tick: int) -> None:
         device = key[0]
         ts = now_ms()
-        for wf in self._groups[key]:
-            value = self._overrides.get((device, wf.name))
+        group = self._groups[key]
+        overrides = self._overrides
+        on_sample = self._on_sample
+        good = Quality.GOOD
+        for wf in group:
+            value = overrides.get((device, wf.name)) if overrides else None
             if value is None:
                 value = wf.value(tick)
-            self.stats["samples"] += 1
-            self._on_sample(Sample(device, wf.name, value, ts, Quality.GOOD, "", wf.cfg.type))
+            on_sample(Sample(device, wf.name, value, ts, good, "", wf.cfg.type))
+        self.stats["samples"] += len(group)
 
     async def write(self, device: str, point: str, value: Any) -> None:
         wf = self._by_point.get((device, point))

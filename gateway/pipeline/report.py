@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,38 @@ class _PointState:
     last_quality: Quality | None = None
     last_report_ms: int | None = None
     latest: Sample | None = None  # the newest sample, reported or not (for DBIRTH)
+    # From `info`, read once: offer() runs for every sample.
+    deadband: float = 0.0
+    interval_ms: float | None = None
+    # (oneof field, lowest, highest) when a GOOD sample's value goes straight into the
+    # metric (ints and floats of the types below); None: always through fill_metric.
+    direct: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.deadband = self.info.deadband or 0.0
+        interval = self.info.max_report_interval
+        self.interval_ms = None if interval is None else interval * 1000
+        self.direct = _DIRECT.get(self.datatype)
+
+
+# The value placement of gateway.sparkplug.payload for the integer and float types, so that
+# _record sets a GOOD in-range value in one call; anything else (a value out of range, a
+# float for an integer type, bad quality) goes through fill_metric, which logs and marks it.
+_INT, _LONG, _FLOAT, _DOUBLE = range(4)  # int_value, long_value, float_value, double_value
+_DIRECT: dict[DataType, tuple[int, int, int]] = {
+    DataType.Int8: (_INT, -(1 << 7), (1 << 7) - 1),
+    DataType.Int16: (_INT, -(1 << 15), (1 << 15) - 1),
+    DataType.Int32: (_INT, -(1 << 31), (1 << 31) - 1),
+    DataType.UInt8: (_INT, 0, (1 << 8) - 1),
+    DataType.UInt16: (_INT, 0, (1 << 16) - 1),
+    DataType.Int64: (_LONG, -(1 << 63), (1 << 63) - 1),
+    DataType.UInt32: (_LONG, 0, (1 << 32) - 1),
+    DataType.UInt64: (_LONG, 0, (1 << 64) - 1),
+    DataType.Float: (_FLOAT, 0, 0),
+    DataType.Double: (_DOUBLE, 0, 0),
+}
+_GOOD = Quality.GOOD
+_TS_MS = operator.attrgetter("ts_ms")
 
 
 def _is_number(v: Any) -> bool:
@@ -57,7 +90,8 @@ class ReportByException:
 
     def offer(self, sample: Sample) -> bool:
         """Take one sample; True when it will be reported in the next drain()."""
-        state = self._points.get(sample.device, {}).get(sample.point)
+        points = self._points.get(sample.device)
+        state = points.get(sample.point) if points is not None else None
         if state is None:
             self._unknown.once(f"{sample.device}/{sample.point}", "sample for unknown point ignored",
                                device=sample.device, point=sample.point)
@@ -69,16 +103,23 @@ class ReportByException:
         state.last_value = sample.value
         state.last_quality = sample.quality
         state.last_report_ms = sample.ts_ms
-        self._pending.setdefault(sample.device, []).append(sample)
+        pending = self._pending.get(sample.device)
+        if pending is None:
+            self._pending[sample.device] = [sample]
+        else:
+            pending.append(sample)
         return True
 
-    def _should_report(self, state: _PointState, s: Sample) -> bool:
+    @staticmethod
+    def _should_report(state: _PointState, s: Sample) -> bool:
         if state.last_report_ms is None or s.quality != state.last_quality:
             return True
-        interval = state.info.max_report_interval
-        if interval is not None and s.ts_ms - state.last_report_ms >= interval * 1000:
+        if state.interval_ms is not None and s.ts_ms - state.last_report_ms >= state.interval_ms:
             return True
         old, new = state.last_value, s.value
+        if type(new) is int and type(old) is int:  # most registers: no NaN, no bool
+            deadband = state.deadband
+            return abs(new - old) > deadband if deadband > 0 else new != old
         if old is None or new is None:
             return (old is None) != (new is None)
         if _is_number(old) and _is_number(new):
@@ -86,7 +127,7 @@ class ReportByException:
                 return not (isinstance(old, float) and math.isnan(old))
             if isinstance(old, float) and math.isnan(old):
                 return True  # leaving NaN: abs(new - nan) compares False with any deadband
-            deadband = state.info.deadband or 0.0
+            deadband = state.deadband
             return abs(new - old) > deadband if deadband > 0 else new != old
         return new != old
 
@@ -113,12 +154,32 @@ class ReportByException:
     def _record(self, device: str, samples: list[Sample],
                 extra_headers: Mapping[str, str] | None = None) -> NewRecord:
         p = pb.Payload()
-        ts = max(s.ts_ms for s in samples)
+        ts = max(map(_TS_MS, samples))
         p.timestamp = ts
         points = self._points[device]
+        add = p.metrics.add
         for s in samples:
             state = points[s.point]
-            fill_metric(p.metrics.add(), s.point, state.datatype, s.value, s.ts_ms, s.quality)
+            direct, value = state.direct, s.value
+            if direct is not None and s.quality is _GOOD:
+                kind, lo, hi = direct
+                t = type(value)
+                if kind == _INT:
+                    if t is int and lo <= value <= hi:
+                        add(name=s.point, datatype=state.datatype, timestamp=s.ts_ms, int_value=value & 0xFFFFFFFF)
+                        continue
+                elif kind == _LONG:
+                    if t is int and lo <= value <= hi:
+                        add(name=s.point, datatype=state.datatype, timestamp=s.ts_ms,
+                            long_value=value & 0xFFFFFFFFFFFFFFFF)
+                        continue
+                elif t is float or t is int:
+                    if kind == _FLOAT:
+                        add(name=s.point, datatype=state.datatype, timestamp=s.ts_ms, float_value=float(value))
+                    else:
+                        add(name=s.point, datatype=state.datatype, timestamp=s.ts_ms, double_value=float(value))
+                    continue
+            fill_metric(add(), s.point, state.datatype, value, s.ts_ms, s.quality)
         return NewRecord(
             stream=self.node.stream(device),
             payload=p.SerializeToString(),

@@ -46,6 +46,7 @@ BUFFER_FILE = "buffer.db"
 # failing disk). Beyond this, records are dropped, counted and logged: memory is finite too.
 MAX_PENDING_RECORDS = 20_000
 STOP_TIMEOUT_S = 20.0
+_GOOD = Quality.GOOD
 
 
 def _version() -> str:
@@ -63,7 +64,7 @@ class DeviceStatus:
         self.errors = 0
         self.samples = 0
         self.last_error = ""
-        self.quality: dict[str, int] = {}
+        self.quality: dict[str, int] = {}  # keyed by the Quality itself (a str) on the hot path
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,7 +72,7 @@ class DeviceStatus:
             "last_good_ts_ms": self.last_good_ts_ms,
             "errors": self.errors,
             "samples": self.samples,
-            "quality": dict(self.quality),
+            "quality": {str(q): n for q, n in self.quality.items()},
             "last_error": self.last_error,
         }
 
@@ -361,14 +362,18 @@ class Gateway:
     # -- data path ----------------------------------------------------------------------
 
     def _on_sample(self, s: Sample) -> None:
+        # Called for every sample (10,000 a second in the gateway benchmark): the device's
+        # counters are kept here only; the metrics take them at scrape time.
         if not self._polling:
             return
         self.counters["samples"] += 1
         st = self.devices.get(s.device)
         if st is not None:
+            q = s.quality
             st.samples += 1
-            st.quality[s.quality.value] = st.quality.get(s.quality.value, 0) + 1
-            if s.quality is Quality.GOOD:
+            quality = st.quality
+            quality[q] = quality.get(q, 0) + 1
+            if q is _GOOD:
                 st.last_good_ts_ms = s.ts_ms
             else:
                 st.errors += 1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -236,5 +239,43 @@ async def test_buffer_drops_reach_the_metrics(tmp_path: Path) -> None:
         for _ in range(2):  # follows the buffer's total, does not add it again
             text = metrics.render(await gw.history.document()).decode()
             assert 'outpost_buffer_dropped_total{reason="purged"} 1.0' in text.splitlines()
+    finally:
+        await gw.stop()
+
+
+async def test_device_samples_and_errors_reach_the_metrics_at_scrape_time(tmp_path: Path) -> None:
+    from drivers.base import Quality, Sample
+    from gateway.config import parse_config, resolve_secrets
+    from gateway.runtime.supervisor import Gateway
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = parse_config(_config(tmp_path, ["sim1", "sim2"]).replace(
+        "[diagnostics]", f'[diagnostics]\nmetrics_listen = "127.0.0.1:{port}"'))
+    gw = Gateway(cfg, resolve_secrets(cfg))
+    await gw._open_buffer()
+    await gw._start_diagnostics()
+    try:
+        await gw._start_pipeline()
+        await gw.owner.stop("driver:simulator")  # only the samples below count
+        base = {d: gw.devices[d].samples for d in ("sim1", "sim2")}
+        gw._on_sample(Sample("sim1", "ramp0", 1.0, 1, Quality.GOOD))
+        gw._on_sample(Sample("sim1", "ramp1", None, 2, Quality.BAD, "timeout"))
+        gw._on_sample(Sample("sim2", "ramp0", 2.0, 3, Quality.STALE, "stale"))
+        st = gw.devices["sim1"].as_dict()
+        assert st["samples"] == base["sim1"] + 2 and st["errors"] == 1 and st["last_error"] == "timeout"
+        assert st["quality"]["bad"] == 1 and all(type(k) is str for k in st["quality"])
+        for _ in range(2):  # a real scrape of /metrics; a second one adds nothing
+            with await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", None, 5) as r:
+                text = r.read().decode()
+        assert f'outpost_samples_read_total{{device="sim1"}} {base["sim1"] + 2}' in text
+        assert gw.metrics.samples_read.value(device="sim1") == base["sim1"] + 2
+        assert gw.metrics.samples_read.value(device="sim2") == base["sim2"] + 1
+        assert gw.metrics.errors.value(device="sim1") == 1
+        assert gw.metrics.errors.value(device="sim2") == 1
+        gw._on_sample(Sample("sim2", "ramp1", 3.0, 4, Quality.GOOD))
+        await gw._update_metrics()  # the housekeeping round brings them up to date too
+        assert gw.metrics.samples_read.value(device="sim2") == base["sim2"] + 2
     finally:
         await gw.stop()

@@ -25,6 +25,17 @@ def test_shapes():
     assert [step.value(k) for k in range(4)] == [False, True, False, True]
     counter = wf(waveform="counter", type="int64", step=1, min=0, max=2)
     assert [counter.value(k) for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    floats = wf(waveform="counter", type="float32", step=0.5, offset=1, max=2)
+    assert [floats.value(k) for k in range(4)] == [1.0, 1.5, 1.0, 1.5]  # a fractional step wraps before max
+    assert all(type(floats.value(k)) is float for k in range(3))
+    assert [type(wf(waveform="counter", type=t).value(3)) for t in ("uint32", "float64")] == [int, float]
+    sine_int = wf(waveform="sine", type="int32", period="4s", amplitude=2.4, min=-1)
+    assert [sine_int.value(k) for k in range(4)] == [0, 2, 0, -1]  # clamped, then rounded
+
+
+def test_only_random_walks_hold_a_generator():
+    assert wf(waveform="counter")._rng is None and wf(waveform="sine")._rng is None
+    assert wf(waveform="random_walk")._rng is not None
 
 
 def test_random_walk_is_repeatable_and_bounded():

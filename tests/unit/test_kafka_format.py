@@ -287,3 +287,71 @@ def test_json_float_arrays_use_the_shortest_float32_decimals() -> None:
                                               Metric("d", DataType.DoubleArray, [0.1])]))
     doc = json.loads(format_record(Rec(1, "s", payload), _mapping(format="json"), "g/e").value)
     assert [m["value"] for m in doc["metrics"]] == [[0.1, 21.3], [0.1]]
+
+
+def test_json_fast_path_gives_what_the_full_codec_gives_for_every_scalar_type() -> None:
+    from gateway.uplinks.kafka.format import _decoded_metrics, _scalar_metrics
+
+    p = pb.Payload(timestamp=10)
+    cases = [  # (datatype, oneof field, raw value): edges of every scalar the drivers produce
+        (1, "int_value", 0xFFFFFF80), (1, "int_value", 0x7F), (2, "long_value", 0xFFFF8000),
+        (3, "int_value", 0x80000000), (4, "long_value", (-5) & 0xFFFFFFFFFFFFFFFF),
+        (5, "int_value", 0x1FF), (6, "int_value", 65535), (7, "long_value", 4_000_000_000),
+        (8, "long_value", 2**64 - 1), (9, "float_value", 0.1), (9, "float_value", float("nan")),
+        (10, "double_value", float("-inf")), (10, "float_value", 2.5), (11, "boolean_value", True),
+        (12, "string_value", 'é"\\'), (13, "long_value", 1_700_000_000_000),
+        (14, "string_value", "t"), (15, "string_value", "u"),
+    ]
+    for i, (dt, kind, raw) in enumerate(cases):
+        m = p.metrics.add(name=f"m{i}", datatype=dt, timestamp=100 + i, is_historical=bool(i % 2))
+        setattr(m, kind, raw)
+    p.metrics.add(name="null", datatype=4, is_null=True)  # no timestamp either
+    payload = p.SerializeToString()
+    fast = _scalar_metrics(p, 7)
+    assert fast is not None and len(fast) == len(cases) + 1
+    assert json.dumps(fast) == json.dumps(_decoded_metrics(payload, "t", 1, 7))
+    assert fast[0]["value"] == -128 and fast[0]["timestamp"] == 107 and fast[9]["value"] == 0.1
+
+
+@pytest.mark.parametrize("odd", ["alias", "properties", "array", "wrong_kind", "no_datatype"])
+def test_json_fast_path_leaves_anything_else_to_the_full_codec(odd: str) -> None:
+    from gateway.uplinks.kafka.format import _scalar_metrics
+
+    p = pb.Payload(timestamp=10)
+    p.metrics.add(name="fine", datatype=3, int_value=1)
+    m = p.metrics.add(name="odd", datatype=3, int_value=1)
+    if odd == "alias":
+        m.ClearField("name")
+        m.alias = 5
+    elif odd == "properties":
+        m.properties.keys.append("Quality")
+        m.properties.values.add(type=3, int_value=0)
+    elif odd == "array":
+        m.datatype = 30
+        m.bytes_value = b"\x00\x00\x80\x3f"
+    elif odd == "wrong_kind":
+        m.string_value = "1"
+    else:
+        m.ClearField("datatype")
+    assert _scalar_metrics(p, 0) is None
+    rec = Rec(3, "s", p.SerializeToString(), headers=DDATA_HEADERS)
+    if odd == "wrong_kind":  # the full codec's error, with seq and topic
+        with pytest.raises(KafkaFormatError, match=r"seq 3.*Int32 expects int_value"):
+            format_record(rec, _mapping(format="json"), "g/e")
+    else:
+        doc = json.loads(format_record(rec, _mapping(format="json"), "g/e").value)
+        assert len(doc["metrics"]) == 2
+
+
+def test_json_of_an_unsynced_record_carries_the_clock_once_not_per_metric() -> None:
+    from gateway.records import ClockFix
+
+    rec = Rec(3, "s", _ddata(), headers={**DDATA_HEADERS, "clock": "unsynced"})
+    fixed = format_record(rec, _mapping(format="json"), "g/e", ClockFix(0, True))
+    plain = format_record(rec, _mapping(format="json"), "g/e")
+    assert fixed.value == plain.value[:-1] + b',"clock":"unsynced"}'
+    shifted = json.loads(format_record(rec, _mapping(format="json"), "g/e", ClockFix(1000, False)).value)
+    assert shifted["timestamp"] == 1_700_000_000_200 + 1000
+    assert [m["timestamp"] for m in shifted["metrics"]][:2] == [1_700_000_000_100 + 1000, 1_700_000_000_101 + 1000]
+    assert fixed.timestamp_ms == rec.ts_ms and format_record(
+        rec, _mapping(format="json"), "g/e", ClockFix(1000, False)).timestamp_ms == rec.ts_ms + 1000

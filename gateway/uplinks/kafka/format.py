@@ -76,18 +76,23 @@ def format_record(record: RecordLike, mapping: Mapping, gateway_id: str,
     source_topic = record.headers.get(R_TOPIC, record.stream)
     msg_type = record.headers.get(R_TYPE, "")
     key = (record.stream if mapping.key == "device" else source_topic).encode()
-    payload, ts_ms = apply_clock(record, fix)
     if mapping.format == "json":
+        # The JSON document carries the clock word once, not the per-metric property that
+        # apply_clock would add only for the decoder to drop: shift timestamps while decoding.
+        correction_ms = fix.correction_ms if msg_type in SPARKPLUG_DATA_TYPES else 0
+        ts_ms = record.ts_ms + correction_ms
         value = sparkplug_to_json(
-            payload,
+            record.payload if type(record.payload) is bytes else bytes(record.payload),
             topic=source_topic,
             msg_type=msg_type,
             gateway_id=gateway_id,
             stream=record.stream,
             seq=record.seq,
             clock=clock_word(fix),
+            correction_ms=correction_ms,
         )
     else:
+        payload, ts_ms = apply_clock(record, fix)
         value = bytes(payload)
     headers = [
         (H_GATEWAY, gateway_id.encode()),
@@ -252,12 +257,44 @@ def sparkplug_to_json(
     stream: str,
     seq: int,
     clock: str = "",
+    correction_ms: int = 0,
 ) -> bytes:
     """Decode a Sparkplug B payload (with the project's codec) into the `json` document.
 
     `clock` ("unsynced" or "corrected") is added as the document's `clock` field when the
-    timestamps were taken on an unsynchronised clock (see the README's clock rule).
+    timestamps were taken on an unsynchronised clock (see the README's clock rule);
+    `correction_ms` is added to the payload's and every metric's timestamp.
     """
+    from gateway.sparkplug import sparkplug_b_pb2 as pb
+
+    p = pb.Payload()
+    try:
+        p.ParseFromString(payload)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise KafkaFormatError(
+            f"record seq {seq} on {topic!r}: not a Sparkplug B payload ({len(payload)} bytes): {exc}"
+        ) from None
+    metrics = _scalar_metrics(p, correction_ms)
+    if metrics is None:  # arrays, data sets, properties...: the full codec
+        metrics = _decoded_metrics(payload, topic, seq, correction_ms)
+    timestamp = p.timestamp if p.HasField("timestamp") else None
+    if timestamp is not None:
+        timestamp += correction_ms
+    doc = {
+        "gateway": gateway_id,
+        "topic": topic,
+        "type": msg_type,
+        "stream": stream,
+        "seq": seq,
+        "timestamp": timestamp,
+        "metrics": metrics,
+    }
+    if clock:
+        doc["clock"] = clock
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _decoded_metrics(payload: bytes, topic: str, seq: int, correction_ms: int) -> list[dict[str, Any]]:
     from gateway.sparkplug.payload import decode_payload
 
     try:
@@ -274,20 +311,85 @@ def sparkplug_to_json(
         dt = m.datatype.name if m.datatype is not None else None
         item["datatype"] = dt
         if m.timestamp is not None:
-            item["timestamp"] = m.timestamp
+            item["timestamp"] = m.timestamp + correction_ms
         item["value"] = _jsonable(m.value, float32=dt in _FLOAT32_TYPES)
         item["quality"] = str(m.quality)
         item["is_historical"] = bool(m.is_historical)
         metrics.append(item)
-    doc = {
-        "gateway": gateway_id,
-        "topic": topic,
-        "type": msg_type,
-        "stream": stream,
-        "seq": seq,
-        "timestamp": decoded.timestamp,
-        "metrics": metrics,
-    }
-    if clock:
-        doc["clock"] = clock
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return metrics
+
+
+# Sparkplug datatype number -> (name, the oneof fields its value may be read from, how to
+# read it): the scalar types the drivers produce, read exactly as payload._get_scalar does.
+_INTS = ("int_value", "long_value")
+_FLOATS = ("float_value", "double_value")
+
+
+def _signed_view(bits: int) -> Any:
+    mask, top, span = (1 << bits) - 1, 1 << (bits - 1), 1 << bits
+    return lambda raw: (raw & mask) - span if raw & mask & top else raw & mask
+
+
+def _unsigned_view(bits: int) -> Any:
+    mask = (1 << bits) - 1
+    return lambda raw: raw & mask
+
+
+def _float_view(v: float) -> Any:
+    return v if math.isfinite(v) else str(v)
+
+
+def _float32_view(v: float) -> Any:
+    return _short_float32(v) if math.isfinite(v) else str(v)
+
+
+_SCALARS: dict[int, tuple[str, tuple[str, ...], Any]] = {
+    1: ("Int8", _INTS, _signed_view(8)),
+    2: ("Int16", _INTS, _signed_view(16)),
+    3: ("Int32", _INTS, _signed_view(32)),
+    4: ("Int64", _INTS, _signed_view(64)),
+    5: ("UInt8", _INTS, _unsigned_view(8)),
+    6: ("UInt16", _INTS, _unsigned_view(16)),
+    7: ("UInt32", _INTS, _unsigned_view(32)),
+    8: ("UInt64", _INTS, _unsigned_view(64)),
+    9: ("Float", _FLOATS, _float32_view),
+    10: ("Double", _FLOATS, _float_view),
+    11: ("Boolean", ("boolean_value",), None),
+    12: ("String", ("string_value",), None),
+    13: ("DateTime", _INTS, _unsigned_view(64)),
+    14: ("Text", ("string_value",), None),
+    15: ("UUID", ("string_value",), None),
+}
+
+
+def _scalar_metrics(p: Any, correction_ms: int) -> list[dict[str, Any]] | None:
+    """The `metrics` of the JSON document straight from the parsed protobuf, for payloads
+    whose metrics are all named scalars without properties (what the pipeline writes:
+    about 8x cheaper than the full codec). None when any metric needs the full codec,
+    which then also gives the errors their exact wording."""
+    out = []
+    append = out.append
+    scalars = _SCALARS
+    for pm in p.metrics:
+        spec = scalars.get(pm.datatype)
+        if (spec is None or not pm.HasField("name") or pm.HasField("properties")
+                or pm.HasField("metadata")):
+            return None
+        name, kinds, view = spec
+        if pm.is_null:
+            value = None
+        else:
+            kind = pm.WhichOneof("value")
+            if kind not in kinds:
+                return None
+            value = getattr(pm, kind)
+            if view is not None:
+                value = view(value)
+        item = {"name": pm.name, "datatype": name}
+        if pm.HasField("timestamp"):
+            item["timestamp"] = pm.timestamp + correction_ms
+        item["value"] = value
+        item["quality"] = "good"
+        item["is_historical"] = pm.is_historical
+        append(item)
+    return out
