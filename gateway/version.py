@@ -3,9 +3,10 @@
 `version_report()` is what `outpost --version` prints: Outpost's version and build, Python,
 and the versions of the libraries a bug report needs. It must stay cheap (a Pi runs it at
 every shell completion and in scripts): library versions come from the installed package
-metadata, never from importing the libraries, and the build from a small file that
-`deploy/build_dist.py` writes into the wheel (`gateway/build-info.toml`), or, in a source
-checkout, from the files in `.git` (no subprocess).
+metadata, never from importing the libraries, and the build from a module that
+`deploy/build_dist.py` writes into the wheel (`gateway/_build_info.py`: a module, because
+tomllib alone costs a quarter of a bare Python start), or, in a source checkout, from the
+files in `.git` (no subprocess).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ __version__ = "0.1.0"
 
 # The distributions whose versions a bug report needs, in the order they are printed.
 KEY_LIBRARIES = ("gmqtt", "aiokafka", "pymodbus", "pyserial", "pyserial-asyncio-fast", "protobuf", "pydantic")
-BUILD_INFO_FILE = "build-info.toml"
 
 
 def library_versions(names: tuple[str, ...] = KEY_LIBRARIES) -> dict[str, str | None]:
@@ -60,22 +60,16 @@ def _canonical(name: str) -> str:
 
 def build_info() -> dict[str, str]:
     """What this copy was built from: {"commit", "built", "dirty", "source"}; empty when unknown."""
-    import os
+    try:
+        from gateway import _build_info as written  # type: ignore[attr-defined]
+    except ImportError:
+        import os
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    written = os.path.join(here, BUILD_INFO_FILE)
-    if os.path.isfile(written):
-        import tomllib
-
-        try:
-            with open(written, encoding="utf-8") as f:
-                data = tomllib.loads(f.read())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            return {"source": f"unreadable {written}"}
-        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()
-                if isinstance(v, str | int | bool)}
-    commit = _git_head(os.path.dirname(here))
-    return {"commit": commit, "source": "source checkout"} if commit else {}
+        commit = _git_head(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return {"commit": commit, "source": "source checkout"} if commit else {}
+    info = {"commit": getattr(written, "COMMIT", ""), "built": getattr(written, "BUILT", ""),
+            "dirty": "true" if getattr(written, "DIRTY", False) else ""}
+    return {k: v for k, v in info.items() if v}
 
 
 def _read(path: str) -> str:

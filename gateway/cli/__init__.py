@@ -21,12 +21,14 @@ and `tail` never load the configuration models (tests/unit/test_cli_conventions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import Any
 
 from gateway.errors import ConfigError
+
+TYPE_CHECKING = False  # typing itself is a tenth of a bare Python start: annotations only
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -138,6 +140,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from gateway.config_build import load_checked  # builds what `outpost run` builds, without I/O
 
     if args.schema:
+        import json
+
         from gateway.config import json_schema
 
         print(json.dumps(json_schema(), indent=2))
@@ -216,6 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
     import time
 
     from gateway.diagnostics import client
@@ -245,6 +250,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    import json
+
     from gateway.diagnostics import client
     from gateway.diagnostics.errors import DiagnosticsError
 
@@ -302,19 +309,27 @@ def _epilog() -> str:
     ])
 
 
+class _TopParser(argparse.ArgumentParser):
+    """`outpost` itself: the epilog (textwrap) is written only when help is printed."""
+
+    def format_help(self) -> str:
+        if self.epilog is None:
+            self.epilog = _epilog()
+        return super().format_help()
+
+
 def build_parser(*, lean: bool = False) -> argparse.ArgumentParser:
     """The whole `outpost` parser; `lean` leaves out the subcommands of other modules (probe,
     buffer), for a command line that names one of CORE_COMMANDS (see main)."""
-    p = argparse.ArgumentParser(
+    p = _TopParser(
         prog="outpost",
         description="Outpost edge gateway: Modbus and serial devices to Sparkplug B over MQTT and to Apache Kafka, "
                     "with a store-and-forward buffer.",
-        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action=_VersionAction,
                    help="print the version, the build, Python's and the key libraries' versions, and exit")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
 
     c = sub.add_parser("check", help="validate configuration file(s)",
                        description="Validate configuration files (with their conf.d drop-ins) without any I/O "
