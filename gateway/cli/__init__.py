@@ -318,9 +318,9 @@ class _TopParser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def build_parser(*, lean: bool = False) -> argparse.ArgumentParser:
-    """The whole `outpost` parser; `lean` leaves out the subcommands of other modules (probe,
-    buffer), for a command line that names one of CORE_COMMANDS (see main)."""
+def build_parser(*, only: str | None = None) -> argparse.ArgumentParser:
+    """The whole `outpost` parser; with `only` (one of CORE_COMMANDS, or "--version"), just
+    that subcommand: what `main` builds for a command line that names it (see _only)."""
     p = _TopParser(
         prog="outpost",
         description="Outpost edge gateway: Modbus and serial devices to Sparkplug B over MQTT and to Apache Kafka, "
@@ -331,50 +331,56 @@ def build_parser(*, lean: bool = False) -> argparse.ArgumentParser:
                    help="print the version, the build, Python's and the key libraries' versions, and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
 
-    c = sub.add_parser("check", help="validate configuration file(s)",
-                       description="Validate configuration files (with their conf.d drop-ins) without any I/O "
-                                   "to devices or brokers, and print a summary; exit 2 lists every problem.")
-    _add_config(c)
-    c.add_argument("paths", nargs="*", metavar="PATH", help="files to check (default: --config or the default path)")
-    c.add_argument("--secrets", action="store_true",
-                   help="also resolve ${ENV} and *_file secrets (fails when one is missing)")
-    c.add_argument("--schema", action="store_true", help="print the JSON Schema of the file (for editors) and exit")
-    c.set_defaults(func=cmd_check)
+    if only in (None, "check"):
+        c = sub.add_parser("check", help="validate configuration file(s)",
+                           description="Validate configuration files (with their conf.d drop-ins) without any I/O "
+                                       "to devices or brokers, and print a summary; exit 2 lists every problem.")
+        _add_config(c)
+        c.add_argument("paths", nargs="*", metavar="PATH",
+                       help="files to check (default: --config or the default path)")
+        c.add_argument("--secrets", action="store_true",
+                       help="also resolve ${ENV} and *_file secrets (fails when one is missing)")
+        c.add_argument("--schema", action="store_true", help="print the JSON Schema of the file (for editors) and exit")
+        c.set_defaults(func=cmd_check)
 
-    r = sub.add_parser("run", help="run the gateway",
-                       description="Run the gateway in the foreground (systemd starts this); SIGHUP reloads "
-                                   "the configuration, SIGTERM stops it cleanly.")
-    _add_config(r)
-    r.set_defaults(func=cmd_run)
+    if only in (None, "run"):
+        r = sub.add_parser("run", help="run the gateway",
+                           description="Run the gateway in the foreground (systemd starts this); SIGHUP reloads "
+                                       "the configuration, SIGTERM stops it cleanly.")
+        _add_config(r)
+        r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("status", help="show the running gateway's state",
-                       description="Links, buffer and devices of the running gateway, asked over its "
-                                   "status socket (members of the outpost group need no sudo).")
-    _add_config(s)
-    _add_socket(s)
-    s.add_argument("--json", action="store_true",
-                   help="print the whole status document as JSON (its schema: gateway/diagnostics/README.md)")
-    s.add_argument("--watch", action="store_true", help="redraw the status every --interval seconds until Ctrl-C")
-    s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
-                   help="seconds between redraws with --watch (default: %(default)s)")
-    s.set_defaults(func=cmd_status)
+    if only in (None, "status"):
+        s = sub.add_parser("status", help="show the running gateway's state",
+                           description="Links, buffer and devices of the running gateway, asked over its "
+                                       "status socket (members of the outpost group need no sudo).")
+        _add_config(s)
+        _add_socket(s)
+        s.add_argument("--json", action="store_true",
+                       help="print the whole status document as JSON (its schema: gateway/diagnostics/README.md)")
+        s.add_argument("--watch", action="store_true", help="redraw the status every --interval seconds until Ctrl-C")
+        s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                       help="seconds between redraws with --watch (default: %(default)s)")
+        s.set_defaults(func=cmd_status)
 
-    t = sub.add_parser("tail", help="print live samples",
-                       description="Print the running gateway's samples as they are read, until Ctrl-C.")
-    _add_config(t)
-    _add_socket(t)
-    t.add_argument("--device", metavar="NAME", help="only samples of this device (its name in the configuration)")
-    t.add_argument("--point", metavar="NAME", help="only samples of points with this name")
-    t.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
-    t.set_defaults(func=cmd_tail)
+    if only in (None, "tail"):
+        t = sub.add_parser("tail", help="print live samples",
+                           description="Print the running gateway's samples as they are read, until Ctrl-C.")
+        _add_config(t)
+        _add_socket(t)
+        t.add_argument("--device", metavar="NAME", help="only samples of this device (its name in the configuration)")
+        t.add_argument("--point", metavar="NAME", help="only samples of points with this name")
+        t.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+        t.set_defaults(func=cmd_tail)
 
-    d = sub.add_parser("doctor", help="diagnose ports, disk, clock and links",
-                       description="Check serial ports, disk, clock and links for the configuration, "
-                                   "with a hint for each problem; exit 1 when a check fails.")
-    _add_config(d)
-    d.set_defaults(func=cmd_doctor)
+    if only in (None, "doctor"):
+        d = sub.add_parser("doctor", help="diagnose ports, disk, clock and links",
+                           description="Check serial ports, disk, clock and links for the configuration, "
+                                       "with a hint for each problem; exit 1 when a check fails.")
+        _add_config(d)
+        d.set_defaults(func=cmd_doctor)
 
-    if lean:
+    if only is not None:
         return p
     try:
         from gateway.cli import probe as probe_cli
@@ -389,20 +395,24 @@ def build_parser(*, lean: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-# Commands defined in this module. For these (and `--version`) the parser need not load
-# gateway/cli/probe.py and buffer.py, modules free to import what they need at their top
-# (asyncio alone costs a bare Python start again): the arguments of one subcommand never
-# depend on another's. Help, the man page and completion build the whole parser.
+# Commands defined in this module. For one of these (or `--version`) the parser is built with
+# that subcommand only: it need not load gateway/cli/probe.py and buffer.py, modules free to
+# import what they need at their top (asyncio alone costs a bare Python start again), nor
+# build the others (argparse asks the terminal's size for every option): the arguments of
+# one subcommand never depend on another's. Help, the man page and completion build it all.
 CORE_COMMANDS = frozenset({"check", "run", "status", "tail", "doctor"})
 
 
-def _lean(argv: list[str]) -> bool:
-    return bool(argv) and (argv[0] in CORE_COMMANDS or argv[0] == "--version")
+def _only(argv: list[str]) -> str | None:
+    """The one subcommand the parser needs for this command line; None: all of them."""
+    if argv and (argv[0] in CORE_COMMANDS or argv[0] == "--version"):
+        return argv[0]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(lean=_lean(argv)).parse_args(argv)
+    args = build_parser(only=_only(argv)).parse_args(argv)
     if args.cmd == "probe":
         import asyncio
 
