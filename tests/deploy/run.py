@@ -279,6 +279,16 @@ def install_and_exercise(arch: str, root: Path, dist: Path, upgrade: Path, repor
         report.check(f"{arch}: `outpost --version` runs as {machine}",
                      proc.returncode == 0 and machine in proc.stdout and "0.1.0" in proc.stdout,
                      proc.stdout + proc.stderr)
+        proc = offline(root, """
+            test -s /usr/local/share/man/man1/outpost.1
+            man -l /usr/local/share/man/man1/outpost.1 2>/dev/null | grep -q 'EXIT STATUS' \
+                || grep -q '^.SH "EXIT STATUS"' /usr/local/share/man/man1/outpost.1
+            bash -c '. /usr/local/share/bash-completion/completions/outpost
+                     COMP_WORDS=(outpost bu); COMP_CWORD=1; _outpost; echo "${COMPREPLY[*]}"; complete -p outpost'
+            """)
+        report.check(f"{arch}: the man page and the bash completion (generated at build time) are installed",
+                     proc.returncode == 0 and "buffer" in proc.stdout and "complete -F _outpost outpost" in proc.stdout,
+                     proc.stdout + proc.stderr)
 
         # 3. outpost check.
         proc = offline(root, f"cd {new}/deploy/examples && for f in *.toml; do outpost check \"$f\"; done")
