@@ -111,8 +111,10 @@ def _add_socket(p: argparse.ArgumentParser) -> None:
 def socket_path_from_config(path: str) -> str:
     """`diagnostics.socket_path` from the file and its conf.d/*.toml drop-ins, read as TOML
     only: `status` and `tail` must not pay for validating the whole file (pydantic) to learn
-    one path. A file that cannot be read, or a value that is not a non-empty string, gives the
-    default, as a file that did not validate always did."""
+    one path. A file that cannot be read or parsed, a key set in two files, or a value that is
+    not a non-empty string gives the default. (When the models read it, any invalid file gave
+    the default; now a socket_path beside an unrelated mistake is used: a gateway still
+    running the file's previous version most likely listens there.)"""
     import tomllib
 
     conf_d = os.path.join(os.path.dirname(path), "conf.d")
