@@ -4,9 +4,13 @@ Every command first checks that the file is an Outpost buffer (SQLite header, sc
 version, tables), read-only, and refuses anything else without touching it: a command
 pointed at the wrong file must never rename, create or change it.
 
-`stats_for_path`, `export_jsonl`, `quarantine_list` and `quarantine_export` open the file
-read-only and take no lock, so they work while the gateway runs (WAL lets a reader see the
-last committed state; the reads are short, so they do not pin the WAL for long). `purge`,
+`stats_for_path`, `iter_records`, `export_jsonl`, `quarantine_list` and `quarantine_export`
+open the file read-only and take no lock, so they work while the gateway runs (WAL lets a
+reader see the last committed state; the reads are short, so they do not pin the WAL for
+long). The queries are written here with the standard library's sqlite3 rather than
+sqlite-utils: its `rows_where` walks a table with one open statement, which is one read
+transaction for the whole export and would pin a live gateway's WAL, and the dependency
+would add 9 wheels to a Pi's install for a handful of short queries (README, "Installing"). `purge`,
 `quarantine_retry` and `quarantine_drop` write, so they take the buffer's lock and fail
 with BufferLocked while a gateway holds the file.
 """
@@ -20,6 +24,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from buffer.core import (
@@ -177,26 +182,50 @@ def _visible(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k != TARGET_KEY}
 
 
-def export_jsonl(path: str | os.PathLike[str], out: TextIO, since_ts_ms: int | None = None,
-                 cursor: str | None = None, *, batch: int = 1000) -> int:
-    """Write records as JSON lines to `out`; return how many.
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One record as `iter_records` reads it: headers without the internal target key."""
 
-    Each line: {"seq", "stream", "ts_ms", "headers", "payload_b64"}. `since_ts_ms` keeps
-    records with ts_ms >= it; `cursor` keeps records that cursor has not passed yet.
-    Reads in short transactions of `batch` records so the gateway's WAL is not pinned.
+    seq: int
+    stream: str
+    ts_ms: int
+    headers: dict[str, str]
+    payload: bytes
+
+
+def export_span(path: str | os.PathLike[str], cursor: str | None = None) -> tuple[int, int]:
+    """(after, last): an export reads records with seq in (after, last] as the file is now
+    (more may arrive while it runs). Cheap: two rowid lookups, whatever the buffer's size."""
+    path = os.fspath(path)
+    with _readonly(path) as conn:
+        lo, hi = conn.execute("SELECT min(seq), max(seq) FROM records").fetchone()
+        after = _cursor_after(conn, path, cursor) if cursor is not None else 0
+    if lo is None:
+        return after, after
+    return max(after, lo - 1), hi
+
+
+def _cursor_after(conn: sqlite3.Connection, path: str, cursor: str) -> int:
+    row = conn.execute("SELECT acked_seq FROM cursors WHERE name = ?", (cursor,)).fetchone()
+    if row is None:
+        names = [r[0] for r in conn.execute("SELECT name FROM cursors")]
+        raise UnknownCursor(f"{path}: unknown cursor {cursor!r} (registered: {names})")
+    return row[0]
+
+
+def iter_records(path: str | os.PathLike[str], since_ts_ms: int | None = None,
+                 cursor: str | None = None, *, batch: int = 1000) -> Iterator[StoredRecord]:
+    """The buffer's records in seq order, read-only, `batch` at a time.
+
+    `since_ts_ms` keeps records with ts_ms >= it; `cursor` keeps records that cursor has
+    not passed yet (and that are meant for it). Each batch is one short read (its own
+    transaction), so however slowly the caller consumes them, the gateway's WAL is never
+    pinned for longer than one batch takes to read, and memory stays bounded by `batch`.
     """
     path = os.fspath(path)
-    count = 0
     with _readonly(path) as conn:
         streams, header_sets = _dictionaries(conn)
-        after = 0
-        if cursor is not None:
-            row = conn.execute("SELECT acked_seq FROM cursors WHERE name = ?",
-                               (cursor,)).fetchone()
-            if row is None:
-                names = [r[0] for r in conn.execute("SELECT name FROM cursors")]
-                raise UnknownCursor(f"{path}: unknown cursor {cursor!r} (registered: {names})")
-            after = row[0]
+        after = _cursor_after(conn, path, cursor) if cursor is not None else 0
         while True:
             rows = conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload FROM records "
                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (after, batch)).fetchall()
@@ -213,14 +242,27 @@ def export_jsonl(path: str | os.PathLike[str], out: TextIO, since_ts_ms: int | N
                 target = headers.get(TARGET_KEY)
                 if cursor is not None and target is not None and cursor not in json.loads(target):
                     continue        # meant for other cursors only
-                out.write(json.dumps({
-                    "seq": seq,
-                    "stream": streams.get(sid, f"#{sid}"),
-                    "ts_ms": ts_ms,
-                    "headers": _visible(headers),
-                    "payload_b64": base64.b64encode(payload).decode("ascii"),
-                }, separators=(",", ":")) + "\n")
-                count += 1
+                yield StoredRecord(seq, streams.get(sid, f"#{sid}"), ts_ms, _visible(headers),
+                                   bytes(payload))
+
+
+def export_jsonl(path: str | os.PathLike[str], out: TextIO, since_ts_ms: int | None = None,
+                 cursor: str | None = None, *, batch: int = 1000) -> int:
+    """Write records as JSON lines to `out`; return how many.
+
+    Each line: {"seq", "stream", "ts_ms", "headers", "payload_b64"} (the payload as stored,
+    base64). Selection as in `iter_records`.
+    """
+    count = 0
+    for r in iter_records(path, since_ts_ms, cursor, batch=batch):
+        out.write(json.dumps({
+            "seq": r.seq,
+            "stream": r.stream,
+            "ts_ms": r.ts_ms,
+            "headers": r.headers,
+            "payload_b64": base64.b64encode(r.payload).decode("ascii"),
+        }, separators=(",", ":")) + "\n")
+        count += 1
     return count
 
 

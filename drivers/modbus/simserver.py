@@ -3,18 +3,25 @@
 Used by the component tests, the benchmark and demos: each unit id has sparse tables
 (addresses not set answer exception 2), and a unit can be made silent, busy, slow or
 answer with the wrong number of registers, to exercise the driver's failure handling.
+`SimUnit.load_device` serves a device's register map (a configured device or a template
+from deploy/templates/) holding given engineering values, as the real meter would.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from drivers.modbus import codec
+from drivers.modbus.config import BIT_TABLES, ModbusDeviceConfig
 
 # function code -> table
 _READ_FC = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
@@ -38,6 +45,40 @@ class SimUnit:
     def set_range(self, table: str, address: int, values: list) -> None:
         for i, v in enumerate(values):
             self.tables[table][address + i] = v
+
+    def set_value(self, table: str, address: int, value_type: str, value: Any,
+                  byte_order: str = "ABCD", *, scale: float = 1.0, offset: float = 0.0,
+                  bit: int | None = None, length: int | None = None) -> None:
+        """Store one engineering value as a device keeps it: unscaled, encoded, in place.
+        A bool with `bit` sets or clears that bit of the register, leaving the others."""
+        if table in BIT_TABLES:
+            self.tables[table][address] = bool(value)
+            return
+        if value_type == "bool":
+            if bit is None:
+                raise ValueError("a bool in a register needs its bit")
+            reg = int(self.tables[table].get(address, 0))
+            self.tables[table][address] = reg | (1 << bit) if value else reg & ~(1 << bit)
+            return
+        raw = value
+        if value_type != "string" and (scale != 1.0 or offset != 0.0):
+            raw = (value - offset) / scale
+            if value_type not in ("float32", "float64"):
+                raw = round(raw)
+        self.set_range(table, address, codec.encode(value_type, raw, byte_order, length=length))
+
+    def load_device(self, device: ModbusDeviceConfig, values: Mapping[str, Any]) -> None:
+        """Serve `device`'s register map holding `values` (point name -> engineering value).
+        Bits go in after whole registers, so a status word and its bits agree."""
+        points = sorted(device.points, key=lambda p: p.type == "bool" and p.bit is not None)
+        unknown = set(values) - {p.name for p in points}
+        if unknown:
+            raise ValueError(f"device {device.name!r} has no point(s) {sorted(unknown)}")
+        for p in points:
+            if p.name in values:
+                self.set_value(p.table, device.protocol_address(p), p.type or "uint16",
+                               values[p.name], p.byte_order or device.byte_order, scale=p.scale,
+                               offset=p.offset, bit=p.bit, length=p.length)
 
 
 class _Store:

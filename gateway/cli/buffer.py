@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--file", help="buffer file (default: <data_dir>/buffer.db from the config)")
     bsub = b.add_subparsers(dest="buffer_cmd", required=True)
     bsub.add_parser("stats", help="records, bytes and drops per cursor")
-    be = bsub.add_parser("export", help="write records as JSON lines")
-    be.add_argument("--since", help='a duration ago ("2h") or an ISO time')
-    be.add_argument("--cursor", help="only records this uplink has not yet delivered")
+    be = bsub.add_parser("export", help="write records decoded (JSON lines or CSV) or raw",
+                         description="Write the buffer's records, oldest first. jsonl and csv decode "
+                         "each Sparkplug record into one row per metric: seq, time (UTC), ts_ms, type, "
+                         "device, metric, datatype, value, quality, clock, stream, error. Safe while "
+                         "the gateway runs (read-only, short reads).")
+    be.add_argument("--since", help='only records stamped at or after this: a duration ago ("2h") or an '
+                    "ISO time (UTC unless it says otherwise)")
+    be.add_argument("--cursor", help="only records this uplink (mqtt, kafka) has not yet delivered")
     be.add_argument("--output", "-o", help="file (default stdout)")
-    be.add_argument("--format", choices=["jsonl"], default="jsonl", help="one JSON object per record")
+    be.add_argument("--format", choices=["jsonl", "csv", "raw"], default="jsonl",
+                    help="jsonl (default): one JSON object per metric; csv: the same as RFC 4180 CSV "
+                    "with a header; raw: one JSON object per record with its headers and the payload "
+                    "in base64, as stored")
     bq = bsub.add_parser("quarantine", help="records an uplink could not deliver, kept aside with why")
     qsub = bq.add_subparsers(dest="quarantine_cmd", required=True)
     for name, text in (("list", "one line per quarantined record (no payload)"),
@@ -83,15 +92,7 @@ def _buffer_command(args: argparse.Namespace, path: Path) -> int:
         print(json.dumps(stats, indent=2, sort_keys=True, default=str))
         return EXIT_OK
     if args.buffer_cmd == "export":
-        since = _parse_since(args.since) if args.since else None
-        out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
-        try:
-            n = bd.export_jsonl(str(path), out, since_ts_ms=since, cursor=args.cursor)
-        finally:
-            if out is not sys.stdout:
-                out.close()
-        print(f"exported {n} record(s)", file=sys.stderr)
-        return EXIT_OK
+        return _export(args, path)
     if args.buffer_cmd == "quarantine":
         return _quarantine_command(args, path)
     if args.buffer_cmd == "purge":
@@ -108,6 +109,39 @@ def _buffer_command(args: argparse.Namespace, path: Path) -> int:
         print(f"purged {n} record(s) (counted as dropped, reason=purged)")
         return EXIT_OK
     return EXIT_CONFIG
+
+
+def _export(args: argparse.Namespace, path: Path) -> int:
+    from buffer import diagnostics as bd
+
+    since = _parse_since(args.since) if args.since else None
+    to_file = args.output not in (None, "-")
+    # newline="" so that CSV's CRLF line ends are written as they are.
+    out = open(args.output, "w", encoding="utf-8", newline="") if to_file else sys.stdout
+    try:
+        if args.format == "raw":
+            n = bd.export_jsonl(str(path), out, since_ts_ms=since, cursor=args.cursor)
+            rows = None
+        else:
+            from gateway.cli import export as ex
+
+            after, last = bd.export_span(str(path), args.cursor)
+            progress = ex.Progress(last - after)
+            try:
+                n, rows = ex.write_decoded(bd.iter_records(str(path), since, args.cursor), out,
+                                           args.format, progress, first_seq=after)
+            finally:
+                progress.clear()
+    except BrokenPipeError:   # `outpost buffer export | head`: the reader had enough
+        if not to_file:       # nothing more reaches the pipe, not even the flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        if to_file:
+            out.close()
+    print(f"exported {n} record(s)" + (f", {rows} row(s)" if rows is not None else ""),
+          file=sys.stderr)
+    return EXIT_OK
 
 
 def _quarantine_command(args: argparse.Namespace, path: Path) -> int:

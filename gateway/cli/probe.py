@@ -364,7 +364,13 @@ async def _read_points(args: argparse.Namespace, device_table: dict[str, Any]) -
             except codec.CodecError as exc:
                 out[p.name], failed = f"cannot decode ({exc})", failed + 1
                 continue
-            out[p.name] = f"{_fmt(value)} {p.unit}".rstrip()
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = json.dumps(value, ensure_ascii=False)   # one line, whatever it holds
+            else:
+                text = _fmt(value)
+            out[p.name] = f"{text} {p.unit}".rstrip()
     finally:
         client.close()
     return out, failed

@@ -154,8 +154,9 @@ def test_field_commands_against_a_running_gateway(gateway_proc) -> None:
     out = tmp / "export.jsonl"
     exp = _outpost("buffer", "--config", str(cfg), "export", "--since", "1h", "--format", "jsonl", "-o", str(out))
     assert exp.returncode == 0, exp.stderr
-    exported = out.read_text().splitlines()
-    assert exported and all(json.loads(line)["stream"] == "g/e/sim1" for line in exported)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # one per metric, decoded
+    assert rows and all(r["stream"] == "g/e/sim1" and r["device"] == "sim1" for r in rows)
+    exported = sorted({r["seq"] for r in rows})
 
     no = _outpost("buffer", "--config", str(cfg), "purge")  # not a terminal, no --yes: refuses
     assert no.returncode == 2
