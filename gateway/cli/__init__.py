@@ -15,7 +15,7 @@ Start-up cost matters: a Pi runs `outpost status` from scripts and at every shel
 completion, and pydantic, the client libraries and protobuf take several times a bare
 Python start to import. So this module and everything `build_parser()` imports use the
 standard library only; each subcommand imports what it needs when it runs, and `status`
-and `tail` never load the configuration models (tests/unit/test_cli_conventions.py checks).
+and `tail` never load the configuration models (tests/component/test_cli_conventions.py checks).
 """
 
 from __future__ import annotations
