@@ -61,6 +61,7 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("WATCHDOG_USEC, WATCHDOG_PID", "set by systemd (WatchdogSec=): `run` pings the watchdog every half period"),
     ("JOURNAL_STREAM", "set by systemd when stdout is the journal: log lines carry priority prefixes and no "
                        "time stamp"),
+    ("COLUMNS", "the width of --help text (else the terminal's, else 80)"),
 )
 
 
@@ -115,20 +116,28 @@ def socket_path_from_config(path: str) -> str:
     not a non-empty string gives the default. (When the models read it, any invalid file gave
     the default; now a socket_path beside an unrelated mistake is used: a gateway still
     running the file's previous version most likely listens there.)"""
-    import tomllib
-
     conf_d = os.path.join(os.path.dirname(path), "conf.d")
-    found = None
     try:
         dropins = sorted(n for n in os.listdir(conf_d) if n.endswith(".toml")) if os.path.isdir(conf_d) else []
+        texts = []
         for f in [path, *(os.path.join(conf_d, n) for n in dropins)]:
             with open(f, encoding="utf-8") as fh:
-                diag = tomllib.loads(fh.read()).get("diagnostics")
+                texts.append(fh.read())
+    except (OSError, UnicodeDecodeError):
+        return DEFAULT_SOCKET_PATH
+    if not any("socket_path" in t for t in texts):
+        return DEFAULT_SOCKET_PATH  # the usual case; tomllib alone costs a third of a Python start
+    import tomllib
+
+    found = None
+    try:
+        for text in texts:
+            diag = tomllib.loads(text).get("diagnostics")
             if isinstance(diag, dict) and "socket_path" in diag:
                 if found is not None:
                     return DEFAULT_SOCKET_PATH  # set in two files: the configuration is invalid
                 found = diag["socket_path"]
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+    except (tomllib.TOMLDecodeError, RecursionError):
         return DEFAULT_SOCKET_PATH
     return found if isinstance(found, str) and found else DEFAULT_SOCKET_PATH
 
@@ -311,7 +320,39 @@ def _epilog() -> str:
     ])
 
 
-class _TopParser(argparse.ArgumentParser):
+def _help_width() -> int:
+    """The width argparse's formatter computes, found as shutil.get_terminal_size finds it:
+    argparse imports shutil (and with it zlib, bz2 and lzma) for that alone, and makes a
+    formatter for every option it adds."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, width=_help_width())
+
+
+def _raw_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, width=_help_width())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every `outpost` parser and subparser: argparse's, with the formatter above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _formatter)
+        super().__init__(*args, **kwargs)
+
+
+class _TopParser(_Parser):
     """`outpost` itself: the epilog (textwrap) is written only when help is printed."""
 
     def format_help(self) -> str:
@@ -327,11 +368,11 @@ def build_parser(*, only: str | None = None) -> argparse.ArgumentParser:
         prog="outpost",
         description="Outpost edge gateway: Modbus and serial devices to Sparkplug B over MQTT and to Apache Kafka, "
                     "with a store-and-forward buffer.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_raw_formatter,  # type: ignore[arg-type]
     )
     p.add_argument("--version", action=_VersionAction,
                    help="print the version, the build, Python's and the key libraries' versions, and exit")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
     if only in (None, "check"):
         c = sub.add_parser("check", help="validate configuration file(s)",

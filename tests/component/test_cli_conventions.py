@@ -352,3 +352,14 @@ def test_installer_installs_the_man_page_and_completion() -> None:
                          text=True)
     assert "rm -f /usr/local/share/man/man1/outpost.1 /usr/local/share/bash-completion/completions/outpost" \
         in res.stdout
+
+
+@pytest.mark.parametrize("columns", ["50", "132", "", "wide", "0"])
+def test_help_width_is_the_one_argparse_would_compute(columns: str) -> None:
+    """The parsers find the terminal width without shutil: the same width as argparse's own."""
+    code = ("import shutil, sys; from gateway import cli; "
+            "print(cli._help_width(), shutil.get_terminal_size().columns - 2)")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, COLUMNS=columns), cwd=ROOT,
+                          capture_output=True, text=True)
+    ours, argparse_width = proc.stdout.split()
+    assert ours == argparse_width
