@@ -183,6 +183,11 @@ def test_status_tail_and_version_import_no_models_or_client_libraries(tmp_path: 
         modules = _modules_after(argv)
         assert "gateway.cli" in modules and "gateway.config" not in modules, argv
         assert not _heavy(modules), f"outpost {' '.join(argv)} imported {sorted(_heavy(modules))}"
+    # The usual file names no socket_path: not even tomllib is needed then.
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[gateway]\ngroup_id = "g"\nedge_node_id = "e"\n')
+    assert "tomllib" not in _modules_after(["status", "--config", str(plain)])
+    assert "tomllib" in _modules_after(["status", "--config", str(cfg)])
     # The probe: this check sees an import when there is one.
     assert "pydantic" in _modules_after(["check", str(cfg)])
 
