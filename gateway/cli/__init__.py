@@ -127,6 +127,12 @@ def socket_path_from_config(path: str) -> str:
         return DEFAULT_SOCKET_PATH
     if not any("socket_path" in t for t in texts):
         return DEFAULT_SOCKET_PATH  # the usual case; tomllib alone costs a third of a Python start
+    simple = [_plain_socket_path(t) for t in texts]
+    if all(understood for understood, _ in simple):
+        values = [v for _, v in simple if v is not None]
+        if len(values) > 1:
+            return DEFAULT_SOCKET_PATH  # set in two files: the configuration is invalid
+        return values[0] if values and values[0] else DEFAULT_SOCKET_PATH
     import tomllib
 
     found = None
@@ -140,6 +146,30 @@ def socket_path_from_config(path: str) -> str:
     except (tomllib.TOMLDecodeError, RecursionError):
         return DEFAULT_SOCKET_PATH
     return found if isinstance(found, str) and found else DEFAULT_SOCKET_PATH
+
+
+def _plain_socket_path(text: str) -> tuple[bool, str | None]:
+    """(understood, value) for a file whose every `socket_path` is a plain line
+    `socket_path = "..."` (or '...') under a plain `[diagnostics]` header: read without tomllib.
+    Anything else naming socket_path (a dotted key, an inline table, a comment or string that
+    mentions it, multi-line strings anywhere) is not understood here: tomllib reads it."""
+    import re
+
+    if '"""' in text or "'''" in text:
+        return False, None
+    table = ""
+    value = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = "diagnostics" if re.fullmatch(r"\[diagnostics\]\s*(#.*)?", stripped) else "other"
+        if "socket_path" not in line:
+            continue
+        m = re.fullmatch(r"""socket_path\s*=\s*(?:"([^"\\]*)"|'([^']*)')\s*(?:#[^"']*)?""", stripped)
+        if table != "diagnostics" or m is None or value is not None:
+            return False, None
+        value = m.group(1) if m.group(1) is not None else m.group(2)
+    return True, value
 
 
 # --- check -------------------------------------------------------------------------------

@@ -143,8 +143,55 @@ def test_socket_path_read_from_the_file_and_its_dropins(tmp_path: Path) -> None:
     main.write_text(main.read_text() + '[diagnostics]\nsocket_path = "/elsewhere.sock"\n')
     assert cli.socket_path_from_config(str(main)) == cli.DEFAULT_SOCKET_PATH
     assert cli.socket_path_from_config(str(tmp_path / "missing.toml")) == cli.DEFAULT_SOCKET_PATH
+    # A mistake beside it: the socket path still names where the running gateway listens.
     main.write_text("not = [toml")
+    assert cli.socket_path_from_config(str(main)) == f"{tmp_path}/s.sock"
+    (tmp_path / "conf.d" / "50-diag.toml").unlink()
     assert cli.socket_path_from_config(str(main)) == cli.DEFAULT_SOCKET_PATH
+
+
+PLAIN_CASES = [
+    '[gateway]\nx = 1\n',
+    '[diagnostics]\nsocket_path = "/run/a.sock"\n',
+    "[diagnostics]  # the socket\nsocket_group = 'outpost'\n  socket_path = '/run/b.sock'   # why\n",
+    '[diagnostics]\nsocket_path = ""\n',
+]
+TRICKY_CASES = [
+    'diagnostics.socket_path = "/run/dotted.sock"\n',
+    'diagnostics = { socket_path = "/run/inline.sock" }\n',
+    '[gateway]\nsocket_path = "/run/wrong-table.sock"\n[diagnostics]\n',
+    '[diagnostics]\nsocket_path = "/run/esc\\u0061.sock"\n',
+    '[diagnostics]\nnote = """\nsocket_path = "/run/in-a-string.sock"\n"""\n',
+    "[diagnostics]\nnote = \'\'\'\nsocket_path = '/x'\n\'\'\'\nsocket_path = '/run/real.sock'\n",
+    '# socket_path = "/run/commented.sock"\n[diagnostics]\n',
+    '[diagnostics]\nsocket_path = "/run/a.sock"\nsocket_path = "/run/twice.sock"\n',
+    '[ diagnostics ]\nsocket_path = "/run/spaced-header.sock"\n',
+    '[diagnostics]\nx = [\n  [1, 2],\n]\nsocket_path = "/run/after-nested-array.sock"\n',
+    '[diagnostics]\nsocket_path = 5\n',
+    '[diagnostics]\nsocket_path = "/run/x.sock" # "quoted" comment\n',
+    '[diagnostics]\nsocket_path = "/run/not-closed.sock\n',
+]
+
+
+def _reference(text: str) -> str:
+    """What the file means: tomllib's reading of diagnostics.socket_path."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(text).get("diagnostics", {}).get("socket_path")
+    except tomllib.TOMLDecodeError:
+        return cli.DEFAULT_SOCKET_PATH
+    return value if isinstance(value, str) and value else cli.DEFAULT_SOCKET_PATH
+
+
+@pytest.mark.parametrize("text", PLAIN_CASES + TRICKY_CASES)
+def test_socket_path_read_fast_means_what_toml_means(tmp_path: Path, text: str) -> None:
+    """Plain files are read without tomllib; every file gives what tomllib reads in it."""
+    path = tmp_path / "outpost.toml"
+    path.write_text(text)
+    assert cli.socket_path_from_config(str(path)) == _reference(text)
+    understood, _ = cli._plain_socket_path(text)
+    assert understood == (text in PLAIN_CASES) or "socket_path" not in text
 
 
 def test_status_names_the_socket_from_outpost_config(tmp_path: Path) -> None:
@@ -183,11 +230,14 @@ def test_status_tail_and_version_import_no_models_or_client_libraries(tmp_path: 
         modules = _modules_after(argv)
         assert "gateway.cli" in modules and "gateway.config" not in modules, argv
         assert not _heavy(modules), f"outpost {' '.join(argv)} imported {sorted(_heavy(modules))}"
-    # The usual file names no socket_path: not even tomllib is needed then.
+    # A file that names no socket_path, or names it plainly: not even tomllib is needed.
     plain = tmp_path / "plain.toml"
     plain.write_text('[gateway]\ngroup_id = "g"\nedge_node_id = "e"\n')
     assert "tomllib" not in _modules_after(["status", "--config", str(plain)])
-    assert "tomllib" in _modules_after(["status", "--config", str(cfg)])
+    assert "tomllib" not in _modules_after(["status", "--config", str(cfg)])
+    dotted = tmp_path / "dotted.toml"
+    dotted.write_text(f'diagnostics.socket_path = "{tmp_path}/s"\n')
+    assert "tomllib" in _modules_after(["status", "--config", str(dotted)])
     # The probe: this check sees an import when there is one.
     assert "pydantic" in _modules_after(["check", str(cfg)])
 
