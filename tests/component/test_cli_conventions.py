@@ -30,7 +30,7 @@ from gateway.version import KEY_LIBRARIES, build_info, library_versions
 ROOT = Path(__file__).resolve().parents[2]
 # What status/tail/--version must not import: the configuration models and the libraries of
 # the gateway's links and drivers (each costs a bare Python start or more on a Pi).
-HEAVY = ("pydantic", "pydantic_core", "gmqtt", "aiokafka", "pymodbus", "google.protobuf", "serial")
+HEAVY = ("pydantic", "pydantic_core", "gmqtt", "aiokafka", "pymodbus", "google.protobuf", "serial", "prometheus_client")
 
 
 def _outpost(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
