@@ -222,7 +222,7 @@ def completion_script() -> str:
         "    # The command the words before the cursor name, skipping options and their values.",
         "    for ((i = 1; i < COMP_CWORD; i++)); do",
         "        w=${COMP_WORDS[i]}",
-        "        if ((skip)); then skip=0; prev=\"\"; continue; fi",
+        "        if ((skip)); then skip=0; if [[ $w != -* ]]; then prev=\"\"; continue; fi; fi",
         "        case $w in",
         "            -*=*) prev=\"\" ;;",
         "            -*) if [[ \" ${_outpost_valued[$path]} \" == *\" $w \"* ]]; then skip=1; prev=$w; fi ;;",

@@ -374,6 +374,7 @@ def test_completion_offers_subcommands_options_and_values(tmp_path: Path) -> Non
     assert {"--json", "--watch", "--interval", "--socket", "--config"} <= set(_complete(script, "status", "--"))
     assert _complete(script, "--config", "x.toml", "tail", "--d") == ["--device"]  # values are skipped
     assert _complete(script, "probe", "modbus", "--table", "h") == ["holding"]
+    assert _complete(script, "probe", "modbus", "--scan", "--ho") == ["--host"]  # --scan's value is optional
     (tmp_path / "site.toml").write_text("")
     assert _complete(script, "status", "--config", str(tmp_path / "si")) == [str(tmp_path / "site.toml")]
     assert _complete(script, "check", str(tmp_path / "si")) == [str(tmp_path / "site.toml")]
