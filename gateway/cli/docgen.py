@@ -229,7 +229,7 @@ def completion_script() -> str:
         "            *) if [[ \" ${_outpost_subs[$path]} \" == *\" $w \"* ]]; then path=\"$path $w\"; fi ;;",
         "        esac",
         "    done",
-        "    if ((skip)); then",
+        "    if ((skip)) && [[ $cur != -* ]]; then",
         "        local key=\"$path $prev\"",
         "        if [[ -n ${_outpost_choices[$key]+set} ]]; then",
         "            mapfile -t COMPREPLY < <(compgen -W \"${_outpost_choices[$key]}\" -- \"$cur\")",
