@@ -384,7 +384,8 @@ def install_and_exercise(arch: str, root: Path, dist: Path, upgrade: Path, repor
                      f"config/secrets same={before == after}, buffer records {buffer_rows} -> {buffer_records(root)}")
         proc = offline(root, f"{upg}/deploy/install.sh --uninstall")
         gone = not any((root / p).exists() or (root / p).is_symlink() for p in (
-            "opt/outpost/venv", "usr/local/bin/outpost", "etc/systemd/system/outpost.service"))
+            "opt/outpost/venv", "usr/local/bin/outpost", "etc/systemd/system/outpost.service",
+            "usr/local/share/man/man1/outpost.1", "usr/local/share/bash-completion/completions/outpost"))
         kept = all((root / p).exists() for p in ("etc/outpost/outpost.toml", "var/lib/outpost/buffer.db"))
         report.check(f"{arch}: uninstall removes the service and venv, keeps configuration and buffer",
                      proc.returncode == 0 and gone and kept and buffer_records(root) == buffer_rows,
