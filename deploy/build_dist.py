@@ -8,6 +8,7 @@ Each `dist/outpost-VERSION-ARCH.tar.gz` holds `outpost-VERSION-ARCH/`:
     deploy/install.sh               the installer (run it as root, see --help)
     deploy/systemd/outpost.service  the unit
     deploy/examples/*.toml          example configurations
+    deploy/templates/*.toml         device templates for `outpost probe modbus --emit-toml`
     wheelhouse/*.whl                every pinned dependency for ARCH and CPython 3.11, plus Outpost
     wheelhouse/requirements.txt     name==version --hash=sha256:... of exactly those files
     wheelhouse/outpost.sha256       the hash of the Outpost wheel
@@ -296,6 +297,9 @@ def assemble(arch: str, version: str, wheels: list[Path], outpost: Path, info: l
     shutil.copy2(ROOT / "deploy" / "systemd" / "outpost.service", stage / "deploy" / "systemd")
     for example in (ROOT / "deploy" / "examples").glob("*.toml"):
         shutil.copy2(example, stage / "deploy" / "examples")
+    (stage / "deploy" / "templates").mkdir(parents=True)
+    for template in (ROOT / "deploy" / "templates").glob("*.toml"):
+        shutil.copy2(template, stage / "deploy" / "templates")
     for rel, src in docs.items():
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, stage / rel)

@@ -81,7 +81,7 @@ if [[ $UNINSTALL -eq 1 ]]; then
         run rm -f "$UNIT_DIR/outpost.service"
         if systemd_up; then run systemctl daemon-reload || true; fi
     fi
-    run rm -rf "$PREFIX/venv" "$PREFIX/README.md" "$PREFIX/LICENSE"
+    run rm -rf "$PREFIX/venv" "$PREFIX/README.md" "$PREFIX/LICENSE" "$PREFIX/templates"
     if [[ -L /usr/local/bin/outpost ]]; then run rm -f /usr/local/bin/outpost; fi
     run rm -f "$MAN_DIR/outpost.1" "$COMPLETION_DIR/outpost"
     say "removed the service, $PREFIX/venv and /usr/local/bin/outpost"
@@ -157,6 +157,11 @@ fi
 for doc in README.md LICENSE; do
     if [[ -f "$TOP/$doc" ]]; then run install -m 0644 "$TOP/$doc" "$PREFIX/$doc"; fi
 done
+# Device templates for `outpost probe modbus --emit-toml --template NAME` (found beside the venv).
+if compgen -G "$SCRIPT_DIR/templates/*.toml" >/dev/null; then
+    run install -d -m 0755 "$PREFIX/templates"
+    run install -m 0644 "$SCRIPT_DIR"/templates/*.toml "$PREFIX/templates/"
+fi
 run ln -sf "$PREFIX/venv/bin/outpost" /usr/local/bin/outpost
 # The man page and the bash completion: generated from the CLI's parser at build time (a
 # release tarball carries them in share/); from a checkout, generated now by the code just

@@ -3,14 +3,13 @@
 Used by the component tests, the benchmark and demos: each unit id has sparse tables
 (addresses not set answer exception 2), and a unit can be made silent, busy, slow or
 answer with the wrong number of registers, to exercise the driver's failure handling.
-`SimUnit.load_device` serves a device's register map (a configured device or a template
-from deploy/templates/) holding given engineering values, as the real meter would.
+`SimUnit.set_value` stores a typed value (or one bit) at an address as a real device keeps
+it, so a test can serve a meter's register map from its datasheet.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus import codec
-from drivers.modbus.config import BIT_TABLES, ModbusDeviceConfig
+from drivers.modbus.config import BIT_TABLES
 
 # function code -> table
 _READ_FC = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
@@ -66,19 +65,6 @@ class SimUnit:
             if value_type not in ("float32", "float64"):
                 raw = round(raw)
         self.set_range(table, address, codec.encode(value_type, raw, byte_order, length=length))
-
-    def load_device(self, device: ModbusDeviceConfig, values: Mapping[str, Any]) -> None:
-        """Serve `device`'s register map holding `values` (point name -> engineering value).
-        Bits go in after whole registers, so a status word and its bits agree."""
-        points = sorted(device.points, key=lambda p: p.type == "bool" and p.bit is not None)
-        unknown = set(values) - {p.name for p in points}
-        if unknown:
-            raise ValueError(f"device {device.name!r} has no point(s) {sorted(unknown)}")
-        for p in points:
-            if p.name in values:
-                self.set_value(p.table, device.protocol_address(p), p.type or "uint16",
-                               values[p.name], p.byte_order or device.byte_order, scale=p.scale,
-                               offset=p.offset, bit=p.bit, length=p.length)
 
 
 class _Store:

@@ -49,6 +49,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
                   "(each is printed with file, line and key path); an unknown option or missing argument; "
                   "`buffer purge`/`quarantine drop` without --yes when not at a terminal; invalid `probe` "
                   "arguments"),
+    (130, "`probe --scan` stopped with Ctrl-C (the unit ids found so far are printed)"),
 )
 
 # Every environment variable Outpost reads (grep os.environ), and who reads it.
@@ -57,6 +58,7 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
                        "read by check, run, status, tail, doctor and buffer"),
     ("${NAME} in the file", "a password written as ${NAME} (mqtt.password, kafka.sasl_password) is read from "
                             "the environment; the installed unit loads /etc/outpost/outpost.env"),
+    ("OUTPOST_TEMPLATE_DIR", "`probe --template NAME` looks here first (then /opt/outpost/templates)"),
     ("NOTIFY_SOCKET", "set by systemd (Type=notify): `run` reports readiness, status and stopping there"),
     ("WATCHDOG_USEC, WATCHDOG_PID", "set by systemd (WatchdogSec=): `run` pings the watchdog every half period"),
     ("JOURNAL_STREAM", "set by systemd when stdout is the journal: log lines carry priority prefixes and no "

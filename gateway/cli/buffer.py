@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, _add_config, _default_config
-from gateway.config import load_config
-from gateway.errors import ConfigError
+
+# The parser is built for every `outpost` command: what the buffer commands need is imported
+# when one runs, not here.
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -63,12 +64,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def _buffer_path(args: argparse.Namespace) -> Path:
     if args.file:
         return Path(args.file)
+    from gateway.config import load_config
+
     cfg = load_config(args.config or _default_config())
     return Path(cfg.gateway.data_dir) / "buffer.db"
 
 
 def cmd_buffer(args: argparse.Namespace) -> int:
     from buffer import BufferError
+    from gateway.errors import ConfigError
 
     try:
         path = _buffer_path(args)

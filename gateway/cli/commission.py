@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def template_dirs() -> list[Path]:
     dirs = []
     if os.environ.get(TEMPLATE_DIR_ENV):
         dirs.append(Path(os.environ[TEMPLATE_DIR_ENV]))
-    dirs.append(Path("/usr/share/outpost/templates"))
+    # deploy/install.sh puts them beside the venv: /opt/outpost/templates.
+    dirs.append(Path(sys.prefix).parent / "templates")
     dirs.append(Path(__file__).resolve().parents[2] / "deploy" / "templates")  # a checkout
     return dirs
 

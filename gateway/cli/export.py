@@ -79,13 +79,22 @@ def _opaque(payload: bytes) -> dict[str, Any]:
         return {"datatype": "Bytes", "value": base64.b64encode(payload).decode("ascii")}
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_last_time: tuple[int, str] = (0, "1970-01-01T00:00:00.000Z")
+
+
 def iso_time(ts_ms: int) -> str:
     """UTC, millisecond precision, `Z`: 2026-12-02T16:40:00.123Z."""
+    global _last_time
+    if ts_ms == _last_time[0]:   # the metrics of one record mostly share their time
+        return _last_time[1]
     try:
-        t = dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC)
-    except (OverflowError, OSError, ValueError):
+        t = _EPOCH + dt.timedelta(milliseconds=ts_ms)   # exact, unlike ts_ms / 1000
+    except (OverflowError, ValueError):
         return ""   # a timestamp no calendar holds; ts_ms still says what was stored
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    text = f"{t:%Y-%m-%dT%H:%M:%S}.{ts_ms % 1000:03d}Z"
+    _last_time = (ts_ms, text)
+    return text
 
 
 def _value(m: Metric) -> Any:
@@ -134,8 +143,10 @@ def _json_safe(v: Any) -> Any:
 
 def jsonl_line(row: dict[str, Any]) -> str:
     """One JSON object per line; keys that are null and say nothing (clock, error) left out."""
-    out = {k: _json_safe(v) for k, v in row.items()
-           if not (v is None and k in ("clock", "error"))}
+    out = {k: v for k, v in row.items() if v is not None or k not in ("clock", "error")}
+    v = out["value"]
+    if isinstance(v, float | dict | list):   # only a value can hold a float that JSON cannot
+        out["value"] = _json_safe(v)
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n"
 
 

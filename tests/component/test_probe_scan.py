@@ -83,3 +83,36 @@ async def test_progress_line_at_a_terminal() -> None:
             os.close(slave)
         os.close(master)
         await srv.stop()
+
+
+async def test_emit_toml_reads_each_point_once_and_says_which_failed(capsys, tmp_path) -> None:
+    import argparse
+    import tomllib
+
+    from drivers.modbus import codec
+    from gateway.cli import probe as probe_cli
+
+    unit = SimUnit()
+    unit.set_range("input", 0, codec.encode("float32", 231.5))
+    unit.set_range("holding", 30, codec.encode("int16", -425))
+    unit.set_range("holding", 100, codec.encode("string", "SN-0042", length=4))
+    srv = await SimServer.tcp({5: unit})
+    ap = argparse.ArgumentParser(prog="outpost")
+    probe_cli.add_parser(ap.add_subparsers(dest="command"))
+    try:
+        rc = await probe_cli.run(ap.parse_args([
+            "probe", "modbus", "--host", "127.0.0.1", "--tcp-port", str(srv.port), "--unit", "5",
+            "--timeout", "0.5", "--emit-toml", "--point", "voltage:input:0:float32:unit=V",
+            "--point", "speed:holding:30:int16:scale=0.1:unit=Hz",
+            "--point", "serial:holding:100:string:length=4",
+            "--point", "missing:holding:200:uint16"]))
+        out, err = capsys.readouterr()
+    finally:
+        await srv.stop()
+    assert rc == 1 and "1 of 4 point(s) could not be read" in err
+    assert "\n# read now: 231.5 V\n" in out
+    assert "\n# read now: -42.5 Hz\n" in out
+    assert '\n# read now: "SN-0042"\n' in out
+    assert "\n# read now: exception 2 (illegal data address)\n" in out
+    data = tomllib.loads(out)        # still a whole, valid file
+    assert [p["name"] for p in data["devices"][0]["points"]] == ["voltage", "speed", "serial", "missing"]

@@ -1,8 +1,9 @@
 """Every device template in deploy/templates/, as a technician would use it, end to end.
 
-A pymodbus server serves each template's register map (one unit per template) holding known
-values. For each template, `outpost probe modbus --emit-toml --template NAME` (a real
-process) reads the device and prints the configuration; the texts go into conf.d/ as
+A pymodbus server serves each meter's register map, written out in this test from the
+maker's documentation (one unit per template) and holding known values. For each template,
+`outpost probe modbus --emit-toml --template NAME` (a real process) reads the device and
+prints the configuration; the texts go into conf.d/ as
 drop-ins; `outpost check` accepts them as they are; `outpost run` (a real process) reads the
 devices and publishes Sparkplug B to a real Mosquitto, where a subscriber decodes DBIRTH and
 DDATA and finds every point of every template with the value the server holds; and
@@ -25,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from drivers.modbus.config import ModbusDeviceConfig
 from drivers.modbus.simserver import SimServer, SimUnit
 from gateway.cli import commission as cm
 from tests.harness.common import until
@@ -36,26 +36,55 @@ pytestmark = pytest.mark.integration
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 REPO = Path(__file__).resolve().parents[2]
 
-# What each meter holds. float32 values are exact in float32; scaled registers are exact in
-# their register (the server stores round(value / scale)).
-VALUES: dict[str, dict[str, Any]] = {
-    "eastron-sdm630": {
-        "voltage_l1": 231.5, "voltage_l2": 229.25, "voltage_l3": 232.75,
-        "current_l1": 5.5, "current_l2": 4.25, "current_l3": 6.125,
-        "power_l1": 1250.5, "power_l2": 980.25, "power_l3": 1420.0, "power_total": 3650.75,
-        "power_factor": 0.96875, "frequency": 49.96875,
-        "energy_import": 12345.5, "energy_export": 12.25, "energy_total": 12357.75,
+# Each meter's register map as its maker documents it, written out here independently of
+# the templates, so a template with a wrong address, type or scale fails this test:
+# point -> (table, 0-based address, type as stored, what the registers hold, scale).
+# float32 values are exact in float32.
+REGISTER_MAPS: dict[str, dict[str, tuple[str, int, str, Any, float]]] = {
+    "eastron-sdm630": {   # Eastron SDM630 Modbus protocol: input registers 30001.. (3xxxx - 30001)
+        "voltage_l1": ("input", 0x00, "float32", 231.5, 1), "voltage_l2": ("input", 0x02, "float32", 229.25, 1),
+        "voltage_l3": ("input", 0x04, "float32", 232.75, 1), "current_l1": ("input", 0x06, "float32", 5.5, 1),
+        "current_l2": ("input", 0x08, "float32", 4.25, 1), "current_l3": ("input", 0x0A, "float32", 6.125, 1),
+        "power_l1": ("input", 0x0C, "float32", 1250.5, 1), "power_l2": ("input", 0x0E, "float32", 980.25, 1),
+        "power_l3": ("input", 0x10, "float32", 1420.0, 1), "power_total": ("input", 0x34, "float32", 3650.75, 1),
+        "power_factor": ("input", 0x3E, "float32", 0.96875, 1), "frequency": ("input", 0x46, "float32", 49.96875, 1),
+        "energy_import": ("input", 0x48, "float32", 12345.5, 1),
+        "energy_export": ("input", 0x4A, "float32", 12.25, 1),
+        "energy_total": ("input", 0x156, "float32", 12357.75, 1),
     },
-    "eastron-sdm120": {
-        "voltage": 230.5, "current": 3.25, "power": 740.5, "apparent_power": 749.25,
-        "reactive_power": -112.5, "power_factor": 0.984375, "frequency": 50.03125,
-        "energy_import": 4321.25, "energy_export": 0.5, "energy_total": 4321.75,
+    "eastron-sdm120": {   # Eastron SDM120 Modbus protocol
+        "voltage": ("input", 0x00, "float32", 230.5, 1), "current": ("input", 0x06, "float32", 3.25, 1),
+        "power": ("input", 0x0C, "float32", 740.5, 1), "apparent_power": ("input", 0x12, "float32", 749.25, 1),
+        "reactive_power": ("input", 0x18, "float32", -112.5, 1),
+        "power_factor": ("input", 0x1E, "float32", 0.984375, 1),
+        "frequency": ("input", 0x46, "float32", 50.03125, 1), "energy_import": ("input", 0x48, "float32", 4321.25, 1),
+        "energy_export": ("input", 0x4A, "float32", 0.5, 1),
+        "energy_total": ("input", 0x156, "float32", 4321.75, 1),
     },
-    "generic-vfd": {
-        "status_word": 0x0025, "running": True, "fault_code": 17,
-        "output_frequency": -42.5, "output_current": 12.3, "dc_bus_voltage": 540.2,
+    "generic-vfd": {      # the status block at 0x2100 the template documents
+        "status_word": ("holding", 0x2100, "uint16", 0x0025, 1),   # bit 0 (running) set
+        "fault_code": ("holding", 0x2101, "uint16", 17, 1),
+        "output_frequency": ("holding", 0x2103, "int16", -4250, 0.01),
+        "output_current": ("holding", 0x2104, "uint16", 123, 0.1),
+        "dc_bus_voltage": ("holding", 0x2105, "uint16", 5402, 0.1),
     },
 }
+DERIVED = {"generic-vfd": {"running": True}}     # points read from another point's register
+
+
+def expected_values(name: str) -> dict[str, Any]:
+    out = {point: raw * scale for point, (_t, _a, _ty, raw, scale) in REGISTER_MAPS[name].items()}
+    return {**out, **DERIVED.get(name, {})}
+
+
+VALUES = {name: expected_values(name) for name in REGISTER_MAPS}
+
+
+def serve(name: str) -> SimUnit:
+    unit = SimUnit()
+    for table, address, value_type, raw, _scale in REGISTER_MAPS[name].values():
+        unit.set_value(table, address, value_type, raw)
+    return unit
 
 
 async def outpost(*argv: str) -> tuple[int, str, str]:
@@ -89,13 +118,10 @@ def same(got: Any, want: Any, rel: float = 1e-9) -> bool:
 async def test_every_template_reads_its_meter_through_outpost_run(mosquitto, tmp_path: Path) -> None:
     templates = sorted(cm.list_templates())
     assert set(templates) == set(VALUES), "a template without values to serve in this test"
-    units: dict[int, SimUnit] = {}
-    for unit_id, name in enumerate(templates, start=1):
+    units = {unit_id: serve(name) for unit_id, name in enumerate(templates, start=1)}
+    for name in templates:
         table, _ = cm.load_template(name)
-        device = ModbusDeviceConfig.model_validate({**table, "unit_id": unit_id})
-        assert set(VALUES[name]) == {p.name for p in device.points}, name
-        units[unit_id] = SimUnit()
-        units[unit_id].load_device(device, VALUES[name])
+        assert set(VALUES[name]) == {p["name"] for p in table["points"]}, name
     sim = await SimServer.tcp(units)
     group = f"tpl-{uuid.uuid4().hex[:6]}"
     conf_d = tmp_path / "conf.d"

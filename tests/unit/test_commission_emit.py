@@ -151,3 +151,18 @@ def test_any_string_survives_toml(s: str) -> None:
 @given(st.floats(allow_nan=False) | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.booleans())
 def test_any_number_survives_toml(v) -> None:
     assert tomllib.loads(f"k = {cm.toml_scalar(v)}")["k"] == v
+
+
+def test_templates_are_found_where_the_installer_puts_them(tmp_path, monkeypatch) -> None:
+    # deploy/install.sh: the venv in PREFIX/venv, the templates in PREFIX/templates.
+    (tmp_path / "templates").mkdir()
+    src = Path(cm.list_templates()["generic-vfd"][0]).read_text()
+    (tmp_path / "templates" / "site-pump.toml").write_text(src.replace("Generic", "Site"))
+    (tmp_path / "override").mkdir()
+    (tmp_path / "override" / "generic-vfd.toml").write_text(src.replace("Generic", "Overridden"))
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    monkeypatch.setenv(cm.TEMPLATE_DIR_ENV, str(tmp_path / "override"))
+    found = cm.list_templates()
+    assert found["site-pump"][0] == tmp_path / "templates" / "site-pump.toml"
+    assert found["generic-vfd"][1].startswith("Overridden")     # the environment's comes first
+    assert "eastron-sdm630" in found                             # and the checkout's still count
