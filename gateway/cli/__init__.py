@@ -11,11 +11,12 @@
 Exit codes and environment variables: EXIT_CODES and ENVIRONMENT below (they are printed
 by `outpost --help` and written into the man page, gateway/cli/docgen.py).
 
-Start-up cost matters: a Pi runs `outpost status` from scripts and at every shell
-completion, and pydantic, the client libraries and protobuf take several times a bare
-Python start to import. So this module and everything `build_parser()` imports use the
-standard library only; each subcommand imports what it needs when it runs, and `status`
-and `tail` never load the configuration models (tests/component/test_cli_conventions.py checks).
+Start-up cost matters: a Pi runs `outpost status` from scripts and over slow SSH sessions,
+and pydantic, the client libraries and protobuf take several times a bare Python start to
+import. So this module uses the standard library only, `main` builds only the subcommand a
+command line names (see CORE_COMMANDS), each subcommand imports what it needs when it runs,
+and `status`, `tail` and `--version` never load the configuration models or a client library
+(tests/component/test_cli_conventions.py checks; tests/benchmarks/cli.py measures).
 """
 
 from __future__ import annotations
