@@ -9,6 +9,8 @@
 #   make dist           release tarballs (aarch64, armv7l, x86_64) with a wheelhouse, for offline installs
 #   make test-deploy    (root) install the tarballs offline in emulated Bookworm roots; separate from `test`
 #   make lock           re-pin deploy/requirements.lock (with hashes) from pyproject.toml
+#   make man            build/man/outpost.1, the man page generated from the CLI's parser
+#   make completion     build/completion/outpost, the bash completion generated from the parser
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -16,7 +18,8 @@ PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TEST_PATHS := tests/unit tests/component tests/integration tests/e2e
 
-.PHONY: venv test lint services services-down services-env tools node-deps demo clean-services dist test-deploy lock
+.PHONY: venv test lint services services-down services-env tools node-deps demo clean-services dist test-deploy lock \
+	man completion
 
 venv: $(VENV)/.installed
 
@@ -77,8 +80,16 @@ $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS)):
 	PIP_FIND_LINKS= $(BUILD_PY) -m pip install --quiet --disable-pip-version-check $(BUILD_REQS)
 	@touch $@
 
-dist: $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS))
-	$(BUILD_PY) deploy/build_dist.py --out dist
+# The man page and the bash completion are generated from the parser at build time (the
+# release build makes its own copies, with the project venv's Python: --docs-python).
+man: venv
+	$(PY) -m gateway.cli.docgen man -o build/man/outpost.1
+
+completion: venv
+	$(PY) -m gateway.cli.docgen completion -o build/completion/outpost
+
+dist: venv $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS))
+	$(BUILD_PY) deploy/build_dist.py --out dist --docs-python $(PY)
 
 lock: $(BUILD_VENV)/.installed-$(word 1,$(BUILD_REQS))
 	PIP_FIND_LINKS= $(BUILD_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \

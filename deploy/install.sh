@@ -13,7 +13,9 @@
 # Creates the `outpost` system user and group (member of dialout for serial ports), a venv in
 # PREFIX/venv, /etc/outpost (an existing configuration is never overwritten; secrets go in
 # /etc/outpost/outpost.env, root-only 0600, read by systemd, not by the service user), the unit
-# /etc/systemd/system/outpost.service and `outpost` on the PATH. Members of the `outpost`
+# /etc/systemd/system/outpost.service, `outpost` on the PATH, its man page
+# (/usr/local/share/man/man1/outpost.1) and bash completion
+# (/usr/local/share/bash-completion/completions/outpost). Members of the `outpost`
 # group may use `outpost status` and `outpost tail` without sudo and can read no secret.
 #
 # Run it again with a newer tarball to upgrade: configuration and buffer are kept, the venv is
@@ -35,6 +37,8 @@ START=1
 DRY_RUN=0
 UNINSTALL=0
 SERVICE_USER=outpost
+MAN_DIR=/usr/local/share/man/man1
+COMPLETION_DIR=/usr/local/share/bash-completion/completions
 PYTHON="${PYTHON:-python3}"
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -79,6 +83,7 @@ if [[ $UNINSTALL -eq 1 ]]; then
     fi
     run rm -rf "$PREFIX/venv" "$PREFIX/README.md" "$PREFIX/LICENSE" "$PREFIX/templates"
     if [[ -L /usr/local/bin/outpost ]]; then run rm -f /usr/local/bin/outpost; fi
+    run rm -f "$MAN_DIR/outpost.1" "$COMPLETION_DIR/outpost"
     say "removed the service, $PREFIX/venv and /usr/local/bin/outpost"
     say "kept: $CONFIG_DIR (configuration, secrets), /var/lib/outpost (buffer), the user $SERVICE_USER"
     exit 0
@@ -158,6 +163,20 @@ if compgen -G "$SCRIPT_DIR/templates/*.toml" >/dev/null; then
     run install -m 0644 "$SCRIPT_DIR"/templates/*.toml "$PREFIX/templates/"
 fi
 run ln -sf "$PREFIX/venv/bin/outpost" /usr/local/bin/outpost
+# The man page and the bash completion: generated from the CLI's parser at build time (a
+# release tarball carries them in share/); from a checkout, generated now by the code just
+# installed. bash-completion loads the file at the first <Tab> after `outpost`.
+run install -d -m 0755 "$MAN_DIR" "$COMPLETION_DIR"
+for page in man completion; do
+    if [[ $page == man ]]; then built="$TOP/share/man/man1/outpost.1" dest="$MAN_DIR/outpost.1"
+    else built="$TOP/share/bash-completion/completions/outpost" dest="$COMPLETION_DIR/outpost"; fi
+    if [[ -f "$built" ]]; then
+        run install -m 0644 "$built" "$dest"
+    else
+        run "$PREFIX/venv/bin/python" -m gateway.cli.docgen "$page" -o "$dest"
+        run chmod 0644 "$dest"
+    fi
+done
 
 # 3. Configuration: readable by the service (group outpost), writable by root only, never
 # overwritten. Secrets: outpost.env is read by systemd itself (EnvironmentFile=) as root, so it
@@ -199,4 +218,4 @@ if [[ $START -eq 1 ]]; then
         say "not started: no $CONFIG_DIR/outpost.toml yet; then run \`systemctl start outpost\`"
     fi
 fi
-say "done: $("$PREFIX/venv/bin/outpost" --version 2>/dev/null || echo "outpost (dry run)")"
+say "done: $("$PREFIX/venv/bin/outpost" --version 2>/dev/null | head -n 1 || echo "outpost (dry run)")"

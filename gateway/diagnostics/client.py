@@ -11,7 +11,6 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from gateway.diagnostics.errors import DiagnosticsError
 from gateway.diagnostics.plots import link_strip, sparkline
@@ -19,6 +18,10 @@ from gateway.diagnostics.plots import link_strip, sparkline
 PLOT_WIDTH = 48
 
 _MAX_LINE = 16 * 1024 * 1024
+
+TYPE_CHECKING = False  # typing is a tenth of a Python start: `outpost status` needs none of it
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _connect(socket_path: str, timeout_s: float) -> socket.socket:

@@ -279,6 +279,16 @@ def install_and_exercise(arch: str, root: Path, dist: Path, upgrade: Path, repor
         report.check(f"{arch}: `outpost --version` runs as {machine}",
                      proc.returncode == 0 and machine in proc.stdout and "0.1.0" in proc.stdout,
                      proc.stdout + proc.stderr)
+        proc = offline(root, """
+            test -s /usr/local/share/man/man1/outpost.1
+            man -l /usr/local/share/man/man1/outpost.1 2>/dev/null | grep -q 'EXIT STATUS' \
+                || grep -q '^.SH "EXIT STATUS"' /usr/local/share/man/man1/outpost.1
+            bash -c '. /usr/local/share/bash-completion/completions/outpost
+                     COMP_WORDS=(outpost bu); COMP_CWORD=1; _outpost; echo "${COMPREPLY[*]}"; complete -p outpost'
+            """)
+        report.check(f"{arch}: the man page and the bash completion (generated at build time) are installed",
+                     proc.returncode == 0 and "buffer" in proc.stdout and "complete -F _outpost outpost" in proc.stdout,
+                     proc.stdout + proc.stderr)
 
         # 3. outpost check.
         proc = offline(root, f"cd {new}/deploy/examples && for f in *.toml; do outpost check \"$f\"; done")
@@ -374,7 +384,8 @@ def install_and_exercise(arch: str, root: Path, dist: Path, upgrade: Path, repor
                      f"config/secrets same={before == after}, buffer records {buffer_rows} -> {buffer_records(root)}")
         proc = offline(root, f"{upg}/deploy/install.sh --uninstall")
         gone = not any((root / p).exists() or (root / p).is_symlink() for p in (
-            "opt/outpost/venv", "usr/local/bin/outpost", "etc/systemd/system/outpost.service"))
+            "opt/outpost/venv", "usr/local/bin/outpost", "etc/systemd/system/outpost.service",
+            "usr/local/share/man/man1/outpost.1", "usr/local/share/bash-completion/completions/outpost"))
         kept = all((root / p).exists() for p in ("etc/outpost/outpost.toml", "var/lib/outpost/buffer.db"))
         report.check(f"{arch}: uninstall removes the service and venv, keeps configuration and buffer",
                      proc.returncode == 0 and gone and kept and buffer_records(root) == buffer_rows,

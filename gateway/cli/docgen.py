@@ -1,0 +1,274 @@
+"""The man page and the bash completion of `outpost`, generated from its argparse parser.
+
+    python -m gateway.cli.docgen man [--version V] [-o FILE]          (`make man`)
+    python -m gateway.cli.docgen completion [-o FILE]                 (`make completion`)
+
+Both are made at build time (`make dist` puts them in the tarball, deploy/install.sh
+installs them), so the help text written once beside each option is what `--help`, `man
+outpost` and the completion show, and a shell pays nothing at run time: the completion is a
+plain bash function over tables, with no Python call per <Tab>.
+
+argparse keeps its tree in private attributes (`_actions`, `_SubParsersAction.choices`);
+they are read here only, in `walk()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.cli import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH, ENVIRONMENT, EXIT_CODES, build_parser
+
+
+@dataclass
+class Option:
+    flags: list[str]  # "--config", "-c"
+    invocation: str  # "--config PATH, -c PATH", as --help shows it
+    help: str
+    takes_value: bool
+    choices: list[str] | None
+    files: bool  # its value is a path
+
+
+@dataclass
+class Command:
+    path: list[str]  # [] for `outpost`, ["buffer", "quarantine"] for `outpost buffer quarantine`
+    parser: argparse.ArgumentParser
+    help: str  # the one line under the parent's list of commands
+    description: str
+    options: list[Option] = field(default_factory=list)
+    positionals: list[Option] = field(default_factory=list)
+    subcommands: list[Command] = field(default_factory=list)
+
+
+# Values that are paths: completed as file names.
+_PATH_METAVARS = {"PATH", "FILE"}
+_PATH_DESTS = {"config", "file", "output", "socket", "serial_port", "paths"}
+
+
+def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    text = action.help or ""
+    if "%" not in text:
+        return text
+    params: dict[str, Any] = dict(vars(action), prog=parser.prog)
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(map(str, params["choices"]))
+    try:
+        return text % params
+    except (KeyError, TypeError, ValueError):
+        return text
+
+
+def walk(parser: argparse.ArgumentParser | None = None, path: list[str] | None = None, help_line: str = "") -> Command:
+    """The parser as a tree of commands with their options (help actions included)."""
+    parser = parser or build_parser()
+    path = path or []
+    cmd = Command(path, parser, help_line, parser.description or help_line)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            seen: set[int] = set()
+            for name, sub in action.choices.items():
+                if id(sub) in seen:  # an alias
+                    continue
+                seen.add(id(sub))
+                cmd.subcommands.append(walk(sub, [*path, name], helps.get(name, "")))
+            continue
+        takes_value = action.nargs != 0
+        choices = [str(c) for c in action.choices] if action.choices is not None else None
+        metavar = action.metavar if isinstance(action.metavar, str) else None
+        files = takes_value and choices is None and (metavar in _PATH_METAVARS or action.dest in _PATH_DESTS)
+        opt = Option(list(action.option_strings), formatter._format_action_invocation(action),
+                     _help_text(parser, action), takes_value, choices, files)
+        (cmd.options if action.option_strings else cmd.positionals).append(opt)
+    return cmd
+
+
+def commands(root: Command) -> list[Command]:
+    """Every command in the tree, depth first, the root first."""
+    out = [root]
+    for sub in root.subcommands:
+        out += commands(sub)
+    return out
+
+
+# --- man page ----------------------------------------------------------------------------
+
+
+def _roff(text: str) -> str:
+    """Text safe for roff: backslashes escaped, hyphens of options kept as hyphens, no line
+    starting with a control character."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join("\\&" + line if line[:1] in (".", "'") else line for line in text.splitlines())
+
+
+def _bold(text: str) -> str:
+    return f"\\fB{_roff(text)}\\fR"
+
+
+def man_page(version: str | None = None, date: str | None = None) -> str:
+    from gateway.version import __version__
+
+    version = version or __version__
+    if date is None:
+        # Reproducible builds set SOURCE_DATE_EPOCH; otherwise today.
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        when = dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
+        date = when.strftime("%Y-%m-%d")
+    root = walk()
+    out = [
+        '.\\" Generated by gateway/cli/docgen.py from the argparse parser: edit the help texts there.',
+        f'.TH OUTPOST 1 "{date}" "outpost {_roff(version)}" "Outpost manual"',
+        ".nh",  # paths and option names are not to be hyphenated
+        ".ad l",
+        ".SH NAME",
+        f"outpost \\- {_roff(root.description)}",
+        ".SH SYNOPSIS",
+        f"{_bold('outpost')} [{_bold('--version')}] \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
+    ]
+    for cmd in commands(root)[1:]:
+        if not cmd.subcommands:
+            out += [".br", f"{_bold('outpost ' + ' '.join(cmd.path))} [\\fIOPTIONS\\fR]"]
+    out += [".SH DESCRIPTION", _roff(root.description),
+            ".PP", "Every command takes \\fB\\-h\\fR / \\fB\\-\\-help\\fR.", ".SH OPTIONS"]
+    for opt in root.options:
+        out += [".TP", _bold(opt.invocation), _roff(opt.help)]
+    out.append(".SH COMMANDS")
+    for cmd in commands(root)[1:]:
+        out += [f'.SS "outpost {_roff(" ".join(cmd.path))}"', _roff(cmd.description or cmd.help)]
+        if cmd.subcommands:
+            out += [".PP", "Subcommands: " + ", ".join(_bold(s.path[-1]) for s in cmd.subcommands) + "."]
+        for opt in cmd.positionals:
+            out += [".TP", f"\\fI{_roff(opt.invocation)}\\fR", _roff(opt.help)]
+        for opt in cmd.options:
+            if opt.flags == ["-h", "--help"]:
+                continue
+            out += [".TP", _bold(opt.invocation), _roff(opt.help)]
+    out.append('.SH "EXIT STATUS"')
+    for code, text in EXIT_CODES:
+        out += [".TP", _bold(str(code)), _roff(text)]
+    out.append(".SH ENVIRONMENT")
+    for name, text in ENVIRONMENT:
+        out += [".TP", _bold(name), _roff(text)]
+    out += [
+        ".SH FILES",
+        ".TP", _bold(DEFAULT_CONFIG_PATH), "the configuration; drop-ins in the \\fIconf.d/*.toml\\fR beside it",
+        ".TP", _bold("/etc/outpost/outpost.env"), "secrets for ${NAME} references (root only, read by systemd)",
+        ".TP", _bold(DEFAULT_SOCKET_PATH), "the running gateway's status socket (group outpost)",
+        ".TP", _bold("/var/lib/outpost/buffer.db"), "the store\\-and\\-forward buffer (gateway.data_dir)",
+        '.SH "SEE ALSO"',
+        "\\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1); README.md installed beside the venv (/opt/outpost/README.md).",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# --- bash completion ---------------------------------------------------------------------
+
+
+def _bash_word(text: str, allow_space: bool = False) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.,:/+@%=-]*" if not allow_space else r"[A-Za-z0-9_. -]+", text):
+        raise ValueError(f"{text!r} cannot be written into the completion tables")
+    return text
+
+
+def _assoc(name: str, rows: dict[str, list[str]]) -> list[str]:
+    out = [f"declare -gA {name}=("]
+    for key, words in rows.items():
+        out.append(f'    ["{_bash_word(key, allow_space=True)}"]="{" ".join(_bash_word(w) for w in words)}"')
+    return [*out, ")"]
+
+
+def completion_script() -> str:
+    """A bash completion for `outpost`: subcommands, options, option values (choices, file
+    names), from tables generated here; the function walks the words typed so far to find
+    the command they name."""
+    subs: dict[str, list[str]] = {}
+    opts: dict[str, list[str]] = {}
+    valued: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}
+    positional_files: list[str] = []
+    choices: dict[str, list[str]] = {}
+    for cmd in commands(walk()):
+        key = " ".join(["outpost", *cmd.path])  # bash refuses an empty key
+        subs[key] = [s.path[-1] for s in cmd.subcommands]
+        opts[key] = [f for o in cmd.options for f in o.flags]
+        valued[key] = [f for o in cmd.options if o.takes_value for f in o.flags]
+        files[key] = [f for o in cmd.options if o.files for f in o.flags]
+        if any(p.files for p in cmd.positionals):
+            positional_files.append(key)
+        for o in cmd.options:
+            if o.choices:
+                for f in o.flags:
+                    choices[f"{key} {f}"] = o.choices
+    lines = [
+        "# bash completion for outpost. Generated by gateway/cli/docgen.py from the argparse parser",
+        "# at build time (`make completion`); deploy/install.sh installs it.",
+        *_assoc("_outpost_subs", subs),
+        *_assoc("_outpost_opts", opts),
+        *_assoc("_outpost_valued", valued),
+        *_assoc("_outpost_files", files),
+        *_assoc("_outpost_choices", choices),
+        f'_outpost_positional_files=" {" ".join(_bash_word(k.replace(" ", "/")) for k in positional_files)} "',
+        "",
+        "_outpost() {",
+        "    local cur=${COMP_WORDS[COMP_CWORD]} prev=\"\" path=outpost i w skip=0",
+        "    COMPREPLY=()",
+        "    # The command the words before the cursor name, skipping options and their values.",
+        "    for ((i = 1; i < COMP_CWORD; i++)); do",
+        "        w=${COMP_WORDS[i]}",
+        "        if ((skip)); then skip=0; if [[ $w != -* ]]; then prev=\"\"; continue; fi; fi",
+        "        case $w in",
+        "            -*=*) prev=\"\" ;;",
+        "            -*) if [[ \" ${_outpost_valued[$path]} \" == *\" $w \"* ]]; then skip=1; prev=$w; fi ;;",
+        "            *) if [[ \" ${_outpost_subs[$path]} \" == *\" $w \"* ]]; then path=\"$path $w\"; fi ;;",
+        "        esac",
+        "    done",
+        "    if ((skip)) && [[ $cur != -* ]]; then",
+        "        local key=\"$path $prev\"",
+        "        if [[ -n ${_outpost_choices[$key]+set} ]]; then",
+        "            mapfile -t COMPREPLY < <(compgen -W \"${_outpost_choices[$key]}\" -- \"$cur\")",
+        "        elif [[ \" ${_outpost_files[$path]} \" == *\" $prev \"* ]]; then",
+        "            compopt -o filenames 2>/dev/null",
+        "            mapfile -t COMPREPLY < <(compgen -f -- \"$cur\")",
+        "        fi",
+        "        return 0",
+        "    fi",
+        "    if [[ $cur == -* ]]; then",
+        "        mapfile -t COMPREPLY < <(compgen -W \"${_outpost_opts[$path]}\" -- \"$cur\")",
+        "    elif [[ -n ${_outpost_subs[$path]} ]]; then",
+        "        mapfile -t COMPREPLY < <(compgen -W \"${_outpost_subs[$path]}\" -- \"$cur\")",
+        "    elif [[ $_outpost_positional_files == *\" ${path// //} \"* ]]; then",
+        "        compopt -o filenames 2>/dev/null",
+        "        mapfile -t COMPREPLY < <(compgen -f -- \"$cur\")",
+        "    fi",
+        "    return 0",
+        "}",
+        "complete -F _outpost outpost",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gateway.cli.docgen", description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["man", "completion"], help="the man page (roff) or the bash completion")
+    ap.add_argument("--version", help="the version written into the man page (default: gateway/version.py)")
+    ap.add_argument("--output", "-o", help="write here instead of standard output")
+    args = ap.parse_args(argv)
+    text = man_page(args.version) if args.what == "man" else completion_script()
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
