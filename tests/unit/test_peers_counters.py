@@ -1,0 +1,109 @@
+"""The pure parts of the peer benchmark (tests/benchmarks/peers.py): the per-format sample
+counters that decide every delivered figure, the changing Modbus registers, and the Outpost
+configuration it generates (which must be one `outpost run` accepts)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from gateway.config import load_config
+from gateway.sparkplug import sparkplug_b_pb2 as pb
+from tests.benchmarks import peers
+
+
+def _ddata(n: int, *, aliases: bool) -> bytes:
+    msg = pb.Payload(timestamp=1, seq=3)
+    for i in range(n):
+        m = msg.metrics.add(timestamp=1)
+        if aliases:
+            m.alias = i + 1  # DATA metrics may omit the datatype: counted all the same
+        else:
+            m.name = f"register_{i:03d}"
+            m.datatype = 6
+        m.int_value = i
+    return msg.SerializeToString()
+
+
+def test_sparkplug_counts_ddata_metrics_only() -> None:
+    assert peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", _ddata(50, aliases=True)) == 50
+    assert peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", _ddata(7, aliases=False)) == 7
+    # Births and node data are not samples of the workload.
+    assert peers.count_sparkplug("spBv1.0/peers/DBIRTH/outpost/unit1", _ddata(50, aliases=False)) == 0
+    assert peers.count_sparkplug("spBv1.0/peers/NDATA/outpost", _ddata(3, aliases=False)) == 0
+    with pytest.raises(Exception, match="not a Sparkplug B payload"):
+        peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", b"\xff\xff\xff")
+
+
+def test_thingsboard_counts_values_of_every_device_and_entry() -> None:
+    doc = {"unit1": [{"ts": 1, "values": {"a": 1, "b": 2}}, {"ts": 2, "values": {"a": 3}}],
+           "unit2": {"ts": 1, "values": {"x": 1, "y": 2, "z": 3}},
+           "unit3": [{"k": 1}]}
+    assert peers.count_thingsboard(json.dumps(doc).encode()) == 7
+    with pytest.raises(ValueError):
+        peers.count_thingsboard(b"[1, 2]")
+    with pytest.raises(ValueError):
+        peers.count_thingsboard(b'{"unit1": [3]}')
+
+
+def test_line_protocol_counts_fields_with_escapes_and_quoted_strings() -> None:
+    text = (
+        "modbus,host=a,name=peers,slave_id=1,type=holding_register r0=1i,r1=2i,r2=3i 1700000000000000000\n"
+        "my\\ measurement,tag\\,x=a\\ b f\\ 1=1.5,s=\"a, b c=d\" 1700000000000000000\n"
+        "\n"
+        "# a comment\n"
+        "m v=1u\n"
+    )
+    assert peers.count_line_protocol(text.encode()) == 3 + 2 + 1
+    with pytest.raises(ValueError, match="without fields"):
+        peers.count_line_protocol(b"lonely_measurement\n")
+
+
+def test_telegraf_counter_takes_json_or_line_protocol() -> None:
+    one = {"fields": {"a": 1, "b": 2}, "name": "modbus", "tags": {}, "timestamp": 1}
+    batch = {"metrics": [one, {"fields": {"c": 1}, "name": "modbus", "tags": {}, "timestamp": 1}]}
+    assert peers.telegraf_counter("telegraf/h/modbus", json.dumps(one).encode()) == 2
+    assert peers.telegraf_counter("telegraf/h/modbus", json.dumps(batch).encode()) == 3
+    assert peers.telegraf_counter("telegraf/h/modbus", b"modbus r0=1i,r1=2i 1\n") == 2
+
+
+def test_registers_change_on_every_read_and_refuse_what_is_not_there() -> None:
+    store = peers.ChangingRegisters(units=2, registers=10)
+
+    async def reads() -> tuple:
+        first = await store.async_getValues(1, 3, 0, 10)
+        second = await store.async_getValues(1, 3, 0, 10)
+        other = await store.async_getValues(2, 3, 0, 10)
+        beyond = await store.async_getValues(1, 3, 5, 6)
+        unknown = await store.async_getValues(3, 3, 0, 1)
+        return first, second, other, beyond, unknown
+
+    first, second, other, beyond, unknown = asyncio.run(reads())
+    assert len(first) == 10 and all(a != b for a, b in zip(first, second, strict=True))
+    assert first != other
+    assert not isinstance(beyond, list) and not isinstance(unknown, list)
+    assert store.served == 30
+
+
+def test_outpost_config_is_accepted_and_polls_the_whole_workload(tmp_path) -> None:
+    w = peers.WORKLOADS["10k"]
+    setup = peers.outpost_setup(w, tmp_path, ("127.0.0.1", 1883), 5020, "realistic")
+    cfg = load_config(tmp_path / "outpost.toml")
+    assert len(cfg.devices) == w.units
+    assert {len(d.points) for d in cfg.devices} == {w.registers}
+    assert setup.counter is peers.count_sparkplug
+
+
+def test_ratios_are_to_outpost_and_skip_failed_peers() -> None:
+    base = {"cpu_s_per_1000_samples": 0.02, "peak_rss_mb": 50.0, "mqtt_payload_bytes_per_sample": 20.0,
+            "fraction_delivered": 1.0}
+    peer = {"cpu_s_per_1000_samples": 0.1, "peak_rss_mb": 75.0, "mqtt_payload_bytes_per_sample": 10.0,
+            "fraction_delivered": 0.5}
+    results = {"outpost": base, "thingsboard-memory": dict(peer), "telegraf": {"error": "no Go toolchain"}}
+    peers.add_ratios(results)
+    assert results["thingsboard-memory"]["ratio_to_outpost"] == {
+        "cpu_s_per_1000_samples": 5.0, "peak_rss_mb": 1.5, "mqtt_payload_bytes_per_sample": 0.5,
+        "fraction_delivered": 0.5}
+    assert "ratio_to_outpost" not in results["telegraf"]
