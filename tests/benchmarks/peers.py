@@ -19,12 +19,13 @@ Peers:
   output in line protocol, memory buffer (the only one it has for outputs).
 
 Each peer runs a warm-up, then a measured window: samples delivered (counted at the
-subscriber) and the fraction of the nominal rate x window; samples the peers polled (counted
-by the server) likewise; process CPU seconds (user + system, the process and its children,
-psutil) per 1,000 delivered samples; peak RSS over the whole run; MQTT payload bytes per
-delivered sample; and each figure's ratio to Outpost's in the same run. A peer that cannot be
-installed or started here is in the JSON with the reason, never left out. Installs run in the
-background from the start and are cached, so later runs start at once.
+subscriber by their own timestamps: those stamped in the window that arrived before the end
+of a grace period after it) and their fraction of the nominal rate x window; samples the
+peer polled (counted by the server as it answered) likewise; process CPU seconds (user +
+system, the process and its children, psutil) per 1,000 delivered samples; peak RSS over the
+whole run; MQTT payload bytes per delivered sample; and each figure's ratio to Outpost's in
+the same run. A peer that cannot be installed or started here is in the JSON with the
+reason, never left out. Installs run in the background from the start and are cached, so later runs start at once.
 """
 
 from __future__ import annotations
@@ -81,34 +82,52 @@ def point_name(i: int, style: str) -> str:
 
 
 # --- sample counters, one per format (pure; tests/unit/test_peers_counters.py) ------------
+# Each returns the samples of one message grouped by their own timestamp, [(ts_ms, count)],
+# so that a window counts the samples polled in it, whenever they arrive.
 
-def count_sparkplug(topic: str, payload: bytes) -> int:
-    """Samples in a Sparkplug B message: the metrics of a DDATA (births and node data are
-    not samples). Decoded with the project's payload module; a metric it cannot decode still
-    arrived, so it is counted too."""
+def _grouped(stamps: list[int]) -> list[tuple[int, int]]:
+    out: dict[int, int] = {}
+    for ts in stamps:
+        out[ts] = out.get(ts, 0) + 1
+    return sorted(out.items())
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def count_sparkplug(topic: str, payload: bytes) -> list[tuple[int, int]]:
+    """Samples of a Sparkplug B message: the metrics of a DDATA (births and node data are
+    not samples), each at its metric timestamp, else the payload's. Decoded with the
+    project's payload module; a metric it cannot decode still arrived and is counted."""
     if "/DDATA/" not in topic:
-        return 0
+        return []
     from gateway.sparkplug.payload import decode_payload_each
 
     decoded, errors = decode_payload_each(payload)
-    return len(decoded.metrics) + len(errors)
+    base = decoded.timestamp if decoded.timestamp is not None else _now_ms()
+    stamps = [m.timestamp if m.timestamp is not None else base for m in decoded.metrics]
+    return _grouped(stamps + [base] * len(errors))
 
 
-def count_thingsboard(payload: bytes) -> int:
-    """Samples in a ThingsBoard gateway telemetry message (`v1/gateway/telemetry`):
-    {"device": [{"ts": ..., "values": {...}}, ...]} or one object instead of the list, or
-    values without the ts/values envelope."""
+def count_thingsboard(payload: bytes) -> list[tuple[int, int]]:
+    """Samples of a ThingsBoard gateway telemetry message (`v1/gateway/telemetry`):
+    {"device": [{"ts": ..., "values": {...}}, ...]}, or one object instead of the list, or
+    values without the ts/values envelope (then stamped on arrival)."""
     doc = json.loads(payload)
     if not isinstance(doc, dict):
         raise ValueError(f"not a ThingsBoard gateway telemetry object: {type(doc).__name__}")
-    n = 0
+    out: dict[int, int] = {}
     for entries in doc.values():
         for entry in entries if isinstance(entries, list) else [entries]:
             if not isinstance(entry, dict):
                 raise ValueError(f"telemetry entry is {type(entry).__name__}, not an object")
-            values = entry.get("values", entry) if "ts" in entry or "values" in entry else entry
-            n += len(values)
-    return n
+            if "ts" in entry or "values" in entry:
+                values, ts = entry.get("values", {}), int(entry.get("ts") or _now_ms())
+            else:
+                values, ts = entry, _now_ms()
+            out[ts] = out.get(ts, 0) + len(values)
+    return sorted(out.items())
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
@@ -133,9 +152,18 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
     return parts
 
 
-def count_line_protocol(payload: bytes) -> int:
-    """Samples in InfluxDB line protocol: the fields of every line (one line per metric)."""
-    n = 0
+def _epoch_ms(value: float) -> int:
+    """A Unix timestamp in s, ms, us or ns (told apart by magnitude) in ms."""
+    for limit, div in ((1e11, 1e-3), (1e14, 1.0), (1e17, 1e3)):
+        if abs(value) < limit:
+            return int(value / div)
+    return int(value // 1_000_000)
+
+
+def count_line_protocol(payload: bytes) -> list[tuple[int, int]]:
+    """Samples of InfluxDB line protocol: the fields of every line (one line per metric), at
+    the line's timestamp (ns by default), else on arrival."""
+    out: dict[int, int] = {}
     for line in payload.decode().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -145,21 +173,30 @@ def count_line_protocol(payload: bytes) -> int:
         sections = [s for s in _split_unescaped(line, " ") if s]
         if len(sections) < 2:
             raise ValueError(f"line protocol without fields: {line[:80]!r}")
-        n += len(_split_unescaped(sections[1], ","))
-    return n
+        ts = _epoch_ms(int(sections[2])) if len(sections) > 2 else _now_ms()
+        out[ts] = out.get(ts, 0) + len(_split_unescaped(sections[1], ","))
+    return sorted(out.items())
 
 
-def count_telegraf_json(payload: bytes) -> int:
-    """Samples in Telegraf's JSON serializer output: one metric, or {"metrics": [...]}."""
+def count_telegraf_json(payload: bytes) -> list[tuple[int, int]]:
+    """Samples of Telegraf's JSON serializer output: one metric, or {"metrics": [...]}."""
     doc = json.loads(payload)
     metrics = doc.get("metrics", [doc]) if isinstance(doc, dict) else doc
-    return sum(len(m.get("fields", {})) for m in metrics)
+    out: dict[int, int] = {}
+    for m in metrics:
+        ts = _epoch_ms(m["timestamp"]) if "timestamp" in m else _now_ms()
+        out[ts] = out.get(ts, 0) + len(m.get("fields", {}))
+    return sorted(out.items())
 
 
-def telegraf_counter(topic: str, payload: bytes) -> int:
+def telegraf_counter(topic: str, payload: bytes) -> list[tuple[int, int]]:
     if payload.lstrip()[:1] in (b"{", b"["):
         return count_telegraf_json(payload)
     return count_line_protocol(payload)
+
+
+def samples(groups: list[tuple[int, int]]) -> int:
+    return sum(n for _, n in groups)
 
 
 # --- the Modbus server (a child process) ------------------------------------------------
@@ -319,11 +356,28 @@ def thingsboard_version(python: Path) -> str:
 
 @dataclass
 class Tally:
+    """What the subscriber counted for one peer: samples and payload bytes by sample time."""
+
     samples: int = 0
-    payload_bytes: int = 0
-    messages: int = 0
     undecodable: int = 0
     last_error: str | None = None
+    by_ts: dict[int, int] = field(default_factory=dict)        # ts_ms -> samples
+    messages: list[tuple[int, int]] = field(default_factory=list)  # (first ts_ms, payload bytes)
+
+    def add(self, groups: list[tuple[int, int]], payload_bytes: int) -> None:
+        n = 0
+        for ts, k in groups:
+            self.by_ts[ts] = self.by_ts.get(ts, 0) + k
+            n += k
+        if n:
+            self.samples += n
+            self.messages.append((groups[0][0], payload_bytes))
+
+    def window(self, t0_ms: int, t1_ms: int) -> tuple[int, int, int]:
+        """(samples, messages, payload bytes) stamped in [t0_ms, t1_ms)."""
+        n = sum(k for ts, k in self.by_ts.items() if t0_ms <= ts < t1_ms)
+        msgs = [b for ts, b in self.messages if t0_ms <= ts < t1_ms]
+        return n, len(msgs), sum(msgs)
 
 
 TB_RPC_REQUEST = "v1/devices/me/rpc/request/"
@@ -358,15 +412,12 @@ class Subscriber:
             if counter is None or not topic.startswith(self.prefix):
                 return 0
             try:
-                n = counter(topic, payload)
+                groups = counter(topic, payload)
             except Exception as exc:  # counted: a peer's bad message must not stop the run
                 self.tally.undecodable += 1
                 self.tally.last_error = f"{topic}: {type(exc).__name__}: {exc}"[:300]
                 return 0
-            if n:
-                self.tally.samples += n
-                self.tally.payload_bytes += len(payload)
-                self.tally.messages += 1
+            self.tally.add(groups, len(payload))
             return 0
 
         client.on_message = on_message
@@ -550,7 +601,7 @@ def telegraf_setup(w: Workload, work: Path, mqtt: tuple[str, int], modbus_port: 
 
 
 async def measure(name: str, setup: PeerSetup, w: Workload, sub: Subscriber, count_file: Path,
-                  warmup_s: float, window_s: float, start_limit_s: float) -> dict[str, Any]:
+                  warmup_s: float, window_s: float, start_limit_s: float, grace_s: float) -> dict[str, Any]:
     from tests.harness.common import ManagedProcess, log_tail
 
     sub.use(setup.counter, setup.prefix)
@@ -570,13 +621,15 @@ async def measure(name: str, setup: PeerSetup, w: Workload, sub: Subscriber, cou
             await asyncio.sleep(0.2)
         started_s = start_limit_s - (deadline - time.monotonic())
         await asyncio.sleep(warmup_s)
-        t0, cpu0, n0 = time.monotonic(), process_cpu_s(proc.pid), sub.tally.samples
-        b0, m0, polled0 = sub.tally.payload_bytes, sub.tally.messages, read_count(count_file)
+        t0, w0, cpu0, polled0 = time.monotonic(), _now_ms(), process_cpu_s(proc.pid), read_count(count_file)
         await asyncio.sleep(window_s)
-        t1, cpu1, n1 = time.monotonic(), process_cpu_s(proc.pid), sub.tally.samples
-        b1, m1, polled1 = sub.tally.payload_bytes, sub.tally.messages, read_count(count_file)
+        t1, w1, cpu1, polled1 = time.monotonic(), _now_ms(), process_cpu_s(proc.pid), read_count(count_file)
         if not proc.alive():
             raise Unavailable(f"{name} exited during the measurement:\n{log_tail(proc.log_path, 15)}")
+        # Samples stamped in the window that arrive within the grace period are delivered;
+        # the peer keeps running meanwhile (its CPU after t1 is not counted).
+        await asyncio.sleep(grace_s)
+        delivered, messages, payload_bytes = sub.tally.window(w0, w1)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -584,8 +637,7 @@ async def measure(name: str, setup: PeerSetup, w: Workload, sub: Subscriber, cou
         await asyncio.to_thread(proc.stop, 20)
         sub.use(None, "")
     elapsed = t1 - t0
-    delivered = n1 - n0
-    expected = w.rate * elapsed
+    expected = w.rate * (w1 - w0) / 1000
     cpu = cpu1 - cpu0
     return {
         "version": setup.version,
@@ -597,13 +649,13 @@ async def measure(name: str, setup: PeerSetup, w: Workload, sub: Subscriber, cou
         "fraction_delivered": round(delivered / expected, 3),
         "samples_polled": polled1 - polled0,
         "fraction_polled": round((polled1 - polled0) / expected, 3),
-        "messages": m1 - m0,
+        "messages": messages,
         "undecodable_messages": sub.tally.undecodable,
         "cpu_s": round(cpu, 2),
         "cpu_cores": round(cpu / elapsed, 3),
         "cpu_s_per_1000_samples": round(cpu / delivered * 1000, 4) if delivered else None,
         "peak_rss_mb": round(figures.peak_rss_bytes / 2**20, 1),
-        "mqtt_payload_bytes_per_sample": round((b1 - b0) / delivered, 2) if delivered else None,
+        "mqtt_payload_bytes_per_sample": round(payload_bytes / delivered, 2) if delivered else None,
     }
 
 
@@ -664,7 +716,7 @@ async def run(args: argparse.Namespace, base: Path, installs: dict[str, Install]
                         for rep in range(args.repeat):
                             print(f"[peers]   {peer} ({rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
                             r = await measure(peer, setup, w, sub, count_file, args.warmup, args.duration,
-                                              args.start_limit)
+                                              args.start_limit, args.grace)
                             print(f"[peers]   {json.dumps(r)}", file=sys.stderr, flush=True)
                             reps.append(r)
                             if rep + 1 < args.repeat:
@@ -718,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(ALL_PEERS), help=f"comma-separated from {', '.join(ALL_PEERS)}")
     ap.add_argument("--duration", type=float, default=20.0, help="measured window per peer, seconds")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds after the first delivered sample")
+    ap.add_argument("--grace", type=float, default=5.0,
+                    help="seconds after the window for its samples to arrive and count as delivered")
     ap.add_argument("--repeat", type=int, default=1, help="repetitions per peer and workload")
     ap.add_argument("--point-names", choices=("short", "realistic"), default="realistic",
                     help="short: r0..r99; realistic: register_000 (12 characters)")

@@ -17,7 +17,7 @@ from tests.benchmarks import peers
 def _ddata(n: int, *, aliases: bool) -> bytes:
     msg = pb.Payload(timestamp=1, seq=3)
     for i in range(n):
-        m = msg.metrics.add(timestamp=1)
+        m = msg.metrics.add(timestamp=1000 + i % 2)
         if aliases:
             m.alias = i + 1  # DATA metrics may omit the datatype: counted all the same
         else:
@@ -27,21 +27,24 @@ def _ddata(n: int, *, aliases: bool) -> bytes:
     return msg.SerializeToString()
 
 
-def test_sparkplug_counts_ddata_metrics_only() -> None:
-    assert peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", _ddata(50, aliases=True)) == 50
-    assert peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", _ddata(7, aliases=False)) == 7
+def test_sparkplug_counts_ddata_metrics_only_at_their_timestamps() -> None:
+    assert peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", _ddata(50, aliases=True)) == [
+        (1000, 25), (1001, 25)]
+    assert peers.samples(peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1",
+                                               _ddata(7, aliases=False))) == 7
     # Births and node data are not samples of the workload.
-    assert peers.count_sparkplug("spBv1.0/peers/DBIRTH/outpost/unit1", _ddata(50, aliases=False)) == 0
-    assert peers.count_sparkplug("spBv1.0/peers/NDATA/outpost", _ddata(3, aliases=False)) == 0
+    assert peers.count_sparkplug("spBv1.0/peers/DBIRTH/outpost/unit1", _ddata(50, aliases=False)) == []
+    assert peers.count_sparkplug("spBv1.0/peers/NDATA/outpost", _ddata(3, aliases=False)) == []
     with pytest.raises(Exception, match="not a Sparkplug B payload"):
         peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", b"\xff\xff\xff")
 
 
 def test_thingsboard_counts_values_of_every_device_and_entry() -> None:
-    doc = {"unit1": [{"ts": 1, "values": {"a": 1, "b": 2}}, {"ts": 2, "values": {"a": 3}}],
-           "unit2": {"ts": 1, "values": {"x": 1, "y": 2, "z": 3}},
+    doc = {"unit1": [{"ts": 5, "values": {"a": 1, "b": 2}}, {"ts": 6, "values": {"a": 3}}],
+           "unit2": {"ts": 5, "values": {"x": 1, "y": 2, "z": 3}},
            "unit3": [{"k": 1}]}
-    assert peers.count_thingsboard(json.dumps(doc).encode()) == 7
+    groups = peers.count_thingsboard(json.dumps(doc).encode())
+    assert groups[:2] == [(5, 5), (6, 1)] and peers.samples(groups) == 7
     with pytest.raises(ValueError):
         peers.count_thingsboard(b"[1, 2]")
     with pytest.raises(ValueError):
@@ -54,19 +57,30 @@ def test_line_protocol_counts_fields_with_escapes_and_quoted_strings() -> None:
         "my\\ measurement,tag\\,x=a\\ b f\\ 1=1.5,s=\"a, b c=d\" 1700000000000000000\n"
         "\n"
         "# a comment\n"
-        "m v=1u\n"
+        "m v=1u 1700000000001000000\n"
     )
-    assert peers.count_line_protocol(text.encode()) == 3 + 2 + 1
+    assert peers.count_line_protocol(text.encode()) == [(1_700_000_000_000, 5), (1_700_000_000_001, 1)]
     with pytest.raises(ValueError, match="without fields"):
         peers.count_line_protocol(b"lonely_measurement\n")
 
 
 def test_telegraf_counter_takes_json_or_line_protocol() -> None:
-    one = {"fields": {"a": 1, "b": 2}, "name": "modbus", "tags": {}, "timestamp": 1}
-    batch = {"metrics": [one, {"fields": {"c": 1}, "name": "modbus", "tags": {}, "timestamp": 1}]}
-    assert peers.telegraf_counter("telegraf/h/modbus", json.dumps(one).encode()) == 2
-    assert peers.telegraf_counter("telegraf/h/modbus", json.dumps(batch).encode()) == 3
-    assert peers.telegraf_counter("telegraf/h/modbus", b"modbus r0=1i,r1=2i 1\n") == 2
+    one = {"fields": {"a": 1, "b": 2}, "name": "modbus", "tags": {}, "timestamp": 1_700_000_000}
+    batch = {"metrics": [one, {"fields": {"c": 1}, "name": "modbus", "tags": {}, "timestamp": 1_700_000_001}]}
+    assert peers.telegraf_counter("telegraf/h/modbus", json.dumps(one).encode()) == [(1_700_000_000_000, 2)]
+    assert peers.samples(peers.telegraf_counter("telegraf/h/modbus", json.dumps(batch).encode())) == 3
+    assert peers.telegraf_counter("telegraf/h/modbus", b"modbus r0=1i,r1=2i 1700000000000\n") == [
+        (1_700_000_000_000, 2)]
+
+
+def test_tally_window_counts_by_sample_time_not_arrival() -> None:
+    tally = peers.Tally()
+    tally.add([(999, 10)], 100)
+    tally.add([(1000, 50)], 400)
+    tally.add([(1999, 5), (2000, 7)], 90)
+    tally.add([], 30)  # a message without samples is not a data message
+    assert tally.window(1000, 2000) == (55, 2, 490)
+    assert tally.samples == 72
 
 
 def test_registers_change_on_every_read_and_refuse_what_is_not_there() -> None:
