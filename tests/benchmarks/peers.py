@@ -25,7 +25,8 @@ peer polled (counted by the server as it answered) likewise; process CPU seconds
 system, the process and its children, psutil) per 1,000 delivered samples; peak RSS over the
 whole run; MQTT payload bytes per delivered sample; and each figure's ratio to Outpost's in
 the same run. A peer that cannot be installed or started here is in the JSON with the
-reason, never left out. Installs run in the background from the start and are cached, so later runs start at once.
+reason, never left out. Installs run in the background from the start and are cached, so
+later runs start at once.
 """
 
 from __future__ import annotations
