@@ -10,7 +10,9 @@ ThingsBoard gateway JSON values, Telegraf line-protocol or JSON fields). Workloa
 - `10k`: 10 units x 100 registers every 100 ms (10,000 samples/s)
 
 Peers:
-- `outpost`: a real `outpost run` child with its durable SQLite buffer and Sparkplug B on MQTT;
+- `outpost`: a real `outpost run` child with its durable SQLite buffer and Sparkplug B on MQTT,
+  on this machine's clock; `outpost-synced` / `outpost-unsynced`: the same with the kernel's
+  clock state forced (an unsynchronised clock flags DDATA, which costs bytes);
 - `thingsboard-memory` / `thingsboard-sqlite`: ThingsBoard IoT Gateway (PyPI
   `thingsboard-gateway`, 3.8.x) in its own venv under ~/.cache/outpost/peers/, Modbus
   connector in, its MQTT client pointed at the loopback Mosquitto, memory or SQLite storage;
@@ -56,7 +58,9 @@ THINGSBOARD_REQUIREMENT = "thingsboard-gateway>=3.8,<3.9"
 # starts with a download.
 THINGSBOARD_CONNECTOR_DEPS = ("pymodbus==3.9.2", "pyserial", "pyserial-asyncio")
 
-ALL_PEERS = ("outpost", "thingsboard-memory", "thingsboard-sqlite", "telegraf")
+ALL_PEERS = ("outpost", "outpost-synced", "outpost-unsynced", "thingsboard-memory", "thingsboard-sqlite",
+             "telegraf")
+DEFAULT_PEERS = ("outpost", "outpost-synced", "thingsboard-memory", "thingsboard-sqlite", "telegraf")
 
 
 @dataclass(frozen=True)
@@ -97,18 +101,43 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def count_sparkplug(topic: str, payload: bytes) -> list[tuple[int, int]]:
-    """Samples of a Sparkplug B message: the metrics of a DDATA (births and node data are
-    not samples), each at its metric timestamp, else the payload's. Decoded with the
-    project's payload module; a metric it cannot decode still arrived and is counted."""
-    if "/DDATA/" not in topic:
-        return []
-    from gateway.sparkplug.payload import decode_payload_each
+# Outpost's clock marker (a Boolean metric per device, in DDATA while the clock is not
+# trusted): it says how to read the timestamps beside it and is not a sample.
+CLOCK_MARKER = "Outpost/Clock/Unsynced"
 
-    decoded, errors = decode_payload_each(payload)
-    base = decoded.timestamp if decoded.timestamp is not None else _now_ms()
-    stamps = [m.timestamp if m.timestamp is not None else base for m in decoded.metrics]
-    return _grouped(stamps + [base] * len(errors))
+
+class SparkplugCounter:
+    """Samples of Sparkplug B messages: the metrics of each DDATA (births and node data are
+    not samples; neither is the clock marker, known by name or by the alias its DBIRTH
+    gave it), each at its metric timestamp, else the payload's. Decoded with the project's
+    payload module; a metric it cannot decode still arrived and is counted."""
+
+    def __init__(self) -> None:
+        self.markers: set[tuple[str, int]] = set()  # (device topic, alias) of clock markers
+
+    def __call__(self, topic: str, payload: bytes) -> list[tuple[int, int]]:
+        from gateway.sparkplug.payload import decode_payload_each
+
+        parts = topic.split("/")
+        kind = parts[2] if len(parts) > 2 else ""
+        if kind not in ("DDATA", "DBIRTH"):
+            return []
+        device = "/".join(parts[3:])
+        decoded, errors = decode_payload_each(payload)
+        if kind == "DBIRTH":
+            for m in decoded.metrics:
+                if m.name == CLOCK_MARKER and m.alias is not None:
+                    self.markers.add((device, m.alias))
+            return []
+        base = decoded.timestamp if decoded.timestamp is not None else _now_ms()
+        stamps = [m.timestamp if m.timestamp is not None else base for m in decoded.metrics
+                  if m.name != CLOCK_MARKER and (device, m.alias) not in self.markers]
+        return _grouped(stamps + [base] * len(errors))
+
+
+def count_sparkplug(topic: str, payload: bytes) -> list[tuple[int, int]]:
+    """SparkplugCounter for one message on its own (no births seen)."""
+    return SparkplugCounter()(topic, payload)
 
 
 def count_thingsboard(payload: bytes) -> list[tuple[int, int]]:
@@ -503,7 +532,11 @@ class PeerSetup:
     notes: list[str] = field(default_factory=list)
 
 
-def outpost_setup(w: Workload, work: Path, mqtt: tuple[str, int], modbus_port: int, names: str) -> PeerSetup:
+def outpost_setup(w: Workload, work: Path, mqtt: tuple[str, int], modbus_port: int, names: str,
+                  clock: str = "system") -> PeerSetup:
+    """`outpost run` on the workload; `clock`: as this machine's kernel says (`system`), or
+    forced `synced`/`unsynced` (the child answers the kernel clock probe itself, so the
+    figures do not depend on this machine's NTP state)."""
     lines = [
         "[gateway]", 'group_id = "peers"', 'edge_node_id = "outpost"', f'data_dir = "{work / "data"}"', "",
         "[buffer]", "max_size_bytes = 2_000_000_000", 'max_age = "1d"', "",
@@ -522,8 +555,27 @@ def outpost_setup(w: Workload, work: Path, mqtt: tuple[str, int], modbus_port: i
     cfg.write_text("\n".join(lines))
     from gateway.version import __version__ as version
 
-    return PeerSetup([sys.executable, "-m", "gateway", "run", "--config", str(cfg)], {}, work,
-                     count_sparkplug, "spBv1.0/peers/", ["spBv1.0/peers/#"], f"outpost {version}")
+    argv = [sys.executable, "-m", "gateway", "run", "--config", str(cfg)]
+    if clock != "system":
+        argv = [sys.executable, "-m", "tests.benchmarks.peers", CLOCK_CHILD_FLAG, clock, "run", "--config", str(cfg)]
+    return PeerSetup(argv, {}, work, SparkplugCounter(), "spBv1.0/peers/", ["spBv1.0/peers/#"],
+                     f"outpost {version} (clock: {clock})")
+
+
+CLOCK_CHILD_FLAG = "--outpost-child-clock"
+
+
+def outpost_child(clock: str, argv: list[str]) -> int:
+    """`outpost <argv>` with the kernel clock probe answering `clock` (synced/unsynced)."""
+    from gateway import clock as clock_mod
+    from gateway.cli import main as outpost_main
+
+    forced = clock_mod.ClockStatus(synced=clock == "synced", source=f"benchmark: forced {clock}")
+    kwdefaults = clock_mod.ClockGuard.__init__.__kwdefaults__
+    if not kwdefaults or "probe" not in kwdefaults:
+        raise SystemExit("gateway.clock.ClockGuard(probe=...) changed: cannot force the clock")
+    kwdefaults["probe"] = lambda: forced
+    return outpost_main(argv)
 
 
 def thingsboard_setup(w: Workload, work: Path, mqtt: tuple[str, int], modbus_port: int, names: str,
@@ -704,8 +756,9 @@ async def run(args: argparse.Namespace, base: Path, installs: dict[str, Install]
                     work = base / wname / peer
                     work.mkdir(parents=True)
                     try:
-                        if peer == "outpost":
-                            setup = outpost_setup(w, work, mqtt, port, args.point_names)
+                        if peer.startswith("outpost"):
+                            clock = peer.split("-", 1)[1] if "-" in peer else "system"
+                            setup = outpost_setup(w, work, mqtt, port, args.point_names, clock)
                         elif peer.startswith("thingsboard-"):
                             python = installs["thingsboard"].wait(args.install_limit)
                             setup = thingsboard_setup(w, work, mqtt, port, args.point_names, python,
@@ -768,7 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.peers", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object (the only output mode)")
     ap.add_argument("--workloads", default="1k,10k", help="comma-separated: 1k, 10k")
-    ap.add_argument("--peers", default=",".join(ALL_PEERS), help=f"comma-separated from {', '.join(ALL_PEERS)}")
+    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                    help=f"comma-separated from {', '.join(ALL_PEERS)} (outpost: this machine's clock; "
+                         "-synced/-unsynced: the clock forced)")
     ap.add_argument("--duration", type=float, default=20.0, help="measured window per peer, seconds")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds after the first delivered sample")
     ap.add_argument("--grace", type=float, default=5.0,
@@ -782,6 +837,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--registers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--count-file", type=Path, help=argparse.SUPPRESS)
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == [CLOCK_CHILD_FLAG]:
+        return outpost_child(raw[1], raw[2:])
     args = ap.parse_args(argv)
     if args.serve_modbus:
         asyncio.run(serve_modbus(args.serve_modbus, args.units, args.registers, args.count_file))
@@ -804,8 +862,11 @@ def main(argv: list[str] | None = None) -> int:
         installs["telegraf"] = start_install("telegraf", install_telegraf, PEERS_CACHE / "telegraf-install.log")
     try:
         report = asyncio.run(run(args, base, installs))
+        from gateway.clock import read_clock_status
+
         report.update({"duration_s": args.duration, "warmup_s": args.warmup, "repeat": args.repeat,
-                       "point_names": args.point_names})
+                       "point_names": args.point_names, "grace_s": args.grace,
+                       "machine_clock_synchronised": read_clock_status().synced})
         print(json.dumps(report, indent=2))
         return 0
     finally:

@@ -39,6 +39,25 @@ def test_sparkplug_counts_ddata_metrics_only_at_their_timestamps() -> None:
         peers.count_sparkplug("spBv1.0/peers/DDATA/outpost/unit1", b"\xff\xff\xff")
 
 
+def test_sparkplug_leaves_out_the_clock_marker_by_name_and_by_its_birth_alias() -> None:
+    counter = peers.SparkplugCounter()
+    birth = pb.Payload(timestamp=1, seq=1)
+    for i in range(3):
+        birth.metrics.add(name=f"register_{i:03d}", alias=i + 1, datatype=6, int_value=0)
+    birth.metrics.add(name=peers.CLOCK_MARKER, alias=4, datatype=11, boolean_value=True)
+    assert counter("spBv1.0/peers/DBIRTH/outpost/unit1", birth.SerializeToString()) == []
+    data = pb.Payload(timestamp=7, seq=2)
+    for alias in (1, 2, 3, 4):
+        data.metrics.add(alias=alias, timestamp=7, int_value=1)
+    assert counter("spBv1.0/peers/DDATA/outpost/unit1", data.SerializeToString()) == [(7, 3)]
+    # Alias 4 is a point on a device whose birth gave the marker another alias.
+    assert counter("spBv1.0/peers/DDATA/outpost/unit2", data.SerializeToString()) == [(7, 4)]
+    named = pb.Payload(timestamp=7, seq=3)
+    named.metrics.add(name="register_000", timestamp=7, datatype=6, int_value=1)
+    named.metrics.add(name=peers.CLOCK_MARKER, timestamp=7, datatype=11, boolean_value=True)
+    assert counter("spBv1.0/peers/DDATA/outpost/unit3", named.SerializeToString()) == [(7, 1)]
+
+
 def test_thingsboard_counts_values_of_every_device_and_entry() -> None:
     doc = {"unit1": [{"ts": 5, "values": {"a": 1, "b": 2}}, {"ts": 6, "values": {"a": 3}}],
            "unit2": {"ts": 5, "values": {"x": 1, "y": 2, "z": 3}},
@@ -107,7 +126,11 @@ def test_outpost_config_is_accepted_and_polls_the_whole_workload(tmp_path) -> No
     cfg = load_config(tmp_path / "outpost.toml")
     assert len(cfg.devices) == w.units
     assert {len(d.points) for d in cfg.devices} == {w.registers}
-    assert setup.counter is peers.count_sparkplug
+    assert isinstance(setup.counter, peers.SparkplugCounter)
+    assert setup.argv[1:3] == ["-m", "gateway"]
+    (tmp_path / "f").mkdir()
+    forced = peers.outpost_setup(w, tmp_path / "f", ("127.0.0.1", 1883), 5020, "short", "synced")
+    assert forced.argv[3:5] == [peers.CLOCK_CHILD_FLAG, "synced"]
 
 
 def test_ratios_are_to_outpost_and_skip_failed_peers() -> None:
