@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PEERS_CACHE = Path(os.environ.get("OUTPOST_CACHE_DIR", Path.home() / ".cache" / "outpost")) / "peers"
 TELEGRAF_VERSION = "v1.37.2"
 TELEGRAF_TAGS = "custom,inputs.modbus,outputs.mqtt"
@@ -558,7 +559,9 @@ def outpost_setup(w: Workload, work: Path, mqtt: tuple[str, int], modbus_port: i
     argv = [sys.executable, "-m", "gateway", "run", "--config", str(cfg)]
     if clock != "system":
         argv = [sys.executable, "-m", "tests.benchmarks.peers", CLOCK_CHILD_FLAG, clock, "run", "--config", str(cfg)]
-    return PeerSetup(argv, {}, work, SparkplugCounter(), "spBv1.0/peers/", ["spBv1.0/peers/#"],
+    # The child runs in its work folder: the repository on its path for tests.benchmarks.
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return PeerSetup(argv, env, work, SparkplugCounter(), "spBv1.0/peers/", ["spBv1.0/peers/#"],
                      f"outpost {version} (clock: {clock})")
 
 
