@@ -6,7 +6,12 @@ Starts its own Kafka and Toxiproxy through tests/harness and prints one JSON obj
   KafkaUplink (default settings: zstd, batches of 1000 records, acks=all, idempotent) to
   the local broker: records/s and MB/s of payload; then kcat producing the same keys and
   values from a file with the same producer guarantees (acks=all, idempotence, zstd) as the
-  ceiling, and the ratio uplink/kcat (target >= 0.5). kcat sends five headers of the same
+  ceiling, and the ratio uplink/kcat (target >= 0.6). The two alternate `--rounds` times
+  (default 2; the ratio is over all rounds, per round beside it), after both sent
+  `--warmup-records` unmeasured to warm the fresh broker's JVM, so that neither the cold
+  broker nor load from other work drifting over the run favours one of them; CPU microseconds per record of
+  each (this process's threads during the drains, kcat's own) are printed too. kcat sends
+  five headers of the same
   names and sizes as the uplink's de-duplication headers (static, as kcat has no per-line
   headers), so both put the same bytes in each record; kcat without headers is reported too.
   kcat runs with librdkafka's default batching (up to 10000 records / 1 MB per batch, 5 ms
@@ -27,6 +32,7 @@ import asyncio
 import json
 import logging
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -143,7 +149,8 @@ KCAT_BATCH_MAX_BYTES = 1_000_000
 async def _drain_once(kafka: Any, pairs: list[tuple[str, bytes]], now_ms: int, workdir: Path,
                       batch_max_records: int, batch_max_bytes: int,
                       name: str) -> tuple[float, float, dict[str, Any]]:
-    """Fill a fresh buffer with `pairs`, drain it with KafkaUplink: (fill_s, drain_s, state)."""
+    """Fill a fresh buffer with `pairs`, drain it with KafkaUplink: (fill_s, drain_s, state
+    with the process CPU seconds of the drain as `cpu_s`)."""
     topic = f"bench-drain-{name}-{int(time.time())}"
     kafka.create_topic(topic, partitions=3)
     buf = await AsyncBuffer.open(str(workdir / f"drain-{name}.db"),
@@ -155,49 +162,82 @@ async def _drain_once(kafka: Any, pairs: list[tuple[str, bytes]], now_ms: int, w
                                  batch_max_records=batch_max_records,
                                  batch_max_bytes=batch_max_bytes, linger_s=0.0)
         uplink = KafkaUplink(settings, buf, [Mapping("t", ("spBv1.0/#",), topic)], GATEWAY)
+        cpu0 = time.process_time()
         drain_s = await _run_uplink_until(uplink, last, limit_s=1800)
-        return fill_s, drain_s, flat(uplink.state)
+        return fill_s, drain_s, {**flat(uplink.state), "cpu_s": time.process_time() - cpu0}
     finally:
         await buf.close()
         (workdir / f"drain-{name}.db").unlink(missing_ok=True)
 
 
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 async def bench_drain(kafka: Any, n: int, workdir: Path, batch_max_records: int,
-                      kcat_batching: bool = True) -> dict[str, Any]:
+                      kcat_batching: bool = True, rounds: int = 2,
+                      warmup_records: int = 200_000) -> dict[str, Any]:
+    """Drain and kcat alternately, `rounds` times: on a machine shared with other work the
+    load drifts, and alternating keeps that drift from favouring one side of the ratio."""
     now_ms = time.time_ns() // 1_000_000
     pairs = _drain_records(n, now_ms)
     payload_bytes = sum(len(p) for _, p in pairs)
-    fill_s, drain_s, state = await _drain_once(kafka, pairs, now_ms, workdir, batch_max_records,
-                                               1_000_000, "default")
+    drains, kcats, per_round = [], [], []
+    if warmup_records:
+        # A fresh broker's JVM is cold: whichever producer went first paid for its warm-up
+        # (round 1's ratio was the lowest in every run). Both warm it, unmeasured.
+        warm = pairs[:warmup_records]
+        await _drain_once(kafka, warm, now_ms, workdir, batch_max_records, 1_000_000, "warmup")
+        warm_topic = f"bench-drain-warmup-{int(time.time())}"
+        kafka.create_topic(warm_topic, partitions=3)
+        await asyncio.to_thread(_kcat_produce, kafka.bootstrap, warm_topic, warm, workdir)
+    for r in range(rounds):
+        fill_s, drain_s, state = await _drain_once(kafka, pairs, now_ms, workdir, batch_max_records,
+                                                   1_000_000, f"default{r}")
+        drains.append((fill_s, drain_s, state, state["cpu_s"]))
+        topic = f"bench-drain-kcat-{r}-{int(time.time())}"
+        kafka.create_topic(topic, partitions=3)
+        c0 = _children_cpu_s()
+        kcat_s = await asyncio.to_thread(_kcat_produce, kafka.bootstrap, topic, pairs, workdir)
+        kcats.append((kcat_s, _children_cpu_s() - c0))
+        per_round.append(round(kcat_s / drain_s, 3))
     if kcat_batching:
         # The same batch limits as kcat (librdkafka's defaults, above): a like-for-like
         # comparison of the two producers rather than of their default batch sizes.
         _, kb_drain_s, kb_state = await _drain_once(kafka, pairs, now_ms, workdir,
                                                     KCAT_BATCH_MAX_RECORDS,
                                                     KCAT_BATCH_MAX_BYTES, "kcat-batching")
-    topic = f"bench-drain-kcat-{int(time.time())}"
-    kcat_topic = topic + "-kcat"
-    kafka.create_topic(kcat_topic, partitions=3)
-    kcat_s = await asyncio.to_thread(_kcat_produce, kafka.bootstrap, kcat_topic, pairs, workdir)
-    bare_topic = topic + "-kcat-bare"
+    bare_topic = f"bench-drain-kcat-bare-{int(time.time())}"
     kafka.create_topic(bare_topic, partitions=3)
     bare_s = await asyncio.to_thread(_kcat_produce, kafka.bootstrap, bare_topic, pairs, workdir,
                                      False)
-    uplink_rps = n / drain_s
-    kcat_rps = n / kcat_s
+    drain_s = sum(d[1] for d in drains)
+    kcat_s = sum(k[0] for k in kcats)
+    fill_s = drains[0][0]
+    uplink_rps = n * rounds / drain_s
+    kcat_rps = n * rounds / kcat_s
+    state = drains[0][2]
     out = {
         "records": n,
+        "rounds": rounds,
+        "warmup_records": warmup_records,
         "payload_bytes_per_record": payload_bytes // n,
         "batch_max_records": batch_max_records,
         "buffer_fill_s": round(fill_s, 2),
-        "uplink_s": round(drain_s, 2),
+        "uplink_s": round(drain_s / rounds, 2),
         "uplink_records_per_s": round(uplink_rps),
-        "uplink_payload_mb_per_s": round(payload_bytes / drain_s / 1e6, 2),
+        "uplink_payload_mb_per_s": round(payload_bytes * rounds / drain_s / 1e6, 2),
         "uplink_wire_bytes_per_record": round(state["bytes"] / n, 1),
-        "kcat_s": round(kcat_s, 2),
+        "kcat_s": round(kcat_s / rounds, 2),
         "kcat_records_per_s": round(kcat_rps),
-        "kcat_payload_mb_per_s": round(payload_bytes / kcat_s / 1e6, 2),
+        "kcat_payload_mb_per_s": round(payload_bytes * rounds / kcat_s / 1e6, 2),
         "ratio_uplink_to_kcat": round(uplink_rps / kcat_rps, 3),
+        "ratio_uplink_to_kcat_per_round": per_round,
+        # CPU per record (all threads of this process during the drains; kcat's own): less
+        # sensitive than the rates to other load on the machine. The broker's is in neither.
+        "uplink_cpu_us_per_record": round(sum(d[3] for d in drains) / (n * rounds) * 1e6, 2),
+        "kcat_cpu_us_per_record": round(sum(k[1] for k in kcats) / (n * rounds) * 1e6, 2),
         # kcat without any headers: fewer bytes per record than the uplink sends.
         "kcat_no_headers_records_per_s": round(n / bare_s),
         "ratio_uplink_to_kcat_no_headers": round(uplink_rps / (n / bare_s), 3),
@@ -329,7 +369,7 @@ async def main_async(args: argparse.Namespace, kafka: Any, workdir: Path) -> dic
         tune_gc()  # the uplink runs in this process: tune it the way `outpost run` does
     if not args.skip_drain:
         out["drain"] = await bench_drain(kafka, args.records, workdir, args.batch_max_records,
-                                         not args.skip_kcat_batching)
+                                         not args.skip_kcat_batching, args.rounds, args.warmup_records)
     if not args.skip_wire:
         out["wire"] = await bench_wire(kafka, args.ticks, workdir, args.tick_s)
     return out
@@ -340,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object (default)")
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--batch-max-records", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="uplink drain and kcat alternately this many times (load drifts)")
+    ap.add_argument("--warmup-records", type=int, default=200_000,
+                    help="records each producer sends, unmeasured, to warm the fresh broker first")
     ap.add_argument("--ticks", type=int, default=60, help="telemetry ticks for the wire figure")
     ap.add_argument("--tick-s", type=float, default=0.2, help="seconds between ticks")
     ap.add_argument("--skip-drain", action="store_true")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.records import H_CLOCK, clock_fix
+from gateway.records import H_CLOCK, H_TOPIC, H_TYPE, clock_fix
 from gateway.uplinks.kafka.format import H_SEQ, KafkaFormatError, KafkaMessage, MessageFactory
 from gateway.uplinks.kafka.mappings import Mapping
 
@@ -35,6 +35,8 @@ BATCH_OVERHEAD = 61  # Kafka record-batch v2 header bytes
 Route = tuple[tuple[Any, ...], ...]
 TopicPartition = tuple[str, int]
 HELD = "held"
+# Outcomes of Window.fill.
+DONE, FULL, MISS = 0, 1, 2
 
 
 @dataclass(slots=True)
@@ -80,6 +82,79 @@ class Window:
         if len(route) == 1 and first is not None and first is not HELD and H_CLOCK not in rec.headers:
             return self._add_fast(rec, route[0])
         return self._add_general(rec, route)
+
+    def fill(self, records: list[Any], start: int, routes: dict[str, tuple[Any, Any, Route]],
+             stop: int) -> tuple[int, int]:
+        """Add records[start:stop] in order, as `add` would, in one loop: the per-record
+        cost of a backlog drain is mostly call and attribute overhead, so the common case
+        (the stream's route cached, one `sparkplug`/`raw` mapping, a trusted clock) is
+        inlined here with its state in locals.
+
+        `routes` maps a stream to (topic header, type header, route), valid while the
+        record's headers match. Returns (index, outcome): FULL when records[index] opens
+        the next window, MISS when its route must be resolved first (then call again from
+        it), DONE when every record up to `stop` went in.
+        """
+        limit = self.limit
+        max_records = self.max_records
+        slots = self.slots
+        n_messages = self.n_messages
+        last_seq = self.last_seq
+        i = start
+        try:
+            while i < stop:
+                rec = records[i]
+                hdrs = rec.headers
+                cached = routes.get(rec.stream)
+                if (cached is None or cached[0] != hdrs.get(H_TOPIC)
+                        or cached[1] != hdrs.get(H_TYPE)):
+                    return i, MISS
+                route = cached[2]
+                entry = route[0] if len(route) == 1 else None
+                if entry is None or entry[0] is None or entry[0] is HELD or H_CLOCK in hdrs:
+                    # Not the common case: the general path, with the window's state saved.
+                    self.n_messages, self.last_seq = n_messages, last_seq
+                    if not self.add(rec, route):
+                        return i, FULL
+                    n_messages, last_seq = self.n_messages, self.last_seq
+                    i += 1
+                    continue
+                tp, key, gw, st_h, tp_h, ty_h, fixed, m = entry
+                seq = rec.seq
+                seq_b = b"%d" % seq
+                payload = rec.payload
+                if type(payload) is not bytes:
+                    payload = bytes(payload)
+                size = fixed + len(seq_b) + len(payload)
+                if size > limit:
+                    self._refuse(rec, m, "too_large", f"{size} bytes, more than batch_max_bytes")
+                    last_seq = seq
+                    self.n_records += 1
+                    i += 1
+                    continue
+                slot = slots.get(tp)
+                if slot is None:
+                    slot = self._slot(tp)
+                elif slot[1] + size > limit or slot[2] >= max_records:
+                    return i, FULL
+                raw = slot[3]
+                headers = [gw, st_h, (H_SEQ, seq_b), tp_h, ty_h]
+                if raw is not None:
+                    done = raw(slot[2], rec.ts_ms, key, payload, headers)
+                else:
+                    done = slot[0].append(timestamp=rec.ts_ms, key=key, value=payload, headers=headers)
+                if done is None:
+                    raise AssertionError(f"batch for {tp} refused a record within its limit")
+                slot[1] += size
+                slot[2] += 1
+                slot[4].append(seq)
+                n_messages += 1
+                last_seq = seq
+                self.n_records += 1
+                i += 1
+            return i, DONE
+        finally:
+            self.n_messages, self.last_seq = n_messages, last_seq
 
     def _consumed(self, rec: Any) -> None:
         self.last_seq = rec.seq

@@ -140,6 +140,7 @@ def fast_slot(batch: Any) -> list[Any]:
     headers)` when `batch` is aiokafka's BatchBuilder without serializers (aiokafka
     0.12-0.14 internals, checked here): it skips a keyword-argument wrapper that costs
     about a tenth of the per-record CPU of a backlog drain. Otherwise None (public API).
+    Such a batch also becomes one that `build_batches` can encode ahead of the sender.
     """
     from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -149,9 +150,12 @@ def fast_slot(batch: Any) -> list[Any]:
         and getattr(batch, "_key_serializer", 0) is None
         and getattr(batch, "_value_serializer", 0) is None
         and getattr(batch, "_relative_offset", None) == 0
+        and getattr(batch, "_buffer", 0) is None
         and not batch.closed()
     ):
         raw = getattr(getattr(batch, "_builder", None), "append", None)
+        if raw is not None:
+            batch.__class__ = _prebuildable_class()
     return [batch, 0, 0, raw]
 
 
@@ -160,6 +164,58 @@ def finish_slot(slot: list[Any]) -> Any:
     if slot[3] is not None:
         slot[0]._relative_offset = slot[2]  # what BatchBuilder.append would count
     return slot[0]
+
+
+# Kafka record batch v2 header (KIP-98): magic at 16, CRC-32C at 17 over everything from the
+# attributes at 21 to the end, then producer id (int64), epoch (int16) and base sequence
+# (int32) at 43. The sender sets those three just before it builds a batch; a batch built
+# earlier gets them written into its bytes and its CRC computed again.
+_MAGIC_OFFSET = 16
+_CRC_OFFSET = 17
+_ATTRIBUTES_OFFSET = 21
+_PRODUCER_OFFSET = 43
+_prebuildable: type | None = None
+
+
+def _prebuildable_class() -> type:
+    """aiokafka's BatchBuilder that may be built before the sender gives it its producer
+    state (aiokafka 0.12-0.14 internals: the sender calls `_set_producer_state` once per
+    batch, then `_build`, which returns a batch already built as it is)."""
+    global _prebuildable
+    if _prebuildable is None:
+        import struct
+
+        from aiokafka.producer.message_accumulator import BatchBuilder
+        from aiokafka.record.util import calc_crc32c
+
+        state = struct.Struct(">qhi")
+        crc = struct.Struct(">I")
+
+        class PrebuildableBatch(BatchBuilder):  # type: ignore[misc]
+            def _set_producer_state(self, producer_id: int, producer_epoch: int,
+                                    base_sequence: int) -> None:
+                buf = self._buffer
+                if buf is None:
+                    super()._set_producer_state(producer_id, producer_epoch, base_sequence)
+                    return
+                if buf[_MAGIC_OFFSET] != 2:
+                    raise AssertionError(f"record batch of magic {buf[_MAGIC_OFFSET]}, not 2")
+                state.pack_into(buf, _PRODUCER_OFFSET, producer_id, producer_epoch, base_sequence)
+                crc.pack_into(buf, _CRC_OFFSET, calc_crc32c(bytes(memoryview(buf)[_ATTRIBUTES_OFFSET:])))
+
+        _prebuildable = PrebuildableBatch
+    return _prebuildable
+
+
+def build_batches(batches: list[Any]) -> None:
+    """Encode and compress closed batches now: run in a worker thread, so that compression
+    (which releases the GIL) overlaps the formatting of the next window on the event loop
+    instead of running in the sender on it. Batches that cannot be built ahead are left
+    to the sender."""
+    cls = _prebuildable
+    for b in batches:
+        if cls is not None and type(b) is cls and b._buffer is None:
+            b._build()
 
 
 async def close_producer(producer: Any, where: str, limit_s: float, *, graceful: bool) -> None:

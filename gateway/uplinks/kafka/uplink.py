@@ -6,7 +6,9 @@ matching `[[kafka.mappings]]` entry, hands each window to an idempotent producer
 as at most one record batch per topic-partition, and acknowledges the buffer only after
 Kafka acknowledged every batch of the window, windows in order. At most two windows are in
 flight, so reading and formatting overlap the round trip; memory is bounded by them, never
-by the backlog. aiokafka is reached only through gateway.uplinks.kafka.adapter.
+by the backlog. A window's batches are encoded and compressed on a worker thread (the
+compressor releases the GIL) while the next window is formatted, and reach the producer in
+window order. aiokafka is reached only through gateway.uplinks.kafka.adapter.
 
 Order and duplicates: aiokafka sends one batch per partition at a time and, idempotent,
 never lets a later batch of a partition land after an earlier one failed. On any failure
@@ -42,7 +44,7 @@ from gateway.errors import UplinkError
 from gateway.records import H_TOPIC, H_TYPE
 from gateway.uplinks.core import HeldDestination, UplinkState, held_key, held_topics
 from gateway.uplinks.kafka import adapter
-from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, HELD, Route, Window, route_entry
+from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, FULL, HELD, MISS, Route, Window, route_entry
 from gateway.uplinks.kafka.format import MessageFactory
 from gateway.uplinks.kafka.mappings import Mapping, MappingTable
 from gateway.uplinks.kafka.settings import KafkaSettings
@@ -72,9 +74,10 @@ class _RenewProducer(Exception):
 
 @dataclass(slots=True)
 class _InFlight:
-    """Batches handed to the producer for one window of buffered records."""
+    """Batches of one window of buffered records: built off the event loop, then handed to
+    the producer (`queued` gives their delivery futures, in window order)."""
 
-    futures: list[Any]
+    queued: asyncio.Task[list[Any]]
     batches: dict[tuple[str, int], Any]
     last_seq: int
     n_records: int
@@ -132,6 +135,7 @@ class KafkaUplink:
         # stream -> (topic header, type header, route); see _route()
         self._routes: dict[str, tuple[str | None, str | None, Route]] = {}
         self._ack_task: asyncio.Task[None] | None = None
+        self._last_queued: asyncio.Task[list[Any]] | None = None  # the latest window's _queue
         self._partitions_checked = 0.0
         self._lag_checked = 0.0
         self._pumped_ok = False
@@ -291,6 +295,12 @@ class KafkaUplink:
         finally:
             if prefetch is not None:
                 await _cancel(prefetch)
+            for w in inflight:  # abandoned with the producer; the buffer still holds them
+                await _cancel(w.queued)
+                if not w.queued.cancelled() and w.queued.exception() is None:
+                    for f in w.queued.result():
+                        f.add_done_callback(_consume_outcome)
+            self._last_queued = None
             await self._settle_ack()
 
     async def _partition_for(self, producer: Any, topic: str, key: bytes) -> int:
@@ -337,43 +347,62 @@ class KafkaUplink:
         routes = self._routes
         if len(routes) >= _ROUTES_MAX:
             routes.clear()  # streams are few; a full cache means churn: start over
-        for i, rec in enumerate(records):
-            if i and i % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            # Routes by stream, checked against the record's topic and type headers: no
-            # per-record key tuple (the loop's allocations drive the cyclic GC).
-            hdrs = rec.headers
-            topic_h = hdrs.get(H_TOPIC)
-            type_h = hdrs.get(H_TYPE)
-            cached = routes.get(rec.stream)
-            if cached is not None and cached[0] == topic_h and cached[1] == type_h:
-                route = cached[2]
-            else:
+        # Routes by stream, checked against the record's topic and type headers: no
+        # per-record key tuple (the loop's allocations drive the cyclic GC).
+        i, n = 0, len(records)
+        while i < n:
+            i, outcome = window.fill(records, i, routes, min(n, (i // _YIELD_EVERY + 1) * _YIELD_EVERY))
+            if outcome == FULL:
+                break  # records[i] opens the next window
+            if outcome == MISS:
+                rec = records[i]
                 route = await self._route(producer, rec)
-                routes[rec.stream] = (topic_h, type_h, route)
-            if not window.add(rec, route):
-                break  # this record opens the next window
+                routes[rec.stream] = (rec.headers.get(H_TOPIC), rec.headers.get(H_TYPE), route)
+                if not window.add(rec, route):
+                    break
+                i += 1
+            elif i < n:
+                await asyncio.sleep(0)  # every _YIELD_EVERY records: let live work run
         self._note_window(window)
         await self._set_aside(window)
         batches = {tp: adapter.finish_slot(slot) for tp, slot in window.slots.items()}
-        futures = []
-        deadline = self._s.request_timeout_s * 2
-        try:
-            async with asyncio.timeout(deadline):
-                for (topic, partition), b in batches.items():
-                    b.close()
-                    futures.append(await producer.send_batch(b, topic, partition=partition))
-        except TimeoutError:
-            self._abandon(futures)
-            raise KafkaUplinkError(
-                f"kafka {self._s.where}: could not queue {window.n_messages} messages within "
-                f"{deadline:g}s (no metadata?); recreating the producer"
-            ) from None
+        for b in batches.values():
+            b.close()
+        # Encoding and compressing the batches (a third of a drain's CPU) runs on a worker
+        # thread while this task formats the next window; the batches reach the producer
+        # in window order, so per partition they are sent in buffer order as before.
+        queued = asyncio.create_task(self._queue(producer, batches, window.n_messages, self._last_queued),
+                                     name="kafka-uplink-queue")
+        self._last_queued = queued
         last_seq = window.last_seq if window.last_seq is not None else records[0].seq
         aside = {r.seq for r in window.refused} | {seq for seq, _ in window.held}
         delivered = window.n_records - window.unmatched - len(aside)
         seqs = {tp: slot[4] for tp, slot in window.slots.items()}
-        return _InFlight(futures, batches, last_seq, window.n_records, window.n_messages, delivered, seqs)
+        return _InFlight(queued, batches, last_seq, window.n_records, window.n_messages, delivered, seqs)
+
+    async def _queue(self, producer: Any, batches: dict[tuple[str, int], Any], n_messages: int,
+                     previous: asyncio.Task[list[Any]] | None) -> list[Any]:
+        """Build `batches` off the event loop, then hand them to the producer after the
+        previous window's; their delivery futures."""
+        if batches:
+            await asyncio.to_thread(adapter.build_batches, list(batches.values()))
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        if previous is not None and (previous.cancelled() or previous.exception() is not None):
+            raise KafkaUplinkError(f"kafka {self._s.where}: the window before this one was not queued")
+        futures: list[Any] = []
+        deadline = self._s.request_timeout_s * 2
+        try:
+            async with asyncio.timeout(deadline):
+                for (topic, partition), b in batches.items():
+                    futures.append(await producer.send_batch(b, topic, partition=partition))
+        except TimeoutError:
+            self._abandon(futures)
+            raise KafkaUplinkError(
+                f"kafka {self._s.where}: could not queue {n_messages} messages within "
+                f"{deadline:g}s (no metadata?); recreating the producer"
+            ) from None
+        return futures
 
     def _note_window(self, window: Window) -> None:
         """Count what the accumulator stepped past: unmatched records."""
@@ -502,18 +531,19 @@ class KafkaUplink:
     async def _complete(self, w: _InFlight) -> None:
         """Wait for Kafka's ack of the oldest window in flight, then ack the buffer."""
         deadline = self._s.request_timeout_s * 2
-        if w.futures:
+        futures = await w.queued  # raises what queueing raised (a timeout: KafkaUplinkError)
+        if futures:
             started = time.monotonic()
-            done, _ = await asyncio.wait(w.futures, timeout=deadline)
-            if len(done) < len(w.futures):
-                self._abandon(w.futures)
+            done, _ = await asyncio.wait(futures, timeout=deadline)
+            if len(done) < len(futures):
+                self._abandon(futures)
                 raise KafkaUplinkError(
                     f"kafka {self._s.where}: {w.n_messages} messages not acknowledged within "
                     f"{deadline:g}s (link stalled?); recreating the producer and sending them again"
                 )
-            errors = [f.exception() for f in w.futures if f.exception() is not None]
+            errors = [f.exception() for f in futures if f.exception() is not None]
             if errors and all(adapter.refuses_destination(e) for e in errors):
-                await self._hold_window_refusals(w)
+                await self._hold_window_refusals(w, futures)
                 raise _RenewProducer
             if errors:
                 self.state.count("resent")
@@ -545,12 +575,12 @@ class KafkaUplink:
         else:
             await asyncio.sleep(0)  # let live work (polling, MQTT) run between windows
 
-    async def _hold_window_refusals(self, w: _InFlight) -> None:
+    async def _hold_window_refusals(self, w: _InFlight, futures: list[Any]) -> None:
         """The cluster refused some topics' batches of this window (produce-level: e.g. an ACL
         that allows describing the topic but not writing to it): those records are held, the
         rest of the window was acknowledged, and the window is done."""
         held: set[int] = set()
-        for (topic, partition), fut in zip(w.batches, w.futures, strict=True):
+        for (topic, partition), fut in zip(w.batches, futures, strict=True):
             exc = fut.exception()
             if exc is None:
                 continue
