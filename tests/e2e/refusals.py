@@ -836,8 +836,11 @@ async def case_mqtt_acl(env: Env, p: Params, r: CaseResult) -> None:
 async def case_mqtt_too_large(env: Env, p: Params, r: CaseResult) -> None:
     """One record larger than the broker's max_packet_size: quarantined, the rest flows."""
     edge = "c2"
-    limit = 1500
-    strings, length = 8, 125  # 8 strings of 250 characters: one record of > 2000 bytes
+    # Above the NBIRTH (about 1.5 kB with the node metrics) and every DBIRTH.
+    limit = 2048
+    # 20 strings of 250 characters: one change of > 5000 bytes. A poll's 20 requests may
+    # straddle the change, so it can reach the uplink as two records: each over the limit.
+    strings, length = 20, 125
     table = {a: 0x2020 for a in range(strings * length)}
     store = TimedStore({1: table})
     server = await modbus_server(store)
@@ -858,7 +861,7 @@ async def case_mqtt_too_large(env: Env, p: Params, r: CaseResult) -> None:
         st0 = await gw.status()
         connects0, bdseq0 = broker.connections(gw.client_id), link(st0, "mqtt").get("bdseq")
         t0 = time.monotonic()
-        for i in range(strings):  # one poll reads all of them: one record of > 2000 bytes
+        for i in range(strings):  # all at once: one or two records, each over the limit
             for a, v in enumerate(ascii_registers(chr(ord("A") + i) * (2 * length), length)):
                 table[i * length + a] = v
         await asyncio.sleep(1.5)
