@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.logs import fields
+from gateway.diagnostics.clients import ClientTasks
 from gateway.diagnostics.errors import DiagnosticsError
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,8 @@ class StatusServer:
         self._group = group
         self._mode = mode
         self._tail_queue_lines = tail_queue_lines
-        self._max_clients = max_clients
         self._server: asyncio.AbstractServer | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._clients = ClientTasks(max_clients)
         self._tails: set[_TailClient] = set()
         self._inode: int | None = None
 
@@ -175,12 +175,7 @@ class StatusServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        for task in handlers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._clients.cancel_all()
         if server is not None:
             await server.wait_closed()
             # Only remove the socket file if it is still ours (not a successor's).
@@ -204,25 +199,12 @@ class StatusServer:
                 client.pending_drops = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            if len(self._handlers) > self._max_clients:
-                await _send(writer, {"ok": False, "error": "too many diagnostics clients"})
-                return
-            await self._serve(reader, writer)
-        except (ConnectionError, BrokenPipeError):
-            pass
-        except asyncio.CancelledError:
-            # close() cancels us. End normally: Python 3.11's stream machinery calls
-            # task.exception() on this task and would log a cancelled one as an error.
-            pass
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+        await self._clients.serve(
+            writer,
+            lambda: self._serve(reader, writer),
+            lambda: _send(writer, {"ok": False, "error": "too many diagnostics clients"}),
+            quiet=(ConnectionError, BrokenPipeError),
+        )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

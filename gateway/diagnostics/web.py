@@ -16,7 +16,6 @@ request must carry the token (`Authorization: Bearer <token>`, or `?token=` for 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import json
@@ -29,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from common.logs import fields
 from gateway.config import MIN_TOKEN_CHARS, parse_host_port  # one host:port syntax for every setting
+from gateway.diagnostics.clients import ClientTasks
 from gateway.diagnostics.errors import DiagnosticsError
 from gateway.diagnostics.metrics import CONTENT_TYPE, GatewayMetrics
 
@@ -118,9 +118,8 @@ class WebServer:
                 log.error("status page files missing: serving /metrics and /status.json only",
                           extra=fields(reason=str(exc)))
         self._timeout_s = request_timeout_s
-        self._max_clients = max_clients
         self._server: asyncio.AbstractServer | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._clients = ClientTasks(max_clients)
 
     @property
     def port(self) -> int:
@@ -147,35 +146,20 @@ class WebServer:
         if server is None:
             return
         server.close()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        for task in handlers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._clients.cancel_all()
         await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            if len(self._handlers) > self._max_clients:
-                await _respond(writer, 503, "Service Unavailable", b"too many clients\n")
-                return
+        async def serve() -> None:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout_s)
             await self._answer(writer, head)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            # close() cancels us. End normally: Python 3.11's stream machinery calls
-            # task.exception() on this task and would log a cancelled one as an error.
-            pass
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+
+        await self._clients.serve(
+            writer,
+            serve,
+            lambda: _respond(writer, 503, "Service Unavailable", b"too many clients\n"),
+            quiet=(TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError),
+        )
 
     async def _answer(self, writer: asyncio.StreamWriter, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
