@@ -15,6 +15,7 @@ import signal
 import sys
 
 from tests.mutation import DEFAULT_SEED, TARGETS
+from tests.mutation.mutants import scope_lines
 from tests.mutation.runner import ROOT, run_module
 
 
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown module {m!r}; known: {', '.join(TARGETS)}")
         if not (ROOT / m).is_file():
             ap.error(f"{m} does not exist (moved?); update TARGETS in tests/mutation/__init__.py")
+        if TARGETS[m].get("only"):
+            try:
+                scope_lines((ROOT / m).read_text(), TARGETS[m]["only"])
+            except ValueError as e:
+                ap.error(f"{m}: {e}; update TARGETS in tests/mutation/__init__.py")
     ids = [int(x) for x in args.ids.split(",")] if args.ids else None
     progress = None
     if not args.quiet:
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS[m]
         tests = _tests_for(args.tests or target["tests"])
         sample = args.sample if args.sample is not None else target.get("sample")
-        report = run_module(m, tests, sample=sample, seed=args.seed, ids=ids, progress=progress)
+        report = run_module(m, tests, sample=sample, seed=args.seed, ids=ids, progress=progress,
+                            scope=target.get("only"))
         if progress:
             progress(f"{m}: done, score {report.score}%\n")
             if args.json:  # the survivors as soon as a module is done, not only at the end
@@ -79,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_text(r) -> None:
     sampled = f" (sample of {r.sample} from {r.mutants_total}, seed {r.seed})" if r.sample else ""
+    if r.scope:
+        sampled += f" [only {', '.join(r.scope)}]"
     if r.error:
         print(f"{r.module}: ERROR {r.error}")
         return

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.mutation.mutants import Mutant, list_mutants, mutate
+from tests.mutation.mutants import Mutant, in_scope, list_mutants, mutate
 
 ROOT = Path(__file__).resolve().parents[2]
 # Loaded before forking so children do not pay for them (each child imports the project).
@@ -48,6 +48,7 @@ class ModuleReport:
     mutants_total: int
     sample: int | None
     seed: int
+    scope: list[str] | None = None  # only these definitions of the module were mutated
     mutants: int = 0            # mutants run for the score (text-only ones excluded)
     killed: int = 0
     survived: int = 0
@@ -170,19 +171,21 @@ def _fork(fn, timeout: float | None, log_path: str) -> tuple[str, int | None]:
 
 
 def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, ids: list[int] | None = None,
-               workdir: str | None = None, progress=None) -> ModuleReport:
-    """Mutation-test one module (a path relative to the repository) against `tests`."""
+               workdir: str | None = None, progress=None, scope: list[str] | None = None) -> ModuleReport:
+    """Mutation-test one module (a path relative to the repository) against `tests`;
+    `scope`: only the mutants inside these definitions (functions, classes, "Class.method")."""
     started = time.monotonic()
     src_path = ROOT / path
     source = src_path.read_text()
-    all_mutants = list_mutants(source)
+    all_mutants = in_scope(list_mutants(source), source, scope)
     chosen = all_mutants
     if ids is not None:
         chosen = [m for m in all_mutants if m.id in set(ids)]
     elif sample is not None and sample < len(all_mutants):
         chosen = sorted(random.Random(seed).sample(all_mutants, sample), key=lambda m: m.id)
     report = ModuleReport(module=path, tests=tests, mutants_total=len(all_mutants),
-                          sample=len(chosen) if len(chosen) < len(all_mutants) else None, seed=seed)
+                          sample=len(chosen) if len(chosen) < len(all_mutants) else None, seed=seed,
+                          scope=list(scope) if scope is not None else None)
     report.text_only = sum(m.text_only for m in chosen)
     scored = [m for m in chosen if not m.text_only]
     for mod in _PRELOAD:
