@@ -13,9 +13,10 @@ is a few functions beside I/O code (the runner refuses a name that no longer exi
 from __future__ import annotations
 
 TARGETS: dict[str, dict] = {
-    # The disk-full component test meets a real ENOSPC on a small tmpfs (needs root, ~2 s).
+    # The disk-full component test meets a real ENOSPC on a small tmpfs (needs root, ~5 s).
+    # 400 of ~2,600 mutants: the score within about +-3 points (95 %), in ~15 minutes.
     "buffer/core.py": {"tests": ["tests/unit/test_buffer_*.py", "tests/component/test_buffer_disk_full.py"],
-                       "sample": 120},
+                       "sample": 400},
     "drivers/modbus/codec.py": {"tests": ["tests/unit/test_modbus_codec*.py"]},
     "drivers/modbus/planner.py": {"tests": ["tests/unit/test_modbus_planner*.py"]},
     "drivers/serial_line/codec.py": {"tests": ["tests/unit/test_serial_codec*.py"]},

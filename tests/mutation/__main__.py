@@ -2,7 +2,8 @@
 
 Prints, per module: mutants, killed, survived, score and the survivors (file:line and the
 mutation). Mutants that only change a message or log text are counted apart ("text_only")
-and are not run. `--sample` draws that many mutants per module with a fixed seed (the
+and are not run; so are mutants reviewed as equivalent, each listed with why
+(tests/mutation/equivalent.py). `--sample` draws that many mutants per module with a fixed seed (the
 default table samples buffer/core.py); the sample size is printed.
 """
 
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if progress:
             progress(f"{m}: done, score {report.score}%\n")
             if args.json:  # the survivors as soon as a module is done, not only at the end
+                for s in report.stale_equivalents:
+                    progress(f"  STALE entry in tests/mutation/equivalent.py, review it: {s}")
                 for s in report.survivors:
                     progress(f"  survivor {s['where']}: {s['mutation']}{'' if s['covered'] else '  [not covered]'}")
         reports.append(report)
@@ -92,8 +95,12 @@ def _print_text(r) -> None:
         print(f"{r.module}: ERROR {r.error}")
         return
     print(f"{r.module}{sampled}: mutants {r.mutants} killed {r.killed} survived {r.survived} "
-          f"score {r.score}% (text-only, not scored: {r.text_only}; not covered: {r.not_covered}; "
-          f"{r.seconds}s)")
+          f"score {r.score}% (not scored: text-only {r.text_only}, reviewed equivalent {r.equivalent}; "
+          f"not covered: {r.not_covered}; {r.seconds}s)")
+    for e in r.equivalents:
+        print(f"  equivalent ({e['kind']}) {e['where']}: {e['mutation']}: {e['why']}")
+    for s in r.stale_equivalents:
+        print(f"  STALE entry in tests/mutation/equivalent.py, review it: {s}")
     for s in r.survivors:
         print(f"  {s['where']}: {s['mutation']}{'' if s['covered'] else '  [not covered]'}")
 

@@ -85,6 +85,7 @@ class Mutant:
     text_only: bool
     end_line: int
     stmt_lines: tuple[int, int] = (0, 0)   # the enclosing statement's header: what the tracer sees
+    col: int = 0                            # column of the mutated node (tells apart twins on a line)
 
     def lines(self) -> range:
         """Lines whose execution means the mutated code ran (for choosing the tests)."""
@@ -214,6 +215,7 @@ class _Walker:
                     text_only=bool(message_arg) or self._text_only(node, ctx),
                     end_line=getattr(node, "end_lineno", 0) or 0,
                     stmt_lines=self._stmt[-1] if not is_stmt else (node.lineno, node.lineno),
+                    col=getattr(node, "col_offset", 0) or 0,
                 ))
             elif k == self.target:
                 self.applied = True
@@ -403,6 +405,24 @@ def scope_lines(source: str, names: Sequence[str]) -> set[int]:
         raise ValueError(f"no definition named {', '.join(map(repr, missing))} "
                          f"(defined: {', '.join(sorted(spans))})")
     return {line for n in names for line in range(spans[n][0], spans[n][1] + 1)}
+
+
+def functions_by_line(source: str) -> dict[int, str]:
+    """Line -> qualified name of the innermost function or class around it ("<module>" outside)."""
+    out: dict[int, str] = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                qual = prefix + child.name
+                for line in range(child.lineno, (child.end_lineno or child.lineno) + 1):
+                    out[line] = qual
+                walk(child, qual + ".")
+            else:
+                walk(child, prefix)     # a def inside an if/with/try keeps its parent's name
+
+    walk(ast.parse(source), "")
+    return out
 
 
 def in_scope(mutants: Sequence[Mutant], source: str, names: Sequence[str] | None) -> list[Mutant]:

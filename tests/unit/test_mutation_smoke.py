@@ -123,3 +123,28 @@ def test_a_small_run_kills_the_bad_mutant_and_reports_the_survivor() -> None:
                  "mutation": "new_end - start -> new_end + start", "covered": True}
     assert {"text_only", "timeouts", "not_covered", "seconds", "tests", "scope"} <= set(report)
     assert report["scope"] is None
+
+
+def test_reviewed_equivalent_mutants_are_matched_by_function_line_and_mutation(monkeypatch) -> None:
+    from tests.mutation import equivalent
+    from tests.mutation.runner import _equivalents
+
+    source = (
+        "def f(a):\n"
+        "    x = a + 1  # a comment\n"
+        "    return x + 1\n"
+        "def g(a):\n"
+        "    x = a + 1\n"
+        "    return x\n"
+    )
+    mutants = list_mutants(source)
+    entries = [equivalent.Equivalent("f", "x = a + 1", "a + 1 -> a - 1", "equivalent", "why"),
+               equivalent.Equivalent("f", "return x + 2", "x + 2 -> x - 2", "equivalent", "moved")]
+    monkeypatch.setitem(equivalent.EQUIVALENT, "m.py", entries)
+    found, stale = _equivalents("m.py", source, mutants)
+    (mid,) = found
+    m = next(m for m in mutants if m.id == mid)
+    assert (m.line, m.describe()) == (2, "a + 1 -> a - 1")       # f's, not g's twin on line 5
+    assert found[mid].why == "why"
+    assert stale == ["f: return x + 2 (x + 2 -> x - 2)"]
+    assert _equivalents("other.py", source, mutants) == ({}, [])
