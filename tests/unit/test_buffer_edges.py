@@ -404,3 +404,90 @@ def test_a_full_disk_lowers_the_limit_below_what_was_used(path):
         # The pages the drop freed went back to the filesystem (a WAL that cannot grow is
         # not helped by free pages inside the file): the file is smaller than before.
         assert st["free_pages"] <= 2 and st["file_size_bytes"] < used
+
+
+def test_normal_sync_interval_is_at_most_a_minute():
+    assert settings(synchronous="normal", normal_sync_interval_s=60).normal_sync_interval_s == 60
+    with pytest.raises(ValueError, match="normal_sync_interval_s must be in"):
+        settings(synchronous="normal", normal_sync_interval_s=60.5)
+
+
+def test_quarantine_figures_per_reason_keep_dotted_reasons_whole(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        seqs = buf.append(recs(3, size=100))
+        buf.quarantine("c", seqs[0], "held:plant.telemetry.v2")
+        buf.quarantine("c", seqs[1], "held:plant.telemetry.v2")
+        buf.quarantine("c", seqs[2], "too_large:m")
+        q = buf.stats()["quarantine"]
+        assert q["total_by_reason"] == {"held:plant.telemetry.v2": 2, "too_large:m": 1}
+        assert (q["records"], q["bytes"]) == (3, 300)
+        assert q["by_cursor_reason"] == {"c": {"held:plant.telemetry.v2": 2, "too_large:m": 1}}
+        # An empty list of seqs selects nothing (not everything, not an error).
+        assert buf.quarantine_list("c", seqs=[]) == []
+        assert buf.quarantine_drop("c", seqs=[]) == 0
+        assert buf.stats()["quarantine"]["records"] == 3
+
+
+def test_purging_one_cursor_takes_its_quarantined_copies_and_counts_what_was_present(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("a")
+        buf.register_cursor("b")
+        buf.append(recs(10, size=1000))
+        buf.quarantine("a", 10, "too_large:m")            # the newest: not dropped below
+        # The cap drops the oldest records under both cursors' positions (acked 0).
+        buf.settings = settings(max_size_bytes=buf.stats()["used_bytes"] - 1)
+        buf.append(recs(1, start=10, size=1000))
+        st = buf.stats()
+        present = st["records"]
+        assert st["dropped"]["size"] > 0 and st["cursors"]["a"]["records"] == present
+        assert st["quarantine"]["records"] == 1
+        assert buf.purge("a") == present + 1
+        st = buf.stats()
+        assert st["cursors"]["a"]["records"] == 0 and st["quarantine"]["records"] == 0
+        assert st["cursors"]["b"]["records"] == present
+
+
+def test_size_drops_take_the_quarantined_copies_of_the_records_they_drop(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        seqs = buf.append(recs(10, size=1000))
+        buf.quarantine("c", seqs[1], "too_large:m")       # among the oldest
+        buf.quarantine("c", seqs[9], "too_large:m")       # the newest: stays
+        buf.settings = settings(max_size_bytes=buf.stats()["used_bytes"] - 1)
+        buf.append(recs(1, start=10, size=1000))
+        st = buf.stats()
+        assert st["dropped"]["size"] >= 3                 # records 1.. and the copy of seq 2
+        assert [q.seq for q in buf.quarantine_list("c")] == [seqs[9]]
+
+
+def test_max_age_is_exact_to_the_second(path):
+    now = time.time_ns() // 1_000_000
+    with Buffer.open(path, settings(max_age_s=1000.0)) as buf:
+        buf.register_cursor("c")
+        buf.append([NewRecord("s", b"old", now - 1_000_500, {}), NewRecord("s", b"young", now - 990_000, {})])
+        buf._next_age_check = 0
+        buf.append(recs(1))
+        assert buf.stats()["dropped"]["age"] == 1
+        assert [r.payload for r in buf.read("c", 1)] == [b"young"]
+
+
+def test_only_appended_records_count_as_unsynced(path):
+    with Buffer.open(path, settings(synchronous="normal", normal_sync_interval_s=60)) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(5))
+        assert buf.stats()["unsynced_records"] == 5
+        buf.ack("c", 3)
+        buf.quarantine("c", 4, "too_large:m")
+        assert buf.stats()["unsynced_records"] == 5
+        buf.sync()
+        assert buf.stats()["unsynced_records"] == 0
+
+
+def test_the_cost_of_removing_uplinks_from_an_empty_buffer():
+    from buffer.core import dropped_by_cursor_change
+
+    empty = {"cursors": {"a": {"acked_seq": 5}, "b": {"acked_seq": 3}}, "last_seq": 5, "first_seq": None}
+    assert dropped_by_cursor_change(empty, ["a"]) == 0
+    held = {"cursors": {"a": {"acked_seq": 5}, "b": {"acked_seq": 3}}, "last_seq": 5, "first_seq": 4}
+    assert dropped_by_cursor_change(held, ["a"]) == 2
