@@ -1,14 +1,15 @@
 """Mutants reviewed one by one and found to change nothing a test could observe.
 
 They are not run and not scored: the report counts them apart ("equivalent") and lists each
-with why, as it does message-only mutants. Four kinds, and no other:
+with why, as it does message-only mutants. Five kinds, and no other:
 
 - `equivalent`: the program does the same (a branch that cannot be taken, a value that is
   only compared with None, a check that a later check repeats);
 - `performance`: a cache, a batch size or a bound on work; the results are the same;
 - `timing`: how often housekeeping looks at something; only a timed test could tell, and
   timings belong in benchmarks, not in test assertions;
-- `log`: decides only whether or what a log line says (the issue lets log text go).
+- `log`: decides only whether or what a log line says (the issue lets log text go);
+- `text`: a value used only in an error message the runner could not see as one.
 
 An entry names the function (qualified, "<module>" outside any), the source line as it
 reads (stripped), the mutation as the report prints it, and the column where one line has
@@ -27,7 +28,7 @@ class Equivalent:
     function: str
     code: str
     mutation: str
-    kind: str  # equivalent | performance | timing | log
+    kind: str  # equivalent | performance | timing | log | text
     why: str
     col: int | None = None
 
@@ -129,6 +130,68 @@ EQUIVALENT: dict[str, list[Equivalent]] = {
                    "1 -> 2", "equivalent", "max() with found.lo - 1, which is >= 0", col=89),
         Equivalent("Buffer._write", "for attempt in (1, 2):", "2 -> 3", "equivalent",
                    "only attempt == 1 is tested"),
+        Equivalent("<module>", "_AGE_CHECK_INTERVAL_S = 1.0", "1.0 -> 2.0", "timing",
+                   "how often max_age is checked (at most every max_age/10 as well)"),
+        Equivalent("<module>", "_PIN_RECHECK_S = 1.0", "1.0 -> 2.0", "timing",
+                   "how often a pinned WAL is checked again"),
+        Equivalent("Buffer._maintain", "if now >= self._next_vacuum:",
+                   "now >= self._next_vacuum -> now > self._next_vacuum", "timing",
+                   "at exactly the due time the vacuum step comes one write later"),
+        Equivalent("Buffer.checkpoint", "self._wal_bytes_est = 0", "0 -> 1", "timing",
+                   "a WAL estimate one byte larger: the next checkpoint one byte sooner"),
+        Equivalent("Buffer._load_state", "last_seq = max(meta.get('last_seq', 0), hi or 0)", "0 -> 1",
+                   "equivalent", "meta always holds last_seq (written when the file is created)", col=44),
+        Equivalent("Buffer._load_state", "meta.get('live_bytes', 0), cursors, dropped, counters, quarantined)",
+                   "0 -> 1", "equivalent", "meta always holds live_bytes (written when the file is created)"),
+        Equivalent("Buffer._expired_upto", "if oldest_ts >= cutoff:", "oldest_ts >= cutoff -> oldest_ts > cutoff",
+                   "equivalent", "at equality the query that follows finds the oldest record young "
+                   "and returns the same 'none'"),
+        Equivalent("Buffer._delete_prefix", "if c.acked_seq >= upto:", "c.acked_seq >= upto -> c.acked_seq > upto",
+                   "equivalent", "at equality the cursor's share of the range is empty: 0 bytes"),
+        Equivalent("Buffer._delete_prefix", "st.dropped[reason] = st.dropped.get(reason, 0) + n",
+                   "st.dropped.get(reason, 0) -> st.dropped.get(reason, None)", "equivalent",
+                   "every drop reason is in st.dropped from the start (DROP_REASONS)"),
+        Equivalent("Buffer._housekeeping_checks", "if room >= self.settings.max_size_bytes:",
+                   "room >= self.settings.max_size_bytes -> room > self.settings.max_size_bytes", "equivalent",
+                   "at equality a disk limit equal to the cap gives the same limit"),
+        Equivalent("Buffer._skipped_hids", "if not self._targets or start >= self._targeted_max_seq:",
+                   "start >= self._targeted_max_seq -> start > self._targeted_max_seq", "performance",
+                   "at equality no targeted record lies after start: the skip set skips nothing"),
+        Equivalent("Buffer._append_once", "if self._targets and any(row[3] in self._targets for row in rows):",
+                   "self._targets and any((row[3] in self._targets for row in rows)) -> self._targets or "
+                   "any((row[3] in self._targets for row in rows))", "performance",
+                   "a higher targeted_max_seq only makes reads compute a skip set that skips nothing more"),
+        Equivalent("Buffer._append_once", "self._trim_after_insert(conn, st, first, n, batch_bytes)",
+                   "self._trim_after_insert(conn, st, first, n, batch_bytes) -> "
+                   "self._trim_after_insert(conn, st, first, n, None)", "text",
+                   "batch_bytes is used only in the text of the 'does not fit' error"),
+        Equivalent("Buffer.quarantine_drop", "n = [0]", "0 -> 1", "equivalent",
+                   "the transaction's body always sets it before it is read"),
+        Equivalent("Buffer.quarantine_list", "self._header_sets.get(hid, MappingProxyType({})), payload)",
+                   "self._header_sets.get(hid, MappingProxyType({})) -> self._header_sets.get(hid, None)",
+                   "equivalent", "every header set is loaded at open and after each append: the default "
+                   "is never used"),
+        Equivalent("Buffer._on_disk_full",
+                   "if 'disk_full' not in self._dropping and self._blocked != 'disk_full':",
+                   "'disk_full' -> 'XXdisk_fullXX'", "log",
+                   "decides only whether the 'buffer disk full' line is written again"),
+        Equivalent("Buffer.checkpoint", "if not self._checkpoint_failing:",
+                   "not self._checkpoint_failing -> self._checkpoint_failing", "log",
+                   "decides only whether the 'checkpoint failing' line is written"),
+        Equivalent("Buffer._salvage", "lost += q_lost", "lost += q_lost -> lost -= q_lost", "log",
+                   "the total printed in the 'salvage done' line; the counted loss is committed "
+                   "by _salvage_commit"),
+        Equivalent("_acquire_lock", "holder = ''", "holder = '' -> holder = None", "equivalent",
+                   "both are false: the message says no pid either way"),
+        Equivalent("_acquire_lock", "os.ftruncate(fd, 0)", "0 -> 1", "equivalent",
+                   "the pid and newline written next are longer than one byte"),
+        Equivalent("_SalvageSource.open",
+                   "conn = sqlite3.connect(f'file:{src}?mode=ro', uri=True, isolation_level=None,",
+                   "sqlite3.connect(f'file:{src}?mode=ro', uri=True, isolation_level=None, timeout=1.0) -> "
+                   "sqlite3.connect(f'file:{src}?mode=ro', uri=True, isolation_level=None)", "timing",
+                   "the busy timeout of a read-only copy nothing else writes"),
+        Equivalent("dropped_by_cursor_change", "first = stats.get('first_seq') or last_seq + 1", "1 -> 2",
+                   "equivalent", "with no record present the result is clamped to 0 either way"),
         Equivalent("_connect", "cached_statements=64)", "64 -> 65", "performance",
                    "the size of SQLite's statement cache"),
         Equivalent("_prepare", "if not schema.OUR_TABLES <= tables:",
