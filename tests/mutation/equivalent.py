@@ -209,6 +209,23 @@ EQUIVALENT: dict[str, list[Equivalent]] = {
                    "contextlib.suppress(sqlite3.Error) -> contextlib.suppress(None)", "equivalent",
                    "closing a read-only connection raises nothing"),
     ],
+    "gateway/sparkplug/edge.py": [
+        Equivalent("fill_metric", "set_metric_value(m, datatype, value, f'point {name!r}')", "'point ' -> 'XXpoint XX'",
+                   "text", "`where` of payload.set_metric_value: the label of its error message"),
+        Equivalent("fill_metric", "set_metric_value(m, datatype, value, f'point {name!r}')",
+                   "set_metric_value(m, datatype, value, f'point {name!r}') -> set_metric_value(m, datatype, value, None)",
+                   "text", "`where` of payload.set_metric_value: the label of its error message"),
+        Equivalent("_node_control", "set_metric_value(m, datatype, value, name)",
+                   "set_metric_value(m, datatype, value, name) -> set_metric_value(m, datatype, value, None)",
+                   "text", "`where` of payload.set_metric_value: the label of its error message"),
+        Equivalent("_add_property", "set_metric_value(pv, datatype, value, f'property {key!r}')",
+                   "'property ' -> 'XXproperty XX'",
+                   "text", "`where` of payload.set_metric_value: the label of its error message"),
+        Equivalent("_add_property", "set_metric_value(pv, datatype, value, f'property {key!r}')",
+                   "set_metric_value(pv, datatype, value, f'property {key!r}') -> "
+                   "set_metric_value(pv, datatype, value, None)",
+                   "text", "`where` of payload.set_metric_value: the label of its error message"),
+    ],
     "gateway/uplinks/kafka/accumulator.py": [
         Equivalent("<module>", "HELD = 'held'", "'held' -> 'XXheldXX'", "equivalent",
                    "a sentinel compared by identity"),
