@@ -213,7 +213,8 @@ EQUIVALENT: dict[str, list[Equivalent]] = {
         Equivalent("fill_metric", "set_metric_value(m, datatype, value, f'point {name!r}')", "'point ' -> 'XXpoint XX'",
                    "text", "`where` of payload.set_metric_value: the label of its error message"),
         Equivalent("fill_metric", "set_metric_value(m, datatype, value, f'point {name!r}')",
-                   "set_metric_value(m, datatype, value, f'point {name!r}') -> set_metric_value(m, datatype, value, None)",
+                   "set_metric_value(m, datatype, value, f'point {name!r}') -> "
+                   "set_metric_value(m, datatype, value, None)",
                    "text", "`where` of payload.set_metric_value: the label of its error message"),
         Equivalent("_node_control", "set_metric_value(m, datatype, value, name)",
                    "set_metric_value(m, datatype, value, name) -> set_metric_value(m, datatype, value, None)",
