@@ -491,3 +491,21 @@ def test_the_cost_of_removing_uplinks_from_an_empty_buffer():
     assert dropped_by_cursor_change(empty, ["a"]) == 0
     held = {"cursors": {"a": {"acked_seq": 5}, "b": {"acked_seq": 3}}, "last_seq": 5, "first_seq": 4}
     assert dropped_by_cursor_change(held, ["a"]) == 2
+
+
+def test_a_recovery_while_running_says_where_the_file_went_and_counts_what_it_lost(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("mqtt")
+        buf.append(recs(300))
+        buf.ack("mqtt", 100)
+    with Buffer.open(path, settings(check_on_open="none")) as buf:
+        damage_page_of(path, "records")
+        moved = buf.recover()
+        assert buf.moved_aside == moved and corrupt_copies(path) == [moved]
+        st = buf.stats()
+        assert st["moved_aside_this_run"] == moved and st["corrupt_files_moved"] == 1
+        # No record of the old file could be read: the 200 the uplink still owed are lost,
+        # counted; the numbering goes on after them.
+        assert (st["salvaged"], st["dropped"]["corrupt"], st["records"]) == (0, 200, 0)
+        assert st["last_seq"] >= 300 and list(st["cursors"]) == ["mqtt"]
+        assert buf.append(recs(1, start=7))[0] > 300
