@@ -8,6 +8,7 @@ ENOSPC from the kernel, not a simulated one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import sqlite3
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from buffer import Buffer, BufferFull, BufferSettings, NewRecord
+from buffer import Buffer, BufferError, BufferFull, BufferSettings, NewRecord
 
 NOW = time.time_ns() // 1_000_000
 
@@ -156,3 +157,98 @@ def test_disk_short_of_space_at_open_limits_the_buffer_up_front(small_fs):
         assert st["dropped"]["disk_full"] > 0
         assert st["last_seq"] == 4000
     assert integrity_ok(path)
+
+
+def _free(directory: str) -> int:
+    vfs = os.statvfs(directory)
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def test_free_space_becomes_the_limit_to_the_byte(small_fs):
+    # The look-ahead: what is used plus what the filesystem has free, less room for the
+    # WAL to grow and checkpoint (two checkpoints' worth and 16 pages).
+    path = os.path.join(small_fs, "buffer.db")
+    s = settings("drop_oldest")
+    with Buffer.open(path, s) as buf:
+        buf.register_cursor("c")
+        buf.append(recs(10, 0))
+    fill_disk(small_fs, leave_bytes=700 * 1024)
+    with Buffer.open(path, s) as buf:      # a new process: it looks again at its first append
+        st = buf.stats()
+        used, page = st["used_bytes"], st["page_size"]
+        free = _free(small_fs)
+        buf.append(recs(1, 10))
+        st = buf.stats()
+        assert st["limit_reason"] == "disk_full"
+        assert st["limit_bytes"] == used + free - (2 * s.checkpoint_wal_bytes + 16 * page)
+        assert os.path.getsize(path + ".reserve") == s.reserve_bytes
+
+
+def test_a_released_reserve_is_taken_again_once_the_disk_has_room(small_fs):
+    path = os.path.join(small_fs, "buffer.db")
+    s = settings("drop_oldest")
+    filler = fill_disk(small_fs, leave_bytes=180 * 1024)
+    with Buffer.open(path, s) as buf:      # no room for the 128 kB reserve now
+        assert not os.path.exists(path + ".reserve")
+        buf.register_cursor("c")
+        os.unlink(filler)                    # the disk has room again
+        st = buf.stats()
+        used, page = st["used_bytes"], st["page_size"]
+        free = _free(small_fs)
+        wal_room = 2 * s.checkpoint_wal_bytes + 16 * page
+        assert free > 2 * s.reserve_bytes + wal_room
+        buf.append(recs(1, 0))
+        assert os.path.getsize(path + ".reserve") == s.reserve_bytes
+        st = buf.stats()
+        assert st["limit_reason"] == "disk_full"   # a 2 MiB filesystem under a 1 GiB cap
+        assert st["limit_bytes"] == used + free - s.reserve_bytes - wal_room
+
+
+def test_a_disk_with_room_for_the_cap_sets_no_disk_limit(small_fs):
+    # A cap of exactly the room the disk gives: the cap rules. One byte less room: the disk.
+    path = os.path.join(small_fs, "buffer.db")
+    s = settings("drop_oldest")
+    for extra, reason in ((0, "size"), (1, "disk_full")):
+        with Buffer.open(path, s) as buf:  # each open looks at the disk at its first append
+            buf.register_cursor("c")
+            st = buf.stats()
+            room = st["used_bytes"] + _free(small_fs) - (2 * s.checkpoint_wal_bytes + 16 * st["page_size"])
+            buf.settings = dataclasses.replace(s, max_size_bytes=room + extra)
+            buf.append(recs(1, 0))
+            st = buf.stats()
+            assert (st["limit_reason"], st["limit_bytes"]) == (reason, room)
+
+
+@pytest.mark.parametrize(("above", "taken"), [(0, False), (4096, True)])
+def test_the_reserve_is_taken_again_only_with_twice_its_size_to_spare(small_fs, above, taken):
+    path = os.path.join(small_fs, "buffer.db")
+    s = settings("drop_oldest")
+    filler = fill_disk(small_fs, leave_bytes=180 * 1024)
+    with Buffer.open(path, s) as buf:      # no room for the reserve at the start
+        assert not os.path.exists(path + ".reserve")
+        buf.register_cursor("c")
+        page = buf.stats()["page_size"]
+        os.unlink(filler)
+        threshold = 2 * s.reserve_bytes + 2 * s.checkpoint_wal_bytes + 16 * page
+        fill_disk(small_fs, leave_bytes=threshold + above)
+        assert _free(small_fs) == threshold + above
+        buf.append(recs(1, 0))
+        assert os.path.exists(path + ".reserve") is taken
+
+
+def test_a_disk_with_no_room_left_refuses_appends_as_a_retriable_error(small_fs):
+    path = os.path.join(small_fs, "buffer.db")
+    s = settings("drop_oldest")
+    with Buffer.open(path, s) as buf:
+        buf.register_cursor("c")
+    fill_disk(small_fs, leave_bytes=100 * 1024)     # less than the WAL's room
+    with Buffer.open(path, s) as buf:
+        st = buf.stats()
+        assert st["used_bytes"] + _free(small_fs) < 2 * s.checkpoint_wal_bytes + 16 * st["page_size"]
+        with pytest.raises(BufferError, match="does not fit under the limit") as exc:
+            buf.append(recs(1, 0))
+        assert exc.value.retriable          # the disk may have room again later
+        st = buf.stats()
+        # The limit never goes below eight pages (less than an empty buffer's own tables).
+        assert (st["limit_reason"], st["limit_bytes"]) == ("disk_full", 8 * st["page_size"])
+        assert st["records"] == 0 and st["last_seq"] == 0

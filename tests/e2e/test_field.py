@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.field import FieldParams, Services, run_and_analyse
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 
 async def test_field_site_survives_outage_and_kill9(mosquitto, kafka, pty_pair, kcat, tmp_path_factory):

@@ -18,7 +18,7 @@ import pytest
 from tests.e2e.refusals import CASES, Env, Params, run_case
 from tests.harness.common import RunDir
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.mark.parametrize("number", sorted(CASES), ids=[f"{n}-{CASES[n][0]}" for n in sorted(CASES)])

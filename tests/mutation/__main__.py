@@ -2,7 +2,8 @@
 
 Prints, per module: mutants, killed, survived, score and the survivors (file:line and the
 mutation). Mutants that only change a message or log text are counted apart ("text_only")
-and are not run. `--sample` draws that many mutants per module with a fixed seed (the
+and are not run; so are mutants reviewed as equivalent, each listed with why
+(tests/mutation/equivalent.py). `--sample` draws that many mutants per module with a fixed seed (the
 default table samples buffer/core.py); the sample size is printed.
 """
 
@@ -15,6 +16,7 @@ import signal
 import sys
 
 from tests.mutation import DEFAULT_SEED, TARGETS
+from tests.mutation.mutants import scope_lines
 from tests.mutation.runner import ROOT, run_module
 
 
@@ -51,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown module {m!r}; known: {', '.join(TARGETS)}")
         if not (ROOT / m).is_file():
             ap.error(f"{m} does not exist (moved?); update TARGETS in tests/mutation/__init__.py")
+        if TARGETS[m].get("only"):
+            try:
+                scope_lines((ROOT / m).read_text(), TARGETS[m]["only"])
+            except ValueError as e:
+                ap.error(f"{m}: {e}; update TARGETS in tests/mutation/__init__.py")
     ids = [int(x) for x in args.ids.split(",")] if args.ids else None
     progress = None
     if not args.quiet:
@@ -63,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS[m]
         tests = _tests_for(args.tests or target["tests"])
         sample = args.sample if args.sample is not None else target.get("sample")
-        report = run_module(m, tests, sample=sample, seed=args.seed, ids=ids, progress=progress)
+        report = run_module(m, tests, sample=sample, seed=args.seed, ids=ids, progress=progress,
+                            scope=target.get("only"))
         if progress:
             progress(f"{m}: done, score {report.score}%\n")
             if args.json:  # the survivors as soon as a module is done, not only at the end
+                for s in report.stale_equivalents:
+                    progress(f"  STALE entry in tests/mutation/equivalent.py, review it: {s}")
                 for s in report.survivors:
                     progress(f"  survivor {s['where']}: {s['mutation']}{'' if s['covered'] else '  [not covered]'}")
         reports.append(report)
@@ -79,12 +89,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_text(r) -> None:
     sampled = f" (sample of {r.sample} from {r.mutants_total}, seed {r.seed})" if r.sample else ""
+    if r.scope:
+        sampled += f" [only {', '.join(r.scope)}]"
     if r.error:
         print(f"{r.module}: ERROR {r.error}")
         return
     print(f"{r.module}{sampled}: mutants {r.mutants} killed {r.killed} survived {r.survived} "
-          f"score {r.score}% (text-only, not scored: {r.text_only}; not covered: {r.not_covered}; "
-          f"{r.seconds}s)")
+          f"score {r.score}% (not scored: text-only {r.text_only}, reviewed equivalent {r.equivalent}; "
+          f"not covered: {r.not_covered}; {r.seconds}s)")
+    for e in r.equivalents:
+        print(f"  equivalent ({e['kind']}) {e['where']}: {e['mutation']}: {e['why']}")
+    for s in r.stale_equivalents:
+        print(f"  STALE entry in tests/mutation/equivalent.py, review it: {s}")
     for s in r.survivors:
         print(f"  {s['where']}: {s['mutation']}{'' if s['covered'] else '  [not covered]'}")
 

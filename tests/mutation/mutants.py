@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 _BINOP_SWAP: dict[type, type] = {
@@ -42,7 +42,9 @@ _METHOD_SWAP = {
 }
 # split() and rsplit() without a maxsplit give the same list: swapping them is no mutation.
 _SAME_WITHOUT_LIMIT = {"split", "rsplit"}
-_TYPING = {"Literal", "Callable", "Union", "Optional", "TypeVar", "Protocol"}
+_TYPING = {"Literal", "Callable", "Union", "Optional", "TypeVar", "Protocol",
+           # builtin generics: `Route = tuple[tuple[Any, ...], ...]` is a type alias too
+           "tuple", "list", "dict", "set", "frozenset", "type"}
 _LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "log"}
 _LOG_OBJECTS = {"log", "logger", "_log", "logging", "LOG", "_logger", "warnings"}
 _NO_MUTATE = "pragma: no mutate"
@@ -83,6 +85,7 @@ class Mutant:
     text_only: bool
     end_line: int
     stmt_lines: tuple[int, int] = (0, 0)   # the enclosing statement's header: what the tracer sees
+    col: int = 0                            # column of the mutated node (tells apart twins on a line)
 
     def lines(self) -> range:
         """Lines whose execution means the mutated code ran (for choosing the tests)."""
@@ -212,6 +215,7 @@ class _Walker:
                     text_only=bool(message_arg) or self._text_only(node, ctx),
                     end_line=getattr(node, "end_lineno", 0) or 0,
                     stmt_lines=self._stmt[-1] if not is_stmt else (node.lineno, node.lineno),
+                    col=getattr(node, "col_offset", 0) or 0,
                 ))
             elif k == self.target:
                 self.applied = True
@@ -379,6 +383,55 @@ def list_mutants(source: str) -> list[Mutant]:
     walker = _Walker(source)
     walker.run(ast.parse(source))
     return walker.sites
+
+
+def scope_lines(source: str, names: Sequence[str]) -> set[int]:
+    """The lines of the named definitions of a module: top-level functions and classes, or
+    methods as "Class.method". Raises ValueError naming any that does not exist (moved or
+    renamed: the table must follow)."""
+    spans: dict[str, tuple[int, int]] = {}
+
+    def walk(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                qual = prefix + node.name
+                spans[qual] = (node.lineno, node.end_lineno or node.lineno)
+                if isinstance(node, ast.ClassDef):
+                    walk(node.body, qual + ".")
+
+    walk(ast.parse(source).body, "")
+    missing = [n for n in names if n not in spans]
+    if missing:
+        raise ValueError(f"no definition named {', '.join(map(repr, missing))} "
+                         f"(defined: {', '.join(sorted(spans))})")
+    return {line for n in names for line in range(spans[n][0], spans[n][1] + 1)}
+
+
+def functions_by_line(source: str) -> dict[int, str]:
+    """Line -> qualified name of the innermost function or class around it ("<module>" outside)."""
+    out: dict[int, str] = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                qual = prefix + child.name
+                for line in range(child.lineno, (child.end_lineno or child.lineno) + 1):
+                    out[line] = qual
+                walk(child, qual + ".")
+            else:
+                walk(child, prefix)     # a def inside an if/with/try keeps its parent's name
+
+    walk(ast.parse(source), "")
+    return out
+
+
+def in_scope(mutants: Sequence[Mutant], source: str, names: Sequence[str] | None) -> list[Mutant]:
+    """The mutants inside the named definitions (all of them when `names` is None); ids
+    stay those of the whole module."""
+    if names is None:
+        return list(mutants)
+    lines = scope_lines(source, names)
+    return [m for m in mutants if m.line in lines]
 
 
 def mutate(source: str, mutant_id: int) -> ast.Module:

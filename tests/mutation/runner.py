@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.mutation.mutants import Mutant, list_mutants, mutate
+from tests.mutation import equivalent as equivalents
+from tests.mutation.mutants import Mutant, functions_by_line, in_scope, list_mutants, mutate
 
 ROOT = Path(__file__).resolve().parents[2]
 # Loaded before forking so children do not pay for them (each child imports the project).
@@ -48,6 +49,7 @@ class ModuleReport:
     mutants_total: int
     sample: int | None
     seed: int
+    scope: list[str] | None = None  # only these definitions of the module were mutated
     mutants: int = 0            # mutants run for the score (text-only ones excluded)
     killed: int = 0
     survived: int = 0
@@ -55,6 +57,9 @@ class ModuleReport:
     not_covered: int = 0        # survivors no test executed (counted in survived)
     score: float = 0.0
     text_only: int = 0          # message/log-text mutants in the sample, not in the score
+    equivalent: int = 0         # reviewed as equivalent (tests/mutation/equivalent.py), not in the score
+    equivalents: list[dict[str, Any]] = field(default_factory=list)
+    stale_equivalents: list[str] = field(default_factory=list)  # entries that match nothing now
     seconds: float = 0.0
     survivors: list[dict[str, Any]] = field(default_factory=list)
     killed_ids: list[int] = field(default_factory=list)
@@ -170,21 +175,34 @@ def _fork(fn, timeout: float | None, log_path: str) -> tuple[str, int | None]:
 
 
 def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, ids: list[int] | None = None,
-               workdir: str | None = None, progress=None) -> ModuleReport:
-    """Mutation-test one module (a path relative to the repository) against `tests`."""
+               workdir: str | None = None, progress=None, scope: list[str] | None = None) -> ModuleReport:
+    """Mutation-test one module (a path relative to the repository) against `tests`;
+    `scope`: only the mutants inside these definitions (functions, classes, "Class.method")."""
     started = time.monotonic()
     src_path = ROOT / path
     source = src_path.read_text()
-    all_mutants = list_mutants(source)
+    all_mutants = in_scope(list_mutants(source), source, scope)
     chosen = all_mutants
     if ids is not None:
         chosen = [m for m in all_mutants if m.id in set(ids)]
     elif sample is not None and sample < len(all_mutants):
         chosen = sorted(random.Random(seed).sample(all_mutants, sample), key=lambda m: m.id)
     report = ModuleReport(module=path, tests=tests, mutants_total=len(all_mutants),
-                          sample=len(chosen) if len(chosen) < len(all_mutants) else None, seed=seed)
+                          sample=len(chosen) if len(chosen) < len(all_mutants) else None, seed=seed,
+                          scope=list(scope) if scope is not None else None)
     report.text_only = sum(m.text_only for m in chosen)
-    scored = [m for m in chosen if not m.text_only]
+    reviewed, report.stale_equivalents = _equivalents(path, source, all_mutants)
+    scored = []
+    for m in chosen:
+        if m.text_only:
+            continue
+        e = reviewed.get(m.id)
+        if e is None:
+            scored.append(m)
+            continue
+        report.equivalent += 1
+        report.equivalents.append({"id": m.id, "where": f"{path}:{m.line}", "mutation": m.describe(),
+                                   "kind": e.kind, "why": e.why})
     for mod in _PRELOAD:
         __import__(mod)
 
@@ -271,6 +289,25 @@ def run_module(path: str, tests: list[str], *, sample: int | None, seed: int, id
     finally:
         report.seconds = round(time.monotonic() - started, 1)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _equivalents(path: str, source: str, mutants: list[Mutant]) -> tuple[dict[int, Any], list[str]]:
+    """Mutant id -> its reviewed entry; and the entries that match no mutant any more."""
+    index = equivalents.index(path)
+    if not index:
+        return {}, []
+    lines = source.splitlines()
+    functions = functions_by_line(source)
+    found: dict[int, Any] = {}
+    used: set[int] = set()
+    for m in mutants:
+        code = lines[m.line - 1].split("  #")[0].strip().replace('"', "'")
+        for e in index.get((functions.get(m.line, "<module>"), code, m.describe()), []):
+            if e.col is None or e.col == m.col:
+                found[m.id] = e
+                used.add(id(e))
+    stale = [f"{e.function}: {e.code} ({e.mutation})" for es in index.values() for e in es if id(e) not in used]
+    return found, stale
 
 
 def _survivor(path: str, m: Mutant, *, covered: bool) -> dict[str, Any]:

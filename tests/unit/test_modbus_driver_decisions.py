@@ -220,3 +220,18 @@ def test_a_device_on_another_bus_is_refused() -> None:
     dev = ModbusDeviceConfig.model_validate({"name": "m", "bus": "other", "points": regs(0)})
     with pytest.raises(DriverError, match="device 'm' is on bus 'other', not 'b'"):
         ModbusBusDriver(bus, [dev], lambda s: None, lambda e: None)
+
+
+async def test_garbage_beyond_the_retries_fails_the_read_after_exactly_that_many() -> None:
+    drv, st, device, samples, _events, _ = make(regs(0), retries=2)
+    device.short_replies = 3                                  # one more than the retries allow
+    assert not await drv._poll_group(st, st.groups[0])
+    assert len(device.requests) == 3 and drv.stats["garbage"] == 3 and drv.stats["retries"] == 2
+    assert samples[-1].quality is Quality.BAD
+
+
+async def test_a_write_to_a_driver_that_is_not_running_may_be_retried() -> None:
+    drv, *_ = make([{"name": "sp", "address": 1, "type": "int16", "writable": True}])
+    with pytest.raises(DriverError, match="not running") as exc:
+        await drv.write("m", "sp", 1)
+    assert exc.value.retriable is True

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.mutation import TARGETS
-from tests.mutation.mutants import list_mutants, mutate
+from tests.mutation.mutants import in_scope, list_mutants, mutate, scope_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANNER = "drivers/modbus/planner.py"
@@ -72,6 +74,31 @@ def test_every_target_module_and_test_file_exists() -> None:
         assert (ROOT / module).is_file(), f"{module}: update TARGETS in tests/mutation/__init__.py"
         for pattern in target["tests"]:
             assert list(ROOT.glob(pattern)), pattern
+        if target.get("only"):
+            assert scope_lines((ROOT / module).read_text(), target["only"]), module
+
+
+def test_a_module_can_be_restricted_to_named_definitions() -> None:
+    source = (
+        "X = 1 + 1\n"
+        "def f(a):\n"
+        "    return a + 5\n"
+        "class C:\n"
+        "    def m(self):\n"
+        "        return 2 * 3\n"
+        "    def n(self):\n"
+        "        return 7 - 1\n"
+    )
+    mutants = list_mutants(source)
+    assert {m.describe() for m in in_scope(mutants, source, ["f"])} == {"a + 5 -> a - 5", "5 -> 6"}
+    method = in_scope(mutants, source, ["C.m"])
+    assert {m.describe() for m in method} == {"2 * 3 -> 2 / 3", "2 -> 3", "3 -> 4"}
+    assert len(in_scope(mutants, source, ["C"])) == len(method) + 3
+    assert in_scope(mutants, source, None) == mutants
+    # Ids stay those of the whole module, so --ids and a report's survivors agree.
+    assert [m.id for m in method] == [m.id for m in mutants if m.line == 6]
+    with pytest.raises(ValueError, match="no definition named 'g'"):
+        scope_lines(source, ["f", "g"])
 
 
 def test_a_small_run_kills_the_bad_mutant_and_reports_the_survivor() -> None:
@@ -94,4 +121,30 @@ def test_a_small_run_kills_the_bad_mutant_and_reports_the_survivor() -> None:
     (s,) = report["survivors"]
     assert s == {"id": survivor.id, "where": f"{PLANNER}:{survivor.line}", "operator": "binop",
                  "mutation": "new_end - start -> new_end + start", "covered": True}
-    assert {"text_only", "timeouts", "not_covered", "seconds", "tests"} <= set(report)
+    assert {"text_only", "timeouts", "not_covered", "seconds", "tests", "scope"} <= set(report)
+    assert report["scope"] is None
+
+
+def test_reviewed_equivalent_mutants_are_matched_by_function_line_and_mutation(monkeypatch) -> None:
+    from tests.mutation import equivalent
+    from tests.mutation.runner import _equivalents
+
+    source = (
+        "def f(a):\n"
+        "    x = a + 1  # a comment\n"
+        "    return x + 1\n"
+        "def g(a):\n"
+        "    x = a + 1\n"
+        "    return x\n"
+    )
+    mutants = list_mutants(source)
+    entries = [equivalent.Equivalent("f", "x = a + 1", "a + 1 -> a - 1", "equivalent", "why"),
+               equivalent.Equivalent("f", "return x + 2", "x + 2 -> x - 2", "equivalent", "moved")]
+    monkeypatch.setitem(equivalent.EQUIVALENT, "m.py", entries)
+    found, stale = _equivalents("m.py", source, mutants)
+    (mid,) = found
+    m = next(m for m in mutants if m.id == mid)
+    assert (m.line, m.describe()) == (2, "a + 1 -> a - 1")       # f's, not g's twin on line 5
+    assert found[mid].why == "why"
+    assert stale == ["f: return x + 2 (x + 2 -> x - 2)"]
+    assert _equivalents("other.py", source, mutants) == ({}, [])

@@ -118,3 +118,42 @@ async def test_points_are_read_only() -> None:
     with pytest.raises(WriteRejected, match="'s': points are read-only"):
         await drv.write("s", "a", 1)
     assert drv.devices() == ["s"]
+
+
+async def test_each_overlong_line_is_counted_once() -> None:
+    drv, cfg, _samples, _ = make()
+    reader = asyncio.StreamReader()
+    framer = Framer(cfg)
+    reader.feed_data(b"9" * 30 + b"\r\n")
+    assert await drv._read_frames(reader, framer, 0.05, until_one=False) == 0
+    reader.feed_data(b"8" * 30 + b"\r\n" + line("1,2"))
+    assert await drv._read_frames(reader, framer, 0.05, until_one=False) == 1
+    assert drv.stats["overflows"] == 2 and drv.stats["bad_lines"] == 2
+
+
+async def test_a_polled_read_waits_for_the_rest_of_a_line_until_its_deadline() -> None:
+    drv, cfg, samples, _ = make()
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"1,")                         # the answer starts ...
+    asyncio.get_running_loop().call_later(0.05, reader.feed_data, line("1,2")[2:])   # ... and ends
+    assert await drv._read_frames(reader, Framer(cfg), 30.0, until_one=True) == 1
+    assert [s.value for s in samples] == [1.0, 2]
+
+
+async def test_the_last_bad_line_is_kept_to_200_characters() -> None:
+    drv, cfg, _samples, _ = make(max_line_length=400)
+    assert await read(drv, cfg, b"x" * 250 + b"\r\n") == 0
+    assert drv.stats["bad_lines"] == 1 and drv.last_bad_line == "x" * 200
+
+
+def test_offline_and_online_events_carry_their_reason_and_bad_samples_a_time() -> None:
+    drv, _cfg, samples, events = make(offline_after="2s")
+    drv._set_online(False, "port /dev/null unavailable")
+    drv._set_online(True, "")
+    before = int(time.time() * 1000)
+    drv._set_online(False, "port /dev/null lost: gone")
+    assert [(e.state, e.reason) for e in events] == [
+        (DeviceState.OFFLINE, "port /dev/null unavailable"), (DeviceState.ONLINE, ""),
+        (DeviceState.OFFLINE, "port /dev/null lost: gone")]
+    assert all(isinstance(s.ts_ms, int) and s.ts_ms >= before - 1 for s in samples) and len(samples) == 2
+    assert {s.device for s in samples} == {"s"}

@@ -48,6 +48,15 @@ async def pings_within(sock: socket.socket, count: int, timeout_s: float) -> boo
     return False
 
 
+async def until(cond, what: str, limit_s: float = 10.0) -> None:
+    """Wait for an observable state (a counter, a log line), not for a duration."""
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def test_ready_status_stopping_arrive_as_datagrams(manager: tuple[str, socket.socket]) -> None:
     path, sock = manager
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": path})
@@ -163,12 +172,15 @@ async def test_watchdog_withholds_pings_while_unhealthy(manager: tuple[str, sock
         notifier.close()
 
 
-async def test_watchdog_survives_send_failures(tmp_path: Path) -> None:
+async def test_watchdog_survives_send_failures(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.runtime.systemd")
     path = str(tmp_path / "late.sock")
     notifier = Notifier(path)
     watchdog = Watchdog(notifier, interval_s=0.02)
     watchdog.start()
-    await asyncio.sleep(0.1)
+    # The first send met no socket (logged once), and the watchdog goes on.
+    await until(lambda: any("watchdog ping failed" in r.getMessage() for r in caplog.records),
+                "the failed send to be logged")
     assert watchdog.active and watchdog.pings == 0
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -207,9 +219,9 @@ async def test_every_liveness_check_must_pass_before_a_ping(
         watchdog.add_check("loop", lambda: None)
     watchdog.start()
     try:
-        await asyncio.sleep(0.2)
-        assert drain(sock) == []
-        assert watchdog.withheld >= 2
+        await until(lambda: watchdog.withheld >= 3, "three withheld pings")
+        assert drain(sock) == [] and watchdog.pings == 0
+        assert watchdog.withheld >= 3
         assert watchdog.failing() == {"buffer-writer": "no commit for 40 s"}
         # Logged once (not every tick), naming the check and its reason.
         withheld = [r for r in caplog.records if "pings withheld" in r.getMessage()]
@@ -233,8 +245,8 @@ async def test_a_check_that_raises_withholds_pings(manager: tuple[str, socket.so
     watchdog.add_check("buffer-writer", broken)
     watchdog.start()
     try:
-        await asyncio.sleep(0.15)
-        assert drain(sock) == []
+        await until(lambda: watchdog.withheld >= 3, "three withheld pings")
+        assert drain(sock) == [] and watchdog.pings == 0
         assert "heartbeat file gone" in watchdog.failing()["buffer-writer"]
     finally:
         await watchdog.stop()
@@ -246,18 +258,23 @@ async def test_status_line_is_refreshed_from_its_source_and_only_when_it_changes
 ) -> None:
     path, sock = manager
     text = "mqtt up, kafka down since 10:02; buffer 120 records"
+    asked = 0
+
+    def source() -> str:
+        nonlocal asked
+        asked += 1
+        return text
+
     notifier = Notifier(path)
-    line = StatusLine(notifier, lambda: text, interval_s=0.02)
+    line = StatusLine(notifier, source, interval_s=0.02)
     line.start()
     try:
-        await asyncio.sleep(0.15)
+        # Several refreshes with the same text (a counter, not a duration): one datagram.
+        await until(lambda: asked >= 4, "four refreshes")
         assert drain(sock) == [f"STATUS={text}"]
         text = "mqtt up, kafka up\nbuffer 0 records"
-        deadline = time.monotonic() + 5
         got: list[str] = []
-        while not got and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-            got = drain(sock)
+        await until(lambda: got.extend(drain(sock)) or got, "the changed status line")
         assert got == ["STATUS=mqtt up, kafka up buffer 0 records"]
     finally:
         await line.stop()
