@@ -5,20 +5,17 @@ STATUS=... lines that `systemctl status` shows, STOPPING=1 on shutdown, and WATC
 pings from a task on the event loop itself: if the loop hangs, the pings stop and systemd
 restarts the process. Liveness checks registered with `Watchdog.add_check` (the buffer
 writer's heartbeat, for example) must all pass before a ping is sent, so a process whose
-loop runs but whose work has stalled is restarted too. `StatusLine` refreshes the STATUS=
-text from a callable (links, buffer depth). Outside systemd (no NOTIFY_SOCKET) everything
+loop runs but whose work has stalled is restarted too. The gateway's housekeeping
+refreshes the STATUS= text (links, buffer depth). Outside systemd (no NOTIFY_SOCKET) everything
 here is a no-op.
 
     notifier = Notifier.from_environment()
     watchdog = Watchdog(notifier, interval_s=watchdog_interval_s())
     watchdog.add_check("buffer-writer", buffer_writer_liveness)  # None, or why not alive
     watchdog.start()
-    status = StatusLine(notifier, status_text, interval_s=10.0)
-    status.start()
     notifier.ready("running: 10 devices")
     ...
     notifier.stopping()
-    await status.stop()
     await watchdog.stop()
 """
 
@@ -227,64 +224,4 @@ class Watchdog:
                     level=logging.ERROR,
                     reason=why,
                 )
-            await asyncio.sleep(self.interval_s)
-
-
-class StatusLine:
-    """Owner of the task that refreshes STATUS= (what `systemctl status` shows) every `interval_s`.
-
-    `source` returns the current one-line text (links up/down, buffer depth); it is sent only
-    when it changed. A source that raises is logged once and the last text stays. Without a
-    service manager the task is not started.
-    """
-
-    def __init__(self, notifier: Notifier, source: Callable[[], str], *, interval_s: float = 10.0) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be positive")
-        self._notifier = notifier
-        self._source = source
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-        self._states = StateLog(log)
-        self.last: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        if not self._notifier.enabled or self._task is not None:
-            return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="systemd-status")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    def refresh(self) -> bool:
-        """Send the source's text now if it changed. True when a datagram was sent."""
-        try:
-            text = _one_line(self._source())
-        except Exception as exc:  # the status line is cosmetic: never let it take the task down
-            self._states.problem("status:source", "status line source failed", reason=repr(exc))
-            return False
-        self._states.recovered("status:source", "status line source works again")
-        if not text or text == self.last:
-            return False
-        try:
-            sent = self._notifier.status(text)
-        except SystemdNotifyError as exc:
-            self._states.problem("status:send", "status line update failed", reason=str(exc))
-            return False
-        self._states.recovered("status:send", "status line updates delivered again")
-        self.last = text
-        return sent
-
-    async def _run(self) -> None:
-        while True:
-            self.refresh()
             await asyncio.sleep(self.interval_s)

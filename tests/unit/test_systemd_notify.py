@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.runtime.systemd import Notifier, StatusLine, SystemdNotifyError, Watchdog, watchdog_interval_s
+from gateway.runtime.systemd import Notifier, SystemdNotifyError, Watchdog, watchdog_interval_s
 
 
 @pytest.fixture
@@ -251,54 +251,3 @@ async def test_a_check_that_raises_withholds_pings(manager: tuple[str, socket.so
     finally:
         await watchdog.stop()
         notifier.close()
-
-
-async def test_status_line_is_refreshed_from_its_source_and_only_when_it_changes(
-    manager: tuple[str, socket.socket],
-) -> None:
-    path, sock = manager
-    text = "mqtt up, kafka down since 10:02; buffer 120 records"
-    asked = 0
-
-    def source() -> str:
-        nonlocal asked
-        asked += 1
-        return text
-
-    notifier = Notifier(path)
-    line = StatusLine(notifier, source, interval_s=0.02)
-    line.start()
-    try:
-        # Several refreshes with the same text (a counter, not a duration): one datagram.
-        await until(lambda: asked >= 4, "four refreshes")
-        assert drain(sock) == [f"STATUS={text}"]
-        text = "mqtt up, kafka up\nbuffer 0 records"
-        got: list[str] = []
-        await until(lambda: got.extend(drain(sock)) or got, "the changed status line")
-        assert got == ["STATUS=mqtt up, kafka up buffer 0 records"]
-    finally:
-        await line.stop()
-        notifier.close()
-    assert not line.active
-
-
-async def test_status_line_survives_a_failing_source(manager: tuple[str, socket.socket]) -> None:
-    path, sock = manager
-    calls = 0
-
-    def source() -> str:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise KeyError("links")
-        return "recovered"
-
-    line = StatusLine(Notifier(path), source, interval_s=0.02)
-    assert line.refresh() is False and line.last is None
-    assert line.refresh() is True and drain(sock) == ["STATUS=recovered"]
-    # Without a service manager nothing starts.
-    idle = StatusLine(Notifier(None), source)
-    idle.start()
-    assert not idle.active
-    with pytest.raises(ValueError):
-        StatusLine(Notifier(None), source, interval_s=0)
