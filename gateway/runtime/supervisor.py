@@ -108,7 +108,6 @@ class Gateway:
         self.inbound: list[Any] = []
         self.status_server: Any = None
         self.metrics_server: Any = None
-        self.metrics: Any = None  # /metrics is rendered from status() at scrape time: nothing to bind
         self.history: Any = None
         self._pending_carry: list[Any] = []  # records of a writer being replaced (reload, recovery)
         self._dropped_in_memory = 0
@@ -188,7 +187,6 @@ class Gateway:
                 settings, self.buffer, infos, self.write, snapshot=self.rbe.snapshot, clock=self.clock,
                 node_status=self.status, uplinks=["mqtt", *(["kafka"] if cfg.kafka is not None else [])],
             )
-            self.mqtt.state.bind_metrics(self.metrics)
             self.owner.start("uplink:mqtt", self.mqtt.run)
         if cfg.kafka is not None:
             from gateway.uplinks.kafka.mappings import Mapping, MappingTable
@@ -199,7 +197,6 @@ class Gateway:
                 Mapping.from_config(m, f"mapping-{i}") for i, m in enumerate(cfg.kafka.mappings)
             )
             self.kafka = KafkaUplink(ksettings, self.buffer, table, cfg.gateway.gateway_id, clock=self.clock)
-            self.kafka.state.bind_metrics(self.metrics)
             self.owner.start("uplink:kafka", self.kafka.run)
             needs_bridge = any(m.subscribe for m in cfg.kafka.mappings) or any(
                 i.action == "mqtt_publish" for i in cfg.kafka.inbound
@@ -208,7 +205,6 @@ class Gateway:
                 from gateway.inbound.bridge import LocalBridge
 
                 self.bridge = LocalBridge(cfg, self.secrets.mqtt_password, self.buffer, table)
-                self.bridge.state.bind_metrics(self.metrics)
                 self.owner.start("bridge:mqtt", self.bridge.run)
             from gateway.inbound.kafka_commands import InboundMapping, KafkaInbound
 
@@ -222,7 +218,6 @@ class Gateway:
                     write=self.write,
                     specs=self.write_specs,
                 )
-                inbound.state.bind_metrics(self.metrics)
                 self.inbound.append(inbound)
                 self.owner.start(f"inbound:{mapping.name}", inbound.run)
 

@@ -36,14 +36,6 @@ class Outcome(enum.StrEnum):
     REFUSED_DESTINATION = "refused_destination"  # not authorised, unknown topic, quota
 
 
-class MetricsSink(Protocol):
-    """What the diagnostics metrics offer to uplinks (gateway.diagnostics.metrics)."""
-
-    def uplink_event(self, uplink: str, event: str, n: int) -> None: ...
-
-    def uplink_link(self, uplink: str, up: bool, since_s: float) -> None: ...
-
-
 @dataclass(slots=True)
 class Refusal:
     """A destination that is up and says no: held in order and probed until it clears."""
@@ -56,7 +48,7 @@ class Refusal:
 class UplinkState:
     """The state of one uplink; mutate it only through the methods below."""
 
-    __slots__ = ("_metrics", "_states", "counters", "extra", "last_error", "last_error_ms", "link",
+    __slots__ = ("_states", "counters", "extra", "last_error", "last_error_ms", "link",
                  "name", "on_render", "refused", "server", "since_ms")
 
     def __init__(self, name: str, *, counters: Iterable[str] = (), logger: logging.Logger | None = None) -> None:
@@ -69,19 +61,8 @@ class UplinkState:
         self.last_error_ms = None
         self.refused = {}
         self.extra = {}
-        self._metrics: MetricsSink | None = None
         self.on_render: Callable[[], None] | None = None  # refreshes `extra` before rendering
         self._states = StateLog(logger or log)
-
-    # -- binding ------------------------------------------------------------------------
-
-    def bind_metrics(self, metrics: MetricsSink | None) -> None:
-        """Publish this state's counters and link as metrics from now on (zeros included)."""
-        self._metrics = metrics
-        if metrics is not None:
-            for event, n in self.counters.items():
-                metrics.uplink_event(self.name, event, n)
-            metrics.uplink_link(self.name, self.link == "up", self.since_ms / 1000)
 
     # -- events -------------------------------------------------------------------------
 
@@ -92,8 +73,6 @@ class UplinkState:
                 self.counters[event] = 0
             return
         self.counters[event] = self.counters.get(event, 0) + n
-        if self._metrics is not None:
-            self._metrics.uplink_event(self.name, event, n)
 
     def link_up(self, server: str | None) -> None:
         """The link works (connected and, where it applies, acknowledged something)."""
@@ -161,8 +140,6 @@ class UplinkState:
         if link != self.link:
             self.link = link
             self.since_ms = int(time.time() * 1000)
-            if self._metrics is not None:
-                self._metrics.uplink_link(self.name, link == "up", self.since_ms / 1000)
 
     # -- rendering ----------------------------------------------------------------------
 

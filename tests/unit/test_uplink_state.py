@@ -16,7 +16,7 @@ import pytest
 from aiokafka import errors as kafka_errors
 
 from common.backoff import Backoff
-from gateway.diagnostics.metrics import GatewayMetrics, MetricsRegistry
+from gateway.diagnostics.metrics import GatewayMetrics
 from gateway.errors import UplinkError
 from gateway.uplinks.core import HELD_PREFIX, HeldDestination, Outcome, UplinkState, held_key, held_topics
 from gateway.uplinks.kafka import adapter
@@ -114,9 +114,11 @@ def test_keys_are_placed_by_the_java_default_partitioner(key: bytes, java_hash: 
 _SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$')
 
 
-def exposition(registry: MetricsRegistry) -> dict[tuple[str, frozenset], float]:
+def exposition(*states: UplinkState) -> dict[tuple[str, frozenset], float]:
+    """A real scrape of a status document holding these states (what /metrics serves)."""
+    doc = {"links": {s.name: s.as_dict() for s in states}}
     out = {}
-    for line in registry.render().splitlines():
+    for line in GatewayMetrics(process=False).render(doc).decode().splitlines():
         m = _SAMPLE.match(line)
         if m:
             labels = frozenset(tuple(p.split("=", 1)) for p in re.findall(r'\w+="[^"]*"', m.group(2)))
@@ -133,59 +135,46 @@ def lines(caplog, name: str = "outpost.uplinks") -> list[tuple[int, str, dict]]:
             for r in caplog.records if r.name == name]
 
 
-@pytest.fixture
-def metered():
-    registry = MetricsRegistry()
-    return registry, GatewayMetrics(registry)
-
-
-def test_a_new_state_is_down_with_its_counters_at_zero(metered) -> None:
-    registry, metrics = metered
+def test_a_new_state_is_down_with_its_counters_at_zero() -> None:
     s = UplinkState("kafka", counters=("delivered", "refused"))
     doc = s.as_dict()
     assert doc == {"up": False, "link": "down", "since_ms": s.since_ms, "server": None, "last_error": "",
                    "last_error_ms": None, "counters": {"delivered": 0, "refused": 0, "reconnects": 0},
                    "refused": {}}
     assert s.up is False and s.summary() == "kafka down"
-    s.bind_metrics(metrics)
-    expo = exposition(registry)
+    expo = exposition(s)
     for event in ("delivered", "refused", "reconnects"):
         assert sample(expo, "outpost_uplink_events_total", uplink="kafka", event=event) == 0
     assert sample(expo, "outpost_link_up", link="kafka") == 0
     assert sample(expo, "outpost_link_since_seconds", link="kafka") == s.since_ms / 1000
 
 
-def test_counts_update_the_status_and_the_metric_together(metered) -> None:
-    registry, metrics = metered
+def test_counts_update_the_status_and_the_metric_together() -> None:
     s = UplinkState("kafka", counters=("delivered",))
-    s.bind_metrics(metrics)
     s.count("delivered", 1000)
     s.count("delivered")
     s.count("skipped", 2)           # an event not declared up front is counted all the same
-    s.count("refused", 0)           # zero: the counter exists (zero), nothing is published
+    s.count("refused", 0)           # zero: the counter exists, and so does its series (at zero)
     s.count("delivered", -5)        # never goes backwards
     assert s.as_dict()["counters"] == {"delivered": 1001, "reconnects": 0, "skipped": 2, "refused": 0}
-    expo = exposition(registry)
+    expo = exposition(s)
     assert sample(expo, "outpost_uplink_events_total", uplink="kafka", event="delivered") == 1001
     assert sample(expo, "outpost_samples_published_total", uplink="kafka") == 1001
     assert sample(expo, "outpost_uplink_events_total", uplink="kafka", event="skipped") == 2
-    assert sample(expo, "outpost_uplink_events_total", uplink="kafka", event="refused") is None
-    s.bind_metrics(None)
-    s.count("delivered", 5)         # unbound: the status still counts, the metric stays
+    assert sample(expo, "outpost_uplink_events_total", uplink="kafka", event="refused") == 0
+    s.count("delivered", 5)         # the next scrape reads the state again
     assert s.counters["delivered"] == 1006
-    assert sample(exposition(registry), "outpost_uplink_events_total", uplink="kafka", event="delivered") == 1001
+    assert sample(exposition(s), "outpost_uplink_events_total", uplink="kafka", event="delivered") == 1006
 
 
-def test_the_link_goes_up_and_down_logged_once_per_outage(metered, caplog) -> None:
+def test_the_link_goes_up_and_down_logged_once_per_outage(caplog) -> None:
     caplog.set_level(logging.DEBUG, "outpost.uplinks")
-    registry, metrics = metered
     s = UplinkState("mqtt", counters=("published",))
-    s.bind_metrics(metrics)
     s.link_up("tcp://a:1883")
     assert s.up and s.as_dict()["link"] == "up" and s.server == "tcp://a:1883"
     assert s.summary() == "mqtt up"
     up_since = s.since_ms
-    expo = exposition(registry)
+    expo = exposition(s)
     assert sample(expo, "outpost_link_up", link="mqtt") == 1
     assert sample(expo, "outpost_link_since_seconds", link="mqtt") == up_since / 1000
     assert lines(caplog) == [(logging.INFO, "link up", {"uplink": "mqtt", "server": "tcp://a:1883"})]
@@ -202,8 +191,8 @@ def test_the_link_goes_up_and_down_logged_once_per_outage(metered, caplog) -> No
     assert (doc["up"], doc["link"], doc["last_error"], doc["server"]) == (False, "down", "connection refused",
                                                                            "tcp://b:1883")
     assert doc["last_error_ms"] is not None and doc["counters"]["reconnects"] == 1
-    assert sample(exposition(registry), "outpost_link_up", link="mqtt") == 0
-    assert sample(exposition(registry), "outpost_uplink_events_total", uplink="mqtt", event="reconnects") == 1
+    assert sample(exposition(s), "outpost_link_up", link="mqtt") == 0
+    assert sample(exposition(s), "outpost_uplink_events_total", uplink="mqtt", event="reconnects") == 1
     s.link_down("connection refused", retry_in_s=4, server="tcp://c:1883")
     assert s.counters["reconnects"] == 1    # a failed retry while down is not a reconnect
     assert s.server == "tcp://c:1883"
@@ -253,11 +242,9 @@ def test_an_error_that_keeps_the_link_up_is_logged_once_per_key(caplog) -> None:
     ]
 
 
-def test_a_refused_destination_is_held_probed_and_accepted_again(metered, caplog) -> None:
+def test_a_refused_destination_is_held_probed_and_accepted_again(caplog) -> None:
     caplog.set_level(logging.INFO, "outpost.uplinks")
-    registry, metrics = metered
     s = UplinkState("kafka", counters=("delivered",))
-    s.bind_metrics(metrics)
     s.link_up("k:9092")
     caplog.clear()
     assert s.refuse("plant.secret", "not authorised") is True
@@ -269,7 +256,7 @@ def test_a_refused_destination_is_held_probed_and_accepted_again(metered, caplog
     assert s.as_dict()["refused"]["plant.secret"] == {"reason": "unknown topic", "probes": 2,
                                                       "since_ms": refused["since_ms"]}
     assert s.counters["refusals"] == 1
-    assert sample(exposition(registry), "outpost_uplink_events_total", uplink="kafka", event="refusals") == 1
+    assert sample(exposition(s), "outpost_uplink_events_total", uplink="kafka", event="refusals") == 1
     assert s.refuse("plant.other", "quota") is True
     assert s.summary() == "kafka up (2 refused)"
     assert s.up     # the link is fine: one destination says no
@@ -295,8 +282,7 @@ def test_each_refused_destination_is_logged_once_with_its_uplink(caplog) -> None
     ]
 
 
-def test_times_are_unix_milliseconds_of_the_change(metered) -> None:
-    registry, metrics = metered
+def test_times_are_unix_milliseconds_of_the_change() -> None:
     t0 = time.time() * 1000
     s = UplinkState("kafka")
     t1 = time.time() * 1000
@@ -306,8 +292,7 @@ def test_times_are_unix_milliseconds_of_the_change(metered) -> None:
     s.link_up("k:9092")
     t1 = time.time() * 1000
     assert t0 - 1 <= s.since_ms <= t1 + 1
-    s.bind_metrics(metrics)         # bound while up: the gauge says so at once
-    expo = exposition(registry)
+    expo = exposition(s)
     assert sample(expo, "outpost_link_up", link="kafka") == 1
     assert sample(expo, "outpost_link_since_seconds", link="kafka") == s.since_ms / 1000
     assert s.as_dict()["up"] is True
