@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ from buffer.diagnostics import StoredRecord
 from gateway.records import H_CLOCK, H_TOPIC, H_TYPE, SPARKPLUG_DATA_TYPES, TYPE_BRIDGED
 from gateway.sparkplug.errors import PayloadError
 from gateway.sparkplug.payload import DataType, Metric, decode_payload_each
+from gateway.uplinks.kafka.format import shortest_float32  # one float32 rule for every JSON the gateway writes
 
 COLUMNS = ("seq", "time", "ts_ms", "type", "device", "metric", "datatype", "value", "quality",
            "clock", "stream", "error")
@@ -116,18 +116,6 @@ def _plain(v: Any) -> Any:
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_plain(x) for x in v]
-    return v
-
-
-def shortest_float32(v: float) -> float:
-    """The shortest decimal that is the same float32 as `v` (v came from a float32)."""
-    if not math.isfinite(v):
-        return v
-    want = struct.pack("<f", v)
-    for digits in range(6, 10):
-        candidate = float(f"{v:.{digits}g}")
-        if struct.pack("<f", candidate) == want:
-            return candidate
     return v
 
 

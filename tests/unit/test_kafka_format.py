@@ -240,7 +240,7 @@ def test_message_factory_cache_is_per_mapping_stream_topic_and_type_and_bounded(
 
 def test_json_values_of_every_kind() -> None:
     from gateway.sparkplug.payload import DataSet, DataType, Template
-    from gateway.uplinks.kafka.format import _jsonable, _short_float32
+    from gateway.uplinks.kafka.format import _jsonable, shortest_float32
 
     assert _jsonable(True) is True and _jsonable(None) is None and _jsonable(7) == 7
     assert _jsonable(float("nan")) == "nan" and _jsonable(float("-inf")) == "-inf"
@@ -257,9 +257,9 @@ def test_json_values_of_every_kind() -> None:
     assert _jsonable(Template()) == {"unsupported": "Template"}
     # the shortest decimal, even for a float32 subnormal that needs only 6 digits
     tiny = struct.unpack("<f", struct.pack("<f", 6.91567e-40))[0]
-    assert _short_float32(tiny) == 6.91567e-40
-    assert _short_float32(float("inf")) == float("inf")
-    assert _short_float32(16777216.0) == 16777216.0
+    assert shortest_float32(tiny) == 6.91567e-40
+    assert shortest_float32(float("inf")) == float("inf")
+    assert shortest_float32(16777216.0) == 16777216.0
 
 
 def test_json_document_layout_alias_only_metrics_and_escapes() -> None:

@@ -212,7 +212,7 @@ class MessageFactory:
 _FLOAT32_TYPES = {"Float", "FloatArray"}
 
 
-def _short_float32(v: float) -> float:
+def shortest_float32(v: float) -> float:
     """The shortest decimal that round-trips the float32 (21.3, not 21.299999237060547)."""
     if not math.isfinite(v):
         return v
@@ -231,7 +231,7 @@ def _jsonable(value: Any, float32: bool = False) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return _short_float32(value) if float32 else value
+        return shortest_float32(value) if float32 else value
     if isinstance(value, bytes | bytearray):
         return {"base64": base64.b64encode(value).decode()}
     if isinstance(value, list | tuple):
@@ -340,7 +340,7 @@ def _float_view(v: float) -> Any:
 
 
 def _float32_view(v: float) -> Any:
-    return _short_float32(v) if math.isfinite(v) else str(v)
+    return shortest_float32(v) if math.isfinite(v) else str(v)
 
 
 _SCALARS: dict[int, tuple[str, tuple[str, ...], Any]] = {
