@@ -5,7 +5,7 @@ guarantees, the on-disk layout and the retention policies.
 """
 
 from buffer.asyncbuf import AsyncBuffer
-from buffer.core import Buffer, BufferSettings, NewRecord, Record
+from buffer.core import Buffer, BufferSettings, NewRecord, Record, Row
 from buffer.errors import (
     BufferClosed,
     BufferCorrupt,
@@ -30,5 +30,6 @@ __all__ = [
     "BufferSettings",
     "NewRecord",
     "Record",
+    "Row",
     "UnknownCursor",
 ]

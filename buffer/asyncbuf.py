@@ -23,11 +23,11 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from buffer.core import Buffer, BufferSettings, NewRecord, QuarantinedRecord, Record
+from buffer.core import Buffer, BufferSettings, NewRecord, QuarantinedRecord, Record, Row
 from buffer.errors import BufferClosed, BufferCorrupt, BufferFull
 
 T = TypeVar("T")
@@ -151,6 +151,15 @@ class AsyncBuffer:
                    after_seq: int | None = None, stream: str | None = None) -> list[Record]:
         return await self._run(self._buf.read, cursor, limit, max_bytes,
                                after_seq=after_seq, stream=stream)
+
+    async def read_with(self, cursor: str,
+                        consume: Callable[[list[Row], Mapping[int, str],
+                                           Mapping[int, Mapping[str, str]]], T],
+                        limit: int = 1000, max_bytes: int | None = None, *,
+                        after_seq: int | None = None) -> T:
+        """`Buffer.read_with`: `consume` runs on the buffer's thread, right after the read."""
+        return await self._run(self._buf.read_with, cursor, consume, limit, max_bytes,
+                               after_seq=after_seq)
 
     async def ack(self, cursor: str, upto_seq: int) -> None:
         await self._run(self._buf.ack, cursor, upto_seq)

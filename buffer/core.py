@@ -16,13 +16,14 @@ import fcntl
 import json
 import logging
 import math
+import operator
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from buffer import schema
 from buffer.errors import (
@@ -127,6 +128,12 @@ class Record:
     ts_ms: int
     headers: Mapping[str, str]
     payload: bytes
+
+
+# A record as `Buffer.read_with` hands it over: (seq, stream_id, ts_ms, headers_id, payload).
+Row = tuple[int, int, int, int, bytes]
+_PAYLOAD = operator.itemgetter(4)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -870,6 +877,31 @@ class Buffer:
         `stream` filters one stream (a scan, meant for small backlogs). No read
         transaction is held after the call returns.
         """
+        names = self._stream_names
+        hsets = self._header_sets
+        return [Record(seq, names[sid], ts_ms, hsets[hid], payload) for seq, sid, ts_ms, hid, payload
+                in self._rows(cursor, limit, max_bytes, after_seq, stream)]
+
+    def read_with(self, cursor: str, consume: Callable[[list[Row], Mapping[int, str],
+                                                        Mapping[int, Mapping[str, str]]], T],
+                  limit: int = 1000, max_bytes: int | None = None, *,
+                  after_seq: int | None = None) -> T:
+        """The rows `read` would return as Records, handed to `consume(rows, streams,
+        header_sets)` on this (the buffer's) thread; returns what `consume` returns.
+
+        A row is (seq, stream_id, ts_ms, headers_id, payload); `streams` maps a stream_id
+        to its name and `header_sets` a headers_id to the read-only headers that every
+        Record of that set shares. Both are replaced (new objects) when the buffer recovers
+        from corruption, so ids cached with them must be dropped when they change. For a
+        consumer that turns rows into something else at once, without a Record per row
+        (the Kafka uplink formats its batches here, and the rows never cross threads).
+        """
+        return consume(self._rows(cursor, limit, max_bytes, after_seq, None),
+                       self._stream_names, self._header_sets)
+
+    def _rows(self, cursor: str, limit: int, max_bytes: int | None, after_seq: int | None,
+              stream: str | None) -> list[Row]:
+        """The rows of `read`, as SQLite returns them."""
         conn = self._db()
         c = self._cursor(cursor)
         start = c.acked_seq if after_seq is None else max(after_seq, c.acked_seq)
@@ -881,10 +913,6 @@ class Buffer:
             if sid is None:
                 return []
         skip = self._skipped_hids(cursor, start)
-        names = self._stream_names
-        hsets = self._header_sets
-        out: list[Record] = []
-        total = 0
         while True:
             try:
                 if sid is None:
@@ -898,13 +926,13 @@ class Buffer:
                 rows = cur.fetchall()
             except sqlite3.Error as e:
                 raise self._wrap(e, "read") from e
-            for seq, sid_, ts_ms, hid, payload in rows:
-                if skip and hid in skip:
-                    continue        # re-sent or salvaged for other cursors only
-                if max_bytes is not None and out and total + len(payload) > max_bytes:
-                    return out
-                total += len(payload)
-                out.append(Record(seq, names[sid_], ts_ms, hsets[hid], payload))
+            out = [row for row in rows if row[3] not in skip] if skip else rows
+            if max_bytes is not None and sum(map(len, map(_PAYLOAD, out))) > max_bytes:
+                total = 0
+                for k, row in enumerate(out):
+                    total += len(row[4])
+                    if total > max_bytes and k:
+                        return out[:k]
             # Only when every row fetched was for other cursors: look further.
             if out or len(rows) < limit:
                 return out

@@ -808,3 +808,35 @@ def test_age_is_checked_at_most_every_tenth_of_max_age(path):
         buf.append(recs(1))                       # records present: this append checks the age
         nxt = buf._next_age_check
         assert before < nxt <= time.monotonic() + 0.5     # min(1 s, max_age / 10) ahead
+
+
+def _as_records(rows, streams, hsets) -> list[tuple]:
+    return [(seq, streams[sid], ts, dict(hsets[hid]), payload) for seq, sid, ts, hid, payload in rows]
+
+
+def test_read_with_hands_over_the_rows_read_would_return(path):
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("c")
+        buf.register_cursor("other")
+        buf.append(recs(4, size=100) + recs(3, start=4, size=100, stream="g/e/d2"))
+        for seq in (2, 3):
+            buf.quarantine("other", seq, "too_large")
+        buf.ack("other", 7)
+        buf.quarantine_retry()  # 2 and 3 again, for "other" only: "c" must step over them
+        buf.append(recs(2, start=9, size=100, stream="g/e/d3"))
+        seen = []
+
+        def consume(rows, streams, hsets):
+            seen.append(rows)
+            return _as_records(rows, streams, hsets)
+
+        for kw in ({}, {"limit": 3}, {"max_bytes": 250}, {"max_bytes": 0}, {"after_seq": 5},
+                   {"limit": 0}, {"limit": 20, "max_bytes": 10_000}):
+            expected = [(r.seq, r.stream, r.ts_ms, dict(r.headers), r.payload)
+                        for r in buf.read("c", **kw)]
+            assert buf.read_with("c", consume, **kw) == expected, kw
+        assert [row[0] for row in seen[0]] == [1, 2, 3, 4, 5, 6, 7, 10, 11]
+        assert [row[0] for row in seen[2]] == [1, 2]                  # 100 + 100 <= 250 < 300
+        assert all(type(row) is tuple and len(row) == 5 for rows in seen for row in rows)
+        assert [row[0] for row in buf.read_with("other", lambda rows, s, h: rows)] == [8, 9, 10, 11]
+        assert buf.read_with("c", lambda rows, s, h: 42, limit=0) == 42  # called with no rows too

@@ -249,3 +249,26 @@ def test_a_buffer_holding_a_partial_salvage_is_itself_salvaged_without_duplicate
         got = ids(buf.read("mqtt", 10_000))
         assert buf.stats()["corrupt_files_moved"] == 2
     assert sorted(got) == list(range(3500)) and got == sorted(got)
+
+
+async def test_read_with_meets_corruption_like_read_and_hands_over_new_maps_after(path):
+    """The Kafka uplink caches routes by the stream and header-set ids of read_with's
+    rows, valid while its maps are the same objects: after a recovery they are new."""
+    with Buffer.open(path, settings()) as buf:
+        buf.register_cursor("kafka")
+        buf.append(recs(2000))
+    async with await AsyncBuffer.open(path, settings(check_on_open="none")) as abuf:
+        maps = await abuf.read_with("kafka", lambda rows, streams, hsets: (streams, hsets), 1)
+        damage_middle_page(path)
+        with pytest.raises(BufferCorrupt) as info:
+            after = None
+            while True:
+                last = await abuf.read_with("kafka", lambda rows, s, h: rows[-1][0] if rows else None,
+                                            1000, after_seq=after)
+                if last is None:
+                    break
+                after = last
+        assert info.value.recovered
+        rows, streams, hsets = await abuf.read_with("kafka", lambda *a: a, 10)
+        assert rows and streams is not maps[0] and hsets is not maps[1]
+        assert all(streams[sid] == "g/n/d1" and hsets[hid] == {"k": "v"} for _, sid, _, hid, _ in rows)

@@ -3,9 +3,9 @@
 - A batch encoded and compressed before the sender gives it its producer state (off the
   event loop, adapter.build_batches), then given that state, is byte for byte the batch
   aiokafka builds after it, with a valid CRC-32C.
-- Window.fill (one loop over a window's records) puts the same records in the same
+- Window.fill (one loop over a window's buffer rows) puts the same records in the same
   batches, refuses, holds and steps past the same ones, and stops at the same record as
-  Window.add called record by record.
+  Window.add called record by record with their Records.
 """
 
 from __future__ import annotations
@@ -19,7 +19,17 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from buffer.core import Record
 from gateway.records import H_CLOCK, H_TOPIC, H_TYPE
 from gateway.uplinks.kafka import adapter
-from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, DONE, FULL, HELD, MISS, Window, route_entry
+from gateway.uplinks.kafka.accumulator import (
+    BATCH_OVERHEAD,
+    DONE,
+    FULL,
+    HELD,
+    MISS,
+    Window,
+    cached,
+    route_entry,
+    route_key,
+)
 from gateway.uplinks.kafka.format import MessageFactory
 from gateway.uplinks.kafka.mappings import Mapping
 
@@ -84,7 +94,25 @@ def _records() -> list[Record]:
     return recs
 
 
-def _routes(factory: MessageFactory) -> dict[str, tuple[Any, Any, Any]]:
+def _rows(recs: list[Record]) -> tuple[list[tuple], dict[int, str], dict[int, dict[str, str]]]:
+    """The records as Buffer.read_with hands them over: rows, streams and header sets."""
+    sids: dict[str, int] = {}
+    hids: dict[tuple, int] = {}
+    streams: dict[int, str] = {}
+    hsets: dict[int, dict[str, str]] = {}
+    rows = []
+    for r in recs:
+        sid = sids.setdefault(r.stream, len(sids) + 7)
+        streams[sid] = r.stream
+        key = tuple(r.headers.items())
+        hid = hids.setdefault(key, len(hids) + 3)
+        hsets[hid] = dict(r.headers)
+        rows.append((r.seq, sid, r.ts_ms, hid, r.payload))
+    return rows, streams, hsets
+
+
+def _routes(factory: MessageFactory) -> dict[str, Any]:
+    """Route by stream name (for Window.add)."""
     sp = Mapping("sp", ("spBv1.0/#",), "t.sp")
     js = Mapping("js", ("spBv1.0/#",), "t.js", format="json")
     routes = {}
@@ -99,8 +127,16 @@ def _routes(factory: MessageFactory) -> dict[str, tuple[Any, Any, Any]]:
             route = ((HELD, "t.held", sp),)
         else:
             route = (route_entry(factory, sp, stream, topic, "DDATA", ("t.sp", d - 2)),)
-        routes[stream] = (topic, "DDATA", route)
+        routes[stream] = route
     return routes
+
+
+def _row_routes(factory: MessageFactory, rows: list[tuple], streams: dict[int, str],
+                hsets: dict[int, dict[str, str]]) -> dict[int, Any]:
+    """The same routes, cached as the uplink caches them for Window.fill."""
+    by_stream = _routes(factory)
+    return {route_key(sid, hid): cached(by_stream[streams[sid]], hsets[hid])
+            for _, sid, _, hid, _ in rows}
 
 
 def _window(factory: MessageFactory) -> Window:
@@ -122,12 +158,14 @@ def test_fill_matches_add_record_by_record() -> None:
     factory = MessageFactory(GW)
     recs = _records()
     routes = _routes(factory)
+    rows, streams, hsets = _rows(recs)
+    cache = _row_routes(factory, rows, streams, hsets)
     windows_add, windows_fill = [], []
 
     i = 0
     while i < len(recs):
         w = _window(factory)
-        while i < len(recs) and w.add(recs[i], routes[recs[i].stream][2]):
+        while i < len(recs) and w.add(recs[i], routes[recs[i].stream]):
             i += 1
         windows_add.append((i, _state(w)))
 
@@ -135,7 +173,7 @@ def test_fill_matches_add_record_by_record() -> None:
     while i < len(recs):
         w = _window(factory)
         while True:
-            i, outcome = w.fill(recs, i, routes, min(len(recs), i + 64))
+            i, outcome = w.fill(rows, i, min(len(recs), i + 64), cache, streams, hsets)
             assert outcome != MISS
             if outcome == FULL or i == len(recs):
                 break
@@ -160,24 +198,44 @@ def test_fill_matches_add_record_by_record() -> None:
         return out
 
     def by_add(w: Window, i: int) -> int:
-        return i + 1 if w.add(recs[i], routes[recs[i].stream][2]) else i
+        return i + 1 if w.add(recs[i], routes[recs[i].stream]) else i
 
     def by_fill(w: Window, i: int) -> int:
-        return w.fill(recs, i, routes, i + 1)[0]
+        return w.fill(rows, i, i + 1, cache, streams, hsets)[0]
 
     assert trace(by_fill) == trace(by_add)
     first = windows_add[0][1]
     assert first[4] > 0 and first[5] and first[6]  # unmatched, refused and held all happened
 
 
-def test_fill_stops_at_a_record_whose_route_is_unknown_or_stale() -> None:
+def test_fill_stops_at_a_row_whose_route_is_not_cached() -> None:
     factory = MessageFactory(GW)
     recs = _records()[:20]
-    routes = _routes(factory)
-    del routes[recs[3].stream]
+    rows, streams, hsets = _rows(recs)
+    cache = _row_routes(factory, rows, streams, hsets)
+    del cache[route_key(rows[3][1], rows[3][3])]
     w = _window(factory)
-    assert w.fill(recs, 0, routes, len(recs)) == (3, MISS)
+    assert w.fill(rows, 0, len(rows), cache, streams, hsets) == (3, MISS)
+    assert w.n_records == 3 and w.last_seq == rows[2][0]
+    # Another headers set of a cached stream (its topic or type changed) is another key.
+    cache = _row_routes(factory, rows, streams, hsets)
+    seq, sid, ts, hid, payload = rows[0]
+    other = max(hsets) + 1
+    hsets[other] = {**hsets[hid], H_TOPIC: "another/topic"}
+    rows[0] = (seq, sid, ts, other, payload)
+    assert _window(factory).fill(rows, 0, len(rows), cache, streams, hsets) == (0, MISS)
+
+
+def test_a_route_is_cached_for_the_common_path_only_when_it_is_one() -> None:
+    factory = MessageFactory(GW)
     routes = _routes(factory)
-    stream = recs[0].stream
-    routes[stream] = ("another/topic", "DDATA", routes[stream][2])
-    assert _window(factory).fill(recs, 0, routes, len(recs)) == (0, MISS)
+    plain = {H_TOPIC: "t", H_TYPE: "DDATA"}
+    one = routes[f"{GW}/meter3"]
+    assert cached(one, plain) == (one[0], one)
+    assert cached(one, {**plain, H_CLOCK: "unsynced"}) == (None, one)  # the clock rule
+    for stream in (f"{GW}/meter0", f"{GW}/meter1", f"{GW}/meter2"):  # none, two, held
+        assert cached(routes[stream], plain) == (None, routes[stream])
+    js = Mapping("js", ("spBv1.0/#",), "t.js", format="json")
+    json_only = (route_entry(factory, js, "s", "t", "DDATA", ("t.js", 0)),)
+    assert cached(json_only, plain) == (None, json_only)
+    assert route_key(5, 7) != route_key(7, 5)

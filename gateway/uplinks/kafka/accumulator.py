@@ -19,10 +19,12 @@ encoding per record; everything else about the stream is cached in its route.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping as Lookup
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.records import H_CLOCK, H_TOPIC, H_TYPE, clock_fix
+from buffer import Record, Row
+from gateway.records import H_CLOCK, clock_fix
 from gateway.uplinks.kafka.format import H_SEQ, KafkaFormatError, KafkaMessage, MessageFactory
 from gateway.uplinks.kafka.mappings import Mapping
 
@@ -34,6 +36,8 @@ BATCH_OVERHEAD = 61  # Kafka record-batch v2 header bytes
 # whose Kafka topic is held (refused by the cluster) gives (HELD, kafka topic, mapping).
 Route = tuple[tuple[Any, ...], ...]
 TopicPartition = tuple[str, int]
+# A route cached for Window.fill (see `cached`): (common-path entry or None, route).
+Cached = tuple[tuple[Any, ...] | None, Route]
 HELD = "held"
 # Outcomes of Window.fill.
 DONE, FULL, MISS = 0, 1, 2
@@ -83,53 +87,50 @@ class Window:
             return self._add_fast(rec, route[0])
         return self._add_general(rec, route)
 
-    def fill(self, records: list[Any], start: int, routes: dict[str, tuple[Any, Any, Route]],
-             stop: int) -> tuple[int, int]:
-        """Add records[start:stop] in order, as `add` would, in one loop: the per-record
-        cost of a backlog drain is mostly call and attribute overhead, so the common case
-        (the stream's route cached, one `sparkplug`/`raw` mapping, a trusted clock) is
-        inlined here with its state in locals.
+    def fill(self, rows: list[Row], start: int, stop: int, routes: dict[int, Cached],
+             streams: Lookup[int, str], header_sets: Lookup[int, Lookup[str, str]]) -> tuple[int, int]:
+        """Add the buffer rows rows[start:stop] in order, as `add` would add their Records,
+        in one loop: the per-record cost of a backlog drain is mostly object, call and
+        attribute overhead, so the common case (the route cached, one `sparkplug`/`raw`
+        mapping, a trusted clock) works on the row itself with the window's state in locals.
 
-        `routes` maps a stream to (topic header, type header, route), valid while the
-        record's headers match. Returns (index, outcome): FULL when records[index] opens
-        the next window, MISS when its route must be resolved first (then call again from
-        it), DONE when every record up to `stop` went in.
+        Rows are (seq, stream_id, ts_ms, headers_id, payload) as `Buffer.read_with` hands
+        them over, with its `streams` and `header_sets`. `routes` maps `route_key(stream_id,
+        headers_id)` to `cached(route, headers)`, valid while those two maps are the same
+        objects. Returns (index, outcome): FULL when rows[index] opens the next window,
+        MISS when its route must be resolved first (then call again from it), DONE when
+        every row up to `stop` went in.
         """
         limit = self.limit
         max_records = self.max_records
         slots = self.slots
         n_messages = self.n_messages
+        n_records = self.n_records
         last_seq = self.last_seq
         i = start
         try:
             while i < stop:
-                rec = records[i]
-                hdrs = rec.headers
-                cached = routes.get(rec.stream)
-                if (cached is None or cached[0] != hdrs.get(H_TOPIC)
-                        or cached[1] != hdrs.get(H_TYPE)):
+                seq, sid, ts_ms, hid, payload = rows[i]
+                cached = routes.get(hid << 32 | sid)
+                if cached is None:
                     return i, MISS
-                route = cached[2]
-                entry = route[0] if len(route) == 1 else None
-                if entry is None or entry[0] is None or entry[0] is HELD or H_CLOCK in hdrs:
+                entry = cached[0]
+                if entry is None:
                     # Not the common case: the general path, with the window's state saved.
-                    self.n_messages, self.last_seq = n_messages, last_seq
-                    if not self.add(rec, route):
+                    self.n_messages, self.n_records, self.last_seq = n_messages, n_records, last_seq
+                    if not self.add(Record(seq, streams[sid], ts_ms, header_sets[hid], payload), cached[1]):
                         return i, FULL
-                    n_messages, last_seq = self.n_messages, self.last_seq
+                    n_messages, n_records, last_seq = self.n_messages, self.n_records, self.last_seq
                     i += 1
                     continue
                 tp, key, gw, st_h, tp_h, ty_h, fixed, m = entry
-                seq = rec.seq
                 seq_b = b"%d" % seq
-                payload = rec.payload
-                if type(payload) is not bytes:
-                    payload = bytes(payload)
                 size = fixed + len(seq_b) + len(payload)
                 if size > limit:
-                    self._refuse(rec, m, "too_large", f"{size} bytes, more than batch_max_bytes")
+                    self._refuse(Record(seq, streams[sid], ts_ms, header_sets[hid], payload), m,
+                                 "too_large", f"{size} bytes, more than batch_max_bytes")
                     last_seq = seq
-                    self.n_records += 1
+                    n_records += 1
                     i += 1
                     continue
                 slot = slots.get(tp)
@@ -140,9 +141,9 @@ class Window:
                 raw = slot[3]
                 headers = [gw, st_h, (H_SEQ, seq_b), tp_h, ty_h]
                 if raw is not None:
-                    done = raw(slot[2], rec.ts_ms, key, payload, headers)
+                    done = raw(slot[2], ts_ms, key, payload, headers)
                 else:
-                    done = slot[0].append(timestamp=rec.ts_ms, key=key, value=payload, headers=headers)
+                    done = slot[0].append(timestamp=ts_ms, key=key, value=payload, headers=headers)
                 if done is None:
                     raise AssertionError(f"batch for {tp} refused a record within its limit")
                 slot[1] += size
@@ -150,11 +151,11 @@ class Window:
                 slot[4].append(seq)
                 n_messages += 1
                 last_seq = seq
-                self.n_records += 1
+                n_records += 1
                 i += 1
             return i, DONE
         finally:
-            self.n_messages, self.last_seq = n_messages, last_seq
+            self.n_messages, self.n_records, self.last_seq = n_messages, n_records, last_seq
 
     def _consumed(self, rec: Any) -> None:
         self.last_seq = rec.seq
@@ -243,6 +244,20 @@ class Window:
 
     def _refuse(self, rec: Any, m: Mapping, reason: str, detail: str) -> None:
         self.refused.append(Refused(rec.seq, rec.stream, m.name, reason, detail))
+
+
+def route_key(stream_id: int, headers_id: int) -> int:
+    """The key of `Window.fill`'s route cache for a buffer row: (headers set, stream) ids."""
+    return headers_id << 32 | stream_id
+
+
+def cached(route: Route, headers: Lookup[str, str]) -> Cached:
+    """A route as `Window.fill` caches it for the rows of one (stream, headers set): with
+    its entry when the row can take the common path (one `sparkplug`/`raw` mapping that
+    is not held, a trusted clock), else None and the route for `Window.add`."""
+    fast = route[0] if (len(route) == 1 and route[0][0] is not None and route[0][0] is not HELD
+                        and H_CLOCK not in headers) else None
+    return (fast, route)
 
 
 def route_entry(factory: MessageFactory, m: Mapping, stream: str, topic: str, msg_type: str,

@@ -39,13 +39,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from buffer import Record, Row
 from common.backoff import Backoff
 from common.logs import fields
 from gateway.errors import UplinkError
 from gateway.records import H_TOPIC, H_TYPE
 from gateway.uplinks.core import HeldDestination, UplinkState, held_key, held_topics
 from gateway.uplinks.kafka import adapter
-from gateway.uplinks.kafka.accumulator import BATCH_OVERHEAD, FULL, HELD, MISS, Route, Window, route_entry
+from gateway.uplinks.kafka.accumulator import (
+    BATCH_OVERHEAD,
+    DONE,
+    FULL,
+    HELD,
+    MISS,
+    Cached,
+    Route,
+    Window,
+    cached,
+    route_entry,
+    route_key,
+)
 from gateway.uplinks.kafka.format import MessageFactory
 from gateway.uplinks.kafka.mappings import Mapping, MappingTable
 from gateway.uplinks.kafka.settings import KafkaSettings
@@ -133,8 +146,9 @@ class KafkaUplink:
         self.state.extra.update({"acked_seq": None, "lag_records": None, "oldest_buffered_age_s": None})
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self._factory = MessageFactory(gateway_id)
-        # stream -> (topic header, type header, route); see _route()
-        self._routes: dict[str, tuple[str | None, str | None, Route]] = {}
+        # route_key(stream id, headers set id) -> cached route; see _fill() and _route()
+        self._routes: dict[int, Cached] = {}
+        self._route_sets: Any = None  # the buffer's header sets the route ids refer to
         self._ack_task: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Task[list[Any]] | None = None  # the latest window's _queue
         self._partitions_checked = 0.0
@@ -252,51 +266,33 @@ class KafkaUplink:
         """Send windows until stopped; raises on any delivery failure (producer is dropped)."""
         s = self._s
         inflight: deque[_InFlight] = deque()
-        after: int | None = None  # last seq put into a window: where the next read starts
+        after: int | None = None  # last seq put into a window
         read_upto: int | None = None  # last seq read from the buffer (>= after)
-        carry: list[Any] = []  # records read but left out of a window that filled a batch
-        prefetch: asyncio.Task[list[Any]] | None = None
-
-        def read(after_seq: int | None) -> Any:
-            limit, max_bytes = self._window_limits()
-            return self._buffer.read(CURSOR, limit=limit, max_bytes=max_bytes, after_seq=after_seq)
+        carry: list[Row] = []  # rows read but left out of a window that filled a batch
 
         self._pumped_ok = False
         try:
             while not self._stopping.is_set():
-                records: list[Any] = []
                 if len(inflight) < _PIPELINE_DEPTH:
-                    if carry:
-                        records, carry = carry, []
-                        if prefetch is not None and len(records) < self._window_limits()[0]:
-                            records += await prefetch
-                            prefetch = None
-                    elif prefetch is not None:
-                        records, prefetch = await prefetch, None
-                    else:
-                        records = await read(after)
-                        if (records and not inflight and s.linger_s > 0
-                                and len(records) < self._window_limits()[0]):
-                            # Live trickle, not a backlog: let a few more arrive so that one
-                            # request carries them (fewer bytes on a link paid by the MB).
-                            await self._sleep_unless_stopped(s.linger_s)
-                            records = await read(after)
-                if records:
-                    if read_upto is None or records[-1].seq > read_upto:
-                        read_upto = records[-1].seq
-                    if prefetch is None and len(records) < 2 * self._window_limits()[0]:
-                        # Read the next window on the buffer's thread while this one is
-                        # formatted here (on a live trickle it just comes back empty).
-                        # Bounded: records held stay below three windows' worth.
-                        prefetch = asyncio.create_task(read(read_upto),
-                                                       name="kafka-uplink-prefetch")
-                    window = await self._send_window(producer, records)
-                    inflight.append(window)
-                    after = window.last_seq
-                    if window.n_records < len(records):
-                        # A batch filled: the rest opens the next window.
-                        carry = records[window.n_records:]
-                    continue
+                    window = self._new_window(producer)
+                    carry, read_upto = await self._fill(producer, window, carry, read_upto or after)
+                    if (window.n_records and not inflight and s.linger_s > 0 and not carry
+                            and window.n_records < self._window_limits()[0]):
+                        # Live trickle, not a backlog: let a few more arrive so that one
+                        # request carries them (fewer bytes on a link paid by the MB).
+                        await self._sleep_unless_stopped(s.linger_s)
+                        carry, read_upto = await self._fill(producer, window, [], read_upto)
+                    # `carry`: rows left out because a batch filled; they open the next window.
+                    if window.n_records:
+                        if await self._partitions_changed(producer):
+                            # Routes changed under this window (not handed over yet): format
+                            # its records again.
+                            carry, read_upto = [], after
+                            continue
+                        w = await self._send_window(producer, window)
+                        inflight.append(w)
+                        after = w.last_seq
+                        continue
                 if inflight:
                     await self._complete(inflight.popleft())
                     continue
@@ -308,8 +304,6 @@ class KafkaUplink:
             while inflight:
                 await self._complete(inflight.popleft())
         finally:
-            if prefetch is not None:
-                await _cancel(prefetch)
             for w in inflight:  # abandoned with the producer; the buffer still holds them
                 await _cancel(w.queued)
                 if not w.queued.cancelled() and w.queued.exception() is None:
@@ -317,6 +311,88 @@ class KafkaUplink:
                         f.add_done_callback(_consume_outcome)
             self._last_queued = None
             await self._settle_ack()
+
+    async def _partitions_changed(self, producer: Any) -> bool:
+        """Partition counts may change (topic expanded): re-checked every few seconds while
+        records flow. True when a topic's partitions changed or it is refused now."""
+        now = time.monotonic()
+        if now - self._partitions_checked <= 5.0:
+            return False
+        self._partitions_checked = now
+        changed = False
+        for topic in list(self._partitions):
+            try:
+                parts = await self._partitions_of(producer, topic)
+            except adapter.DestinationRefused as exc:
+                del self._partitions[topic]
+                self._hold(topic, exc.reason)
+                changed = True
+                continue
+            if parts != self._partitions[topic][0]:
+                del self._partitions[topic]
+                self._routes.clear()
+                changed = True
+        return changed
+
+    def _new_window(self, producer: Any) -> Window:
+        if len(self._routes) >= _ROUTES_MAX:
+            self._routes.clear()  # streams are few; a full cache means churn: start over
+        return Window(lambda: adapter.fast_slot(producer.create_batch()), self._factory,
+                      self._batch_limit - BATCH_OVERHEAD, self._s.batch_max_records, self._clock)
+
+    async def _fill(self, producer: Any, window: Window, carry: list[Row],
+                    after_seq: int | None) -> tuple[list[Row], int | None]:
+        """Fill `window` with `carry` and then the buffered rows after `after_seq`.
+
+        The rows are read and formatted on the buffer's thread in one call: a backlog's
+        rows then never wait for the event loop, nor it for them (SQLite hands rows over
+        one step at a time, each giving up the GIL: read on one thread while another
+        formats, the two ran one row at a time, and the drain no faster than either
+        alone). A row whose route is not cached (a new stream, the cache cleared) stops
+        that fill, and the loop resolves it (cluster metadata) and fills the rest itself.
+        Returns (the rows left out because a batch filled, the seq the next read starts after).
+        """
+        limit, max_bytes = self._window_limits()
+        routes = self._routes
+        if carry:
+            limit -= len(carry)
+            max_bytes -= sum(len(row[4]) for row in carry)
+            if max_bytes <= 0:
+                limit = 0  # the carried rows are a window's worth already
+
+        def consume(rows: list[Row], streams: Any, hsets: Any) -> tuple[list[Row], int, int, Any, Any]:
+            if hsets is not self._route_sets:
+                # The buffer recovered (new file, new ids): cached ids mean other things.
+                if self._route_sets is not None and carry:
+                    raise KafkaUplinkError("the buffer recovered from corruption: reading again")
+                routes.clear()
+                self._route_sets = hsets
+            upto = rows[-1][0] if rows else None
+            if carry:
+                rows = carry + rows
+            i, outcome = window.fill(rows, 0, len(rows), routes, streams, hsets)
+            return rows, i, outcome, streams, upto
+
+        rows, i, outcome, streams, upto = await self._buffer.read_with(
+            CURSOR, consume, limit=limit, max_bytes=max_bytes, after_seq=after_seq)
+        hsets = self._route_sets
+        n = len(rows)
+        while outcome == MISS:
+            seq, sid, ts_ms, hid, payload = rows[i]
+            rec = Record(seq, streams[sid], ts_ms, hsets[hid], payload)
+            route = await self._route(producer, rec)
+            routes[route_key(sid, hid)] = cached(route, rec.headers)
+            if not window.add(rec, route):
+                outcome = FULL
+                break
+            i += 1
+            # The rest on the loop (rare: a new stream), yielding to live work now and then.
+            while True:
+                i, outcome = window.fill(rows, i, min(n, i + _YIELD_EVERY), routes, streams, hsets)
+                if outcome != DONE or i >= n:
+                    break
+                await asyncio.sleep(0)
+        return (rows[i:] if outcome == FULL else []), (after_seq if upto is None else upto)
 
     async def _partition_for(self, producer: Any, topic: str, key: bytes) -> int:
         cached = self._partitions.get(topic)
@@ -341,43 +417,8 @@ class KafkaUplink:
         wait = 0.0 if topic in self._held else min(1.0, self._s.request_timeout_s)
         return await adapter.topic_partitions(producer, topic, wait)
 
-    async def _send_window(self, producer: Any, records: list[Any]) -> _InFlight:
-        """Format `records` (a prefix of them if a batch fills) and hand the batches over."""
-        now = time.monotonic()
-        if now - self._partitions_checked > 5.0:
-            # Partition counts may change (topic expanded): re-check now and then.
-            self._partitions_checked = now
-            for topic in list(self._partitions):
-                try:
-                    parts = await self._partitions_of(producer, topic)
-                except adapter.DestinationRefused as exc:
-                    del self._partitions[topic]
-                    self._hold(topic, exc.reason)
-                    continue
-                if parts != self._partitions[topic][0]:
-                    del self._partitions[topic]
-                    self._routes.clear()
-        window = Window(lambda: adapter.fast_slot(producer.create_batch()), self._factory,
-                        self._batch_limit - BATCH_OVERHEAD, self._s.batch_max_records, self._clock)
-        routes = self._routes
-        if len(routes) >= _ROUTES_MAX:
-            routes.clear()  # streams are few; a full cache means churn: start over
-        # Routes by stream, checked against the record's topic and type headers: no
-        # per-record key tuple (the loop's allocations drive the cyclic GC).
-        i, n = 0, len(records)
-        while i < n:
-            i, outcome = window.fill(records, i, routes, min(n, (i // _YIELD_EVERY + 1) * _YIELD_EVERY))
-            if outcome == FULL:
-                break  # records[i] opens the next window
-            if outcome == MISS:
-                rec = records[i]
-                route = await self._route(producer, rec)
-                routes[rec.stream] = (rec.headers.get(H_TOPIC), rec.headers.get(H_TYPE), route)
-                if not window.add(rec, route):
-                    break
-                i += 1
-            elif i < n:
-                await asyncio.sleep(0)  # every _YIELD_EVERY records: let live work run
+    async def _send_window(self, producer: Any, window: Window) -> _InFlight:
+        """Hand a filled window's batches over: built off the loop, queued in window order."""
         self._note_window(window)
         await self._set_aside(window)
         batches = {tp: adapter.finish_slot(slot) for tp, slot in window.slots.items()}
@@ -389,7 +430,8 @@ class KafkaUplink:
         queued = asyncio.create_task(self._queue(producer, batches, window.n_messages, self._last_queued),
                                      name="kafka-uplink-queue")
         self._last_queued = queued
-        last_seq = window.last_seq if window.last_seq is not None else records[0].seq
+        assert window.last_seq is not None  # a window with records has a last one
+        last_seq = window.last_seq
         aside = {r.seq for r in window.refused} | {seq for seq, _ in window.held}
         delivered = window.n_records - window.unmatched - len(aside)
         seqs = {tp: slot[4] for tp, slot in window.slots.items()}
