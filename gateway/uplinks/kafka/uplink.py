@@ -6,9 +6,11 @@ matching `[[kafka.mappings]]` entry, hands each window to an idempotent producer
 as at most one record batch per topic-partition, and acknowledges the buffer only after
 Kafka acknowledged every batch of the window, windows in order. At most two windows are in
 flight, so reading and formatting overlap the round trip; memory is bounded by them, never
-by the backlog. A window's batches are encoded and compressed on a worker thread (the
-compressor releases the GIL) while the next window is formatted, and reach the producer in
-window order. aiokafka is reached only through gateway.uplinks.kafka.adapter.
+by the backlog. A window is read and formatted on the buffer's thread in one call
+(`AsyncBuffer.read_with`: rows, not a Record each); its batches are encoded and compressed
+on a worker thread (the compressor releases the GIL) while the next window is formatted, and
+reach the producer in window order. aiokafka is reached only through
+gateway.uplinks.kafka.adapter.
 
 Order and duplicates: aiokafka sends one batch per partition at a time and, idempotent,
 never lets a later batch of a partition land after an earlier one failed. On any failure
