@@ -231,7 +231,7 @@ class KafkaSection(_Section):
         1_000_000, ge=1024, le=1_000_000_000, description="bytes per Kafka record batch (per partition)"
     )
     batch_max_records: int = Field(
-        1000,
+        2000,
         ge=1,
         le=100_000,
         description="records per Kafka batch (per partition); a failure resends at most one batch per partition",

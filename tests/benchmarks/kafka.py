@@ -3,7 +3,7 @@
 Starts its own Kafka and Toxiproxy through tests/harness and prints one JSON object:
 
 - drain: a backlog of `--records` (default 1,000,000) buffered ~200-byte records sent by
-  KafkaUplink (default settings: zstd, batches of 1000 records, acks=all, idempotent) to
+  KafkaUplink (default settings: zstd, batches of 2000 records, acks=all, idempotent) to
   the local broker: records/s and MB/s of payload; then kcat producing the same keys and
   values from a file with the same producer guarantees (acks=all, idempotence, zstd) as the
   ceiling, and the ratio uplink/kcat (target >= 0.6). The two alternate `--rounds` times
@@ -15,7 +15,7 @@ Starts its own Kafka and Toxiproxy through tests/harness and prints one JSON obj
   names and sizes as the uplink's de-duplication headers (static, as kcat has no per-line
   headers), so both put the same bytes in each record; kcat without headers is reported too.
   kcat runs with librdkafka's default batching (up to 10000 records / 1 MB per batch, 5 ms
-  linger, 5 requests in flight); the uplink's default batches are 1000 records, so the
+  linger, 5 requests in flight); the uplink's default batches are 2000 records, so the
   drain is run a second time with kcat's batch limits (`uplink_kcat_batching_*`).
 - wire: bytes on the wire per sample counted at the Toxiproxy proxy for typical float
   telemetry (10 devices x 8 float points, one poll per tick, values drifting), sent live
@@ -379,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object (default)")
     ap.add_argument("--records", type=int, default=1_000_000)
-    ap.add_argument("--batch-max-records", type=int, default=1000)
+    ap.add_argument("--batch-max-records", type=int,
+                    default=KafkaSettings.__dataclass_fields__["batch_max_records"].default,
+                    help="records per Kafka batch (default: the uplink's)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="uplink drain and kcat alternately this many times (load drifts)")
     ap.add_argument("--warmup-records", type=int, default=200_000,

@@ -22,7 +22,7 @@ class KafkaSettings:
     compression: str = "zstd"  # zstd | lz4 | gzip | none
     linger_s: float = 0.1
     batch_max_bytes: int = 1_000_000
-    batch_max_records: int = 1000
+    batch_max_records: int = 2000  # see README (Kafka uplink): the drain's figure
     request_timeout_s: float = 30.0
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
