@@ -102,6 +102,20 @@ class _InFlight:
     seqs: dict[tuple[str, int], list[int]]  # seqs per topic-partition batch
 
 
+@dataclass(slots=True)
+class _Read:
+    """A window as `_read_ahead` filled it on the buffer's thread (see `_finish_fill`)."""
+
+    window: Window
+    routes_gen: int  # self._routes_gen when it was started: its routes are stale if changed
+    rows: list[Row]
+    index: int  # rows[index:] are not in the window yet
+    outcome: int  # Window.fill's
+    streams: Any
+    hsets: Any
+    upto: int | None  # the seq the next read starts after
+
+
 class KafkaUplinkError(UplinkError):
     """The Kafka link failed (connect, metadata, delivery deadline); retried with backoff."""
 
@@ -151,6 +165,7 @@ class KafkaUplink:
         # route_key(stream id, headers set id) -> cached route; see _fill() and _route()
         self._routes: dict[int, Cached] = {}
         self._route_sets: Any = None  # the buffer's header sets the route ids refer to
+        self._routes_gen = 0  # bumped whenever cached routes are dropped (see _clear_routes)
         self._ack_task: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Task[list[Any]] | None = None  # the latest window's _queue
         self._partitions_checked = 0.0
@@ -271,19 +286,29 @@ class KafkaUplink:
         after: int | None = None  # last seq put into a window
         read_upto: int | None = None  # last seq read from the buffer (>= after)
         carry: list[Row] = []  # rows read but left out of a window that filled a batch
+        ahead: asyncio.Task[_Read] | None = None  # the next window, read while this one goes
 
         self._pumped_ok = False
         try:
             while not self._stopping.is_set():
                 if len(inflight) < _PIPELINE_DEPTH:
-                    window = self._new_window(producer)
-                    carry, read_upto = await self._fill(producer, window, carry, read_upto or after)
+                    if ahead is None:
+                        ahead = self._read_ahead(producer, self._new_window(producer), carry, read_upto or after)
+                    job, ahead = await ahead, None
+                    if job.routes_gen != self._routes_gen:
+                        # Routes changed while it was read (a topic held, partitions
+                        # changed): format those records again.
+                        carry, read_upto = [], after
+                        continue
+                    window = job.window
+                    carry, read_upto = await self._finish_fill(producer, job)
                     if (window.n_records and not inflight and s.linger_s > 0 and not carry
                             and window.n_records < self._window_limits()[0]):
                         # Live trickle, not a backlog: let a few more arrive so that one
                         # request carries them (fewer bytes on a link paid by the MB).
                         await self._sleep_unless_stopped(s.linger_s)
-                        carry, read_upto = await self._fill(producer, window, [], read_upto)
+                        job = await self._read_ahead(producer, window, [], read_upto)
+                        carry, read_upto = await self._finish_fill(producer, job)
                     # `carry`: rows left out because a batch filled; they open the next window.
                     if window.n_records:
                         if await self._partitions_changed(producer):
@@ -291,6 +316,9 @@ class KafkaUplink:
                             # its records again.
                             carry, read_upto = [], after
                             continue
+                        # The buffer's thread reads and formats the next window while this
+                        # one is handed over and the loop waits for Kafka.
+                        ahead = self._read_ahead(producer, self._new_window(producer), carry, read_upto)
                         w = await self._send_window(producer, window)
                         inflight.append(w)
                         after = w.last_seq
@@ -306,6 +334,8 @@ class KafkaUplink:
             while inflight:
                 await self._complete(inflight.popleft())
         finally:
+            if ahead is not None:
+                await _cancel(ahead)
             for w in inflight:  # abandoned with the producer; the buffer still holds them
                 await _cancel(w.queued)
                 if not w.queued.cancelled() and w.queued.exception() is None:
@@ -332,52 +362,63 @@ class KafkaUplink:
                 continue
             if parts != self._partitions[topic][0]:
                 del self._partitions[topic]
-                self._routes.clear()
+                self._clear_routes()
                 changed = True
         return changed
 
+    def _clear_routes(self) -> None:
+        """Drop the cached routes; a window read ahead with them is formatted again."""
+        self._routes.clear()
+        self._routes_gen += 1
+
     def _new_window(self, producer: Any) -> Window:
         if len(self._routes) >= _ROUTES_MAX:
-            self._routes.clear()  # streams are few; a full cache means churn: start over
+            self._clear_routes()  # streams are few; a full cache means churn: start over
         return Window(lambda: adapter.fast_slot(producer.create_batch()), self._factory,
                       self._batch_limit - BATCH_OVERHEAD, self._s.batch_max_records, self._clock)
 
-    async def _fill(self, producer: Any, window: Window, carry: list[Row],
-                    after_seq: int | None) -> tuple[list[Row], int | None]:
-        """Fill `window` with `carry` and then the buffered rows after `after_seq`.
+    def _read_ahead(self, producer: Any, window: Window, carry: list[Row],
+                    after_seq: int | None) -> asyncio.Task[_Read]:
+        """Start filling `window` with `carry` and then the buffered rows after `after_seq`.
 
         The rows are read and formatted on the buffer's thread in one call: a backlog's
         rows then never wait for the event loop, nor it for them (SQLite hands rows over
         one step at a time, each giving up the GIL: read on one thread while another
-        formats, the two ran one row at a time, and the drain no faster than either
-        alone). A row whose route is not cached (a new stream, the cache cleared) stops
-        that fill, and the loop resolves it (cluster metadata) and fills the rest itself.
-        Returns (the rows left out because a batch filled, the seq the next read starts after).
+        formatted, the two ran one row at a time, and the drain no faster than either
+        alone). It stops at a row whose route is not cached (a new stream, the cache
+        cleared); `_finish_fill` resolves it and fills the rest on the loop.
         """
         limit, max_bytes = self._window_limits()
         routes = self._routes
+        gen = self._routes_gen
         if carry:
             limit -= len(carry)
             max_bytes -= sum(len(row[4]) for row in carry)
             if max_bytes <= 0:
                 limit = 0  # the carried rows are a window's worth already
 
-        def consume(rows: list[Row], streams: Any, hsets: Any) -> tuple[list[Row], int, int, Any, Any]:
+        def consume(rows: list[Row], streams: Any, hsets: Any) -> _Read:
             if hsets is not self._route_sets:
                 # The buffer recovered (new file, new ids): cached ids mean other things.
                 if self._route_sets is not None and carry:
                     raise KafkaUplinkError("the buffer recovered from corruption: reading again")
                 routes.clear()
                 self._route_sets = hsets
-            upto = rows[-1][0] if rows else None
+            upto = rows[-1][0] if rows else after_seq
             if carry:
                 rows = carry + rows
             i, outcome = window.fill(rows, 0, len(rows), routes, streams, hsets)
-            return rows, i, outcome, streams, upto
+            return _Read(window, gen, rows, i, outcome, streams, hsets, upto)
 
-        rows, i, outcome, streams, upto = await self._buffer.read_with(
-            CURSOR, consume, limit=limit, max_bytes=max_bytes, after_seq=after_seq)
-        hsets = self._route_sets
+        return asyncio.create_task(self._buffer.read_with(
+            CURSOR, consume, limit=limit, max_bytes=max_bytes, after_seq=after_seq),
+            name="kafka-uplink-read")
+
+    async def _finish_fill(self, producer: Any, job: _Read) -> tuple[list[Row], int | None]:
+        """Resolve the routes `_read_ahead` stopped at and fill the rest of its rows here.
+        Returns (the rows left out because a batch filled, the seq the next read starts after)."""
+        window, rows, i, outcome = job.window, job.rows, job.index, job.outcome
+        streams, hsets, routes = job.streams, job.hsets, self._routes
         n = len(rows)
         while outcome == MISS:
             seq, sid, ts_ms, hid, payload = rows[i]
@@ -394,7 +435,7 @@ class KafkaUplink:
                 if outcome != DONE or i >= n:
                     break
                 await asyncio.sleep(0)
-        return (rows[i:] if outcome == FULL else []), (after_seq if upto is None else upto)
+        return (rows[i:] if outcome == FULL else []), job.upto
 
     async def _partition_for(self, producer: Any, topic: str, key: bytes) -> int:
         cached = self._partitions.get(topic)
@@ -513,7 +554,7 @@ class KafkaUplink:
         held = self._held.get(topic)
         if held is None:
             held = self._held[topic] = HeldDestination(topic, Backoff(self._s.reconnect_min_s, self._s.reconnect_max_s))
-            self._routes.clear()  # routes to it become HELD entries
+            self._clear_routes()  # routes to it become HELD entries
         held.draining = False
         held.next_probe = time.monotonic() + held.backoff.next()
         self.state.refuse(topic, reason)
@@ -547,7 +588,7 @@ class KafkaUplink:
                                                        limit=self._s.batch_max_records)
             if not batch:
                 del self._held[topic]
-                self._routes.clear()
+                self._clear_routes()
                 held.backoff.reset()
                 self.state.accept(topic)
                 continue
@@ -688,7 +729,7 @@ class KafkaUplink:
         self.state.link_down(str(exc) or type(exc).__name__, server=self._s.where)
         # Partition cache may be stale after an outage (topic recreated, expanded).
         self._partitions.clear()
-        self._routes.clear()
+        self._clear_routes()
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
