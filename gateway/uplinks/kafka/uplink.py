@@ -107,7 +107,6 @@ class _Read:
     """A window as `_read_ahead` filled it on the buffer's thread (see `_finish_fill`)."""
 
     window: Window
-    routes_gen: int  # self._routes_gen when it was started: its routes are stale if changed
     rows: list[Row]
     index: int  # rows[index:] are not in the window yet
     outcome: int  # Window.fill's
@@ -165,7 +164,6 @@ class KafkaUplink:
         # route_key(stream id, headers set id) -> cached route; see _fill() and _route()
         self._routes: dict[int, Cached] = {}
         self._route_sets: Any = None  # the buffer's header sets the route ids refer to
-        self._routes_gen = 0  # bumped whenever cached routes are dropped (see _clear_routes)
         self._ack_task: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Task[list[Any]] | None = None  # the latest window's _queue
         self._partitions_checked = 0.0
@@ -295,11 +293,6 @@ class KafkaUplink:
                     if ahead is None:
                         ahead = self._read_ahead(producer, self._new_window(producer), carry, read_upto or after)
                     job, ahead = await ahead, None
-                    if job.routes_gen != self._routes_gen:
-                        # Routes changed while it was read (a topic held, partitions
-                        # changed): format those records again.
-                        carry, read_upto = [], after
-                        continue
                     window = job.window
                     carry, read_upto = await self._finish_fill(producer, job)
                     if (window.n_records and not inflight and s.linger_s > 0 and not carry
@@ -362,18 +355,13 @@ class KafkaUplink:
                 continue
             if parts != self._partitions[topic][0]:
                 del self._partitions[topic]
-                self._clear_routes()
+                self._routes.clear()
                 changed = True
         return changed
 
-    def _clear_routes(self) -> None:
-        """Drop the cached routes; a window read ahead with them is formatted again."""
-        self._routes.clear()
-        self._routes_gen += 1
-
     def _new_window(self, producer: Any) -> Window:
         if len(self._routes) >= _ROUTES_MAX:
-            self._clear_routes()  # streams are few; a full cache means churn: start over
+            self._routes.clear()  # streams are few; a full cache means churn: start over
         return Window(lambda: adapter.fast_slot(producer.create_batch()), self._factory,
                       self._batch_limit - BATCH_OVERHEAD, self._s.batch_max_records, self._clock)
 
@@ -386,11 +374,13 @@ class KafkaUplink:
         one step at a time, each giving up the GIL: read on one thread while another
         formatted, the two ran one row at a time, and the drain no faster than either
         alone). It stops at a row whose route is not cached (a new stream, the cache
-        cleared); `_finish_fill` resolves it and fills the rest on the loop.
+        cleared); `_finish_fill` resolves it and fills the rest on the loop. Cached routes
+        change only in the pump between windows, never while one is read ahead: what drops
+        them then (a topic refused a window's batch, a failure) ends the pump, and the
+        window read ahead with it; the next pump reads again from the cursor.
         """
         limit, max_bytes = self._window_limits()
         routes = self._routes
-        gen = self._routes_gen
         if carry:
             limit -= len(carry)
             max_bytes -= sum(len(row[4]) for row in carry)
@@ -408,7 +398,7 @@ class KafkaUplink:
             if carry:
                 rows = carry + rows
             i, outcome = window.fill(rows, 0, len(rows), routes, streams, hsets)
-            return _Read(window, gen, rows, i, outcome, streams, hsets, upto)
+            return _Read(window, rows, i, outcome, streams, hsets, upto)
 
         return asyncio.create_task(self._buffer.read_with(
             CURSOR, consume, limit=limit, max_bytes=max_bytes, after_seq=after_seq),
@@ -554,7 +544,7 @@ class KafkaUplink:
         held = self._held.get(topic)
         if held is None:
             held = self._held[topic] = HeldDestination(topic, Backoff(self._s.reconnect_min_s, self._s.reconnect_max_s))
-            self._clear_routes()  # routes to it become HELD entries
+            self._routes.clear()  # routes to it become HELD entries
         held.draining = False
         held.next_probe = time.monotonic() + held.backoff.next()
         self.state.refuse(topic, reason)
@@ -588,7 +578,7 @@ class KafkaUplink:
                                                        limit=self._s.batch_max_records)
             if not batch:
                 del self._held[topic]
-                self._clear_routes()
+                self._routes.clear()
                 held.backoff.reset()
                 self.state.accept(topic)
                 continue
@@ -729,7 +719,7 @@ class KafkaUplink:
         self.state.link_down(str(exc) or type(exc).__name__, server=self._s.where)
         # Partition cache may be stale after an outage (topic recreated, expanded).
         self._partitions.clear()
-        self._clear_routes()
+        self._routes.clear()
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
