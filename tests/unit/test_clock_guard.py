@@ -51,6 +51,21 @@ class FakeHost:
         )
 
 
+def stamped_then_synced(seconds: int = 10) -> tuple[ClockGuard, dict[str, str], int]:
+    """A reading stamped on a clock that booted thinking it is 1970, then NTP steps that
+    clock to REAL_NOW_NS `seconds` later: (the guard, the reading's clock headers, the ts_ms
+    it was stamped with). Its true time is REAL_NOW_NS - seconds."""
+    host = FakeHost(1_000 * S, synced=False)
+    guard = host.guard()
+    guard.poll()
+    headers = guard.record_headers()
+    stamped_ms = host.wall // 1_000_000
+    host.advance(seconds)
+    host.ntp_step_to(REAL_NOW_NS)
+    guard.poll()
+    return guard, headers, stamped_ms
+
+
 def test_synced_clock_stamps_are_trusted_and_need_no_headers() -> None:
     host = FakeHost(REAL_NOW_NS, synced=True)
     guard = host.guard()

@@ -9,7 +9,7 @@ from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.sparkplug.edge import NodeIdentity, clock_flags, stamp_data
 from gateway.uplinks.kafka.format import H_CLOCK, format_record
 from gateway.uplinks.kafka.mappings import Mapping
-from tests.unit.test_clock_guard import REAL_NOW_NS, FakeHost, S
+from tests.unit.test_clock_guard import REAL_NOW_NS, FakeHost, S, stamped_then_synced
 
 
 def _record(ts_ms: int) -> bytes:
@@ -24,15 +24,8 @@ def test_trusted_records_are_untouched() -> None:
 
 
 def test_unsynced_record_is_corrected_after_sync() -> None:
-    host = FakeHost(1_000 * S, synced=False)  # booted thinking it is 1970
-    guard = host.guard()
-    guard.poll()
-    headers = guard.record_headers()
+    guard, headers, stamped_ms = stamped_then_synced(10)
     assert headers, "an unsynced clock must mark the record"
-    stamped_ms = host.wall // 1_000_000
-    host.advance(10)
-    host.ntp_step_to(REAL_NOW_NS)
-    guard.poll()
     fix = clock_fix(guard, headers)
     delta, flagged = fix.correction_ms, fix.unsynced
     assert not flagged
@@ -98,14 +91,7 @@ def _kafka(fmt: str) -> Mapping:
 
 
 def test_kafka_gets_corrected_timestamps_once_the_clock_synced() -> None:
-    host = FakeHost(1_000 * S, synced=False)
-    guard = host.guard()
-    guard.poll()
-    headers = guard.record_headers()
-    stamped_ms = host.wall // 1_000_000
-    host.advance(10)
-    host.ntp_step_to(REAL_NOW_NS)
-    guard.poll()
+    guard, headers, stamped_ms = stamped_then_synced(10)
     fix = clock_fix(guard, headers)
     true_ms = (REAL_NOW_NS - 10 * S) // 1_000_000
     rec = _Rec(_record(stamped_ms), stamped_ms, headers)

@@ -318,16 +318,9 @@ def test_the_common_case_costs_no_per_record_formatting(new_batch) -> None:
 
 
 def test_a_reading_on_an_unsynced_clock_is_corrected_once_the_clock_is_synced(new_batch) -> None:
-    from tests.unit.test_clock_guard import REAL_NOW_NS, FakeHost, S
+    from tests.unit.test_clock_guard import REAL_NOW_NS, S, stamped_then_synced
 
-    host = FakeHost(1_000 * S, synced=False)
-    guard = host.guard()
-    guard.poll()
-    headers = guard.record_headers()
-    stamped_ms = host.wall // 1_000_000
-    host.advance(10)
-    host.ntp_step_to(REAL_NOW_NS)
-    guard.poll()
+    guard, headers, stamped_ms = stamped_then_synced(10)
     f = MessageFactory(GW)
     w = window(new_batch, f, clock=guard)
     r = Record(1, STREAM, stamped_ms, {H_TOPIC: TOPIC, H_TYPE: "DDATA", **headers}, sparkplug_bytes())

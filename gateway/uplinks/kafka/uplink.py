@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -76,6 +77,7 @@ _YIELD_EVERY = 256  # records formatted between yields to the event loop
 # the round trip without risking order; a resend repeats at most the unacknowledged ones.
 _PIPELINE_DEPTH = 2
 _LAG_EVERY_S = 5.0
+_PAYLOAD = operator.itemgetter(4)  # a buffer row's payload
 # A window reads enough records to fill the batches of this many partitions (see
 # _window_limits); it bounds the memory a window takes to this many batches.
 _MAX_FANOUT = 4
@@ -383,7 +385,7 @@ class KafkaUplink:
         routes = self._routes
         if carry:
             limit -= len(carry)
-            max_bytes -= sum(len(row[4]) for row in carry)
+            max_bytes -= sum(map(len, map(_PAYLOAD, carry)))
             if max_bytes <= 0:
                 limit = 0  # the carried rows are a window's worth already
 
