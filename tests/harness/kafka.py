@@ -162,8 +162,13 @@ def run_async(factory: Callable[[], Awaitable[T]], timeout_s: float = 60) -> T:
 
 
 def _cluster_id() -> str:
-    # Kafka's Uuid text form: url-safe base64 of 16 random bytes, no padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # Kafka's Uuid text form: url-safe base64 of 16 random bytes, no padding. One in 64
+    # starts with "-", which the storage tool's argument parser takes for an option (the
+    # format step failed so); Kafka's own Uuid.randomUuid draws again then, and so do we.
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 class KafkaService:
