@@ -3,10 +3,12 @@
 `Buffer` is synchronous and confined to the thread that opened it (the gateway uses it
 through `AsyncBuffer`, which owns one dedicated thread). A batch is stored in one
 transaction and nothing is reported as stored before its commit. Each uplink reads after
-its own cursor and acknowledges what its remote side acknowledged; a record is deleted once
-every cursor has passed it. Retention (size cap, maximum age, full disk) either drops the
-oldest records, counted per reason and logged once per state change, or refuses the batch
-with `BufferFull`, per the configured policy.
+its own cursor and acknowledges what its remote side acknowledged; a record is gone once
+every cursor has passed it: an ack retires it at once (no longer counted, read or exported)
+and `reclaim` deletes its row later, when the buffer is idle or its space is needed, so that
+draining a backlog does not also pay for deleting it row by row. Retention (size cap,
+maximum age, full disk) either drops the oldest records, counted per reason and logged once
+per state change, or refuses the batch with `BufferFull`, per the configured policy.
 """
 
 from __future__ import annotations
@@ -162,12 +164,15 @@ class _State:
     swapped in only after COMMIT, so a rolled-back transaction leaves it untouched."""
 
     last_seq: int
-    min_seq: int            # first seq present; last_seq + 1 when empty
-    live_bytes: int         # payload bytes present
+    min_seq: int            # first live seq (not passed by every cursor); last_seq + 1 when empty
+    live_bytes: int         # payload bytes of the live records
     cursors: dict[str, _Cursor]
     dropped: dict[str, int]
     counters: dict[str, int]    # other meta counters: quarantined.<reason>, salvaged
     quarantined: int            # quarantine rows present
+    # First seq whose row may still be in the file: rows [reclaim_from, min_seq) were
+    # retired (every cursor passed them) and wait for `Buffer.reclaim` to delete them.
+    reclaim_from: int = 0
 
     def copy(self) -> _State:
         return _State(
@@ -178,6 +183,7 @@ class _State:
             dict(self.dropped),
             dict(self.counters),
             self.quarantined,
+            self.reclaim_from,
         )
 
     @property
@@ -317,8 +323,10 @@ class Buffer:
                 f"SELECT coalesce(max(seq), 0) FROM records WHERE headers_id IN ({marks})"
             ).fetchone()[0]
         quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        return _State(last_seq, lo if lo is not None else last_seq + 1,
-                      meta.get("live_bytes", 0), cursors, dropped, counters, quarantined)
+        physical = lo if lo is not None else last_seq + 1
+        return _State(last_seq, first_live(physical, [c.acked_seq for c in cursors.values()]),
+                      meta.get("live_bytes", 0), cursors, dropped, counters, quarantined,
+                      physical)
 
     def _add_header_set(self, hid: int, pairs: tuple[tuple[str, str], ...]) -> None:
         self._header_ids[pairs] = hid
@@ -383,6 +391,10 @@ class Buffer:
                 # already, so what the new floor frees was still owed to the removed
                 # cursor: a drop, counted.
                 n = self._delete_prefix(conn, st, floor, reason=reason)
+            if floor is None:
+                # Without cursors every row in the file is live (see first_live): the
+                # retired ones go now, in this transaction.
+                self._reclaim(conn, st, None)
             n += self._drop_quarantine(conn, st, "cursor = ?", (name,), reason)
             dropped[0] = n
 
@@ -571,6 +583,12 @@ class Buffer:
         used = self._used_bytes(conn)
         if used + need_est <= cap:
             return
+        if self._reclaim(conn, st, None):
+            # Retired rows make room first: space is never taken from a live record (nor
+            # an append refused) while an acknowledged one still holds it.
+            used = self._used_bytes(conn)
+            if used + need_est <= cap:
+                return
         if s.when_full == "block":
             self._refuse(reason, f"{used} bytes used + {need_est} for this batch exceeds the "
                                  f"{'disk' if reason == 'disk_full' else 'max_size_bytes'} "
@@ -667,6 +685,7 @@ class Buffer:
                     reason: str) -> int:
         """Drop the oldest records until `need` more bytes fit under `cap`; return the
         bytes used afterwards."""
+        self._reclaim(conn, st, None)
         used = self._used_bytes(conn)
         for _ in range(64):
             if used + need <= cap:
@@ -692,6 +711,8 @@ class Buffer:
         over the cap after the insert: drop more of the oldest (never the new batch)."""
         cap, reason = self._cap()
         used = self._used_bytes(conn)
+        if used > cap and self._reclaim(conn, st, None):
+            used = self._used_bytes(conn)
         while used > cap and st.min_seq < first:
             if self.settings.when_full == "block":
                 self._refuse(reason, f"{used} bytes used with this batch exceeds the limit of "
@@ -718,8 +739,9 @@ class Buffer:
                        reason: str | None) -> int:
         """Delete records [st.min_seq, upto] inside the caller's transaction.
 
-        reason None: every cursor passed them (acks). Otherwise they are dropped by a
-        retention rule and counted under `reason`.
+        reason None: every cursor passed them (acks); they are retired, and their rows
+        deleted by `reclaim`. Otherwise they are dropped by a retention rule and counted
+        under `reason`, and their rows deleted now with any retired ones before them.
         """
         upto = min(upto, st.last_seq)
         lo = st.min_seq
@@ -740,7 +762,10 @@ class Buffer:
                 c.pending_bytes -= b
                 conn.execute("UPDATE cursors SET pending_bytes = ? WHERE name = ?",
                              (c.pending_bytes, name))
-        conn.execute("DELETE FROM records WHERE seq >= ? AND seq <= ?", (lo, upto))
+        if reason is not None:
+            conn.execute("DELETE FROM records WHERE seq >= ? AND seq <= ?",
+                         (min(lo, st.reclaim_from), upto))
+            st.reclaim_from = upto + 1
         if reason is not None and reason not in ("age", "uplink_removed") and st.quarantined:
             # Size, disk and purge drops take quarantined copies of records as old as
             # the ones dropped (age has its own check on their timestamps).
@@ -761,8 +786,43 @@ class Buffer:
                     self._dropping[reason] = 0
                 self._dropping[reason] += n
                 self._drops_now.add(reason)
-        self._wal_bytes_est += 4 * self._page_size
+        if reason is not None:
+            self._wal_bytes_est += 4 * self._page_size
         return n
+
+    def _reclaim(self, conn: sqlite3.Connection, st: _State, max_rows: int | None) -> int:
+        """Inside the caller's transaction: delete the rows of up to `max_rows` (None: all)
+        retired records, oldest first; how many."""
+        hi = st.min_seq - 1
+        if st.reclaim_from > hi:
+            return 0
+        if max_rows is not None:
+            hi = min(hi, st.reclaim_from + max_rows - 1)
+        n = conn.execute("DELETE FROM records WHERE seq >= ? AND seq <= ?",
+                         (st.reclaim_from, hi)).rowcount
+        st.reclaim_from = hi + 1
+        self._wal_bytes_est += max(4, n // 16) * self._page_size  # ~16 rows a page
+        return n
+
+    def reclaimable(self) -> int:
+        """Retired records whose rows are still in the file (a plain attribute read)."""
+        return max(0, self._st.min_seq - self._st.reclaim_from)
+
+    def reclaim(self, max_rows: int | None = None) -> int:
+        """Delete the rows of retired records (every cursor passed them), at most
+        `max_rows` of them, in one transaction; returns how many. The AsyncBuffer calls it
+        when nothing else waits for the buffer; retention calls it before it would drop a
+        live record for space. Nothing live is touched."""
+        if self.reclaimable() == 0:
+            return 0
+        done = [0]
+
+        def body(conn: sqlite3.Connection, st: _State) -> None:
+            done[0] = self._reclaim(conn, st, max_rows)
+
+        self._write("reclaim", body)
+        self._maintain()
+        return done[0]
 
     def _end_drop_episodes(self) -> None:
         """After a successful append, log once the end of each drop episode that did not
@@ -983,17 +1043,17 @@ class Buffer:
             conn.execute("UPDATE cursors SET acked_seq = ?, pending_bytes = ? WHERE name = ?",
                          (upto_seq, sc.pending_bytes, cursor))
             if floor >= st.min_seq:
-                # The deleted range lies inside the acked range (only the slowest cursor
-                # moves the floor), so its bytes were summed above.
-                conn.execute("DELETE FROM records WHERE seq >= ? AND seq <= ?",
-                             (st.min_seq, floor))
+                # Retired: the retired range lies inside the acked range (only the slowest
+                # cursor moves the floor), so its bytes were summed above. The rows are
+                # deleted by reclaim(), off the path of a drain (a row delete costs about
+                # as much as reading and formatting the record).
                 st.min_seq = floor + 1
                 st.live_bytes -= gone_bytes
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'live_bytes'",
                              (st.live_bytes,))
 
         self._write("ack", body)
-        self._wal_bytes_est += 4 * self._page_size
+        self._wal_bytes_est += self._page_size
         self._maintain()
 
     def purge(self, cursor: str | None = None) -> int:
@@ -1359,6 +1419,7 @@ class Buffer:
             "path": self.path,
             "records": st.count,
             "bytes": st.live_bytes,
+            "reclaimable_records": self.reclaimable(),
             "first_seq": st.min_seq if st.count else None,
             "last_seq": st.last_seq,
             "oldest_ts_ms": oldest_ts,
@@ -1505,8 +1566,9 @@ class Buffer:
                     hi = found.hi
 
                     def bump(conn: sqlite3.Connection, st: _State) -> None:
+                        self._reclaim(conn, st, None)
                         st.last_seq = hi
-                        st.min_seq = hi + 1
+                        st.min_seq = st.reclaim_from = hi + 1
                         conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (hi,))
 
                     self._write("salvage", bump)
@@ -1611,6 +1673,13 @@ class Buffer:
 
 
 # ---------------------------------------------------------------------- module helpers
+
+
+def first_live(first_row: int, acked: Sequence[int]) -> int:
+    """The first live seq of a file whose first row is `first_row`, given its cursors'
+    acked seqs: rows every cursor passed are retired (waiting for `reclaim`). Without
+    cursors every row is live (the last cursor to go takes the retired rows with it)."""
+    return max(first_row, min(acked) + 1) if acked else first_row
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

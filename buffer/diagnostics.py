@@ -35,6 +35,7 @@ from buffer.core import (
     _quarantine_summary,
     corrupt_copies,
     dropped_by_cursor_change,
+    first_live,
 )
 from buffer.errors import BufferCorrupt, BufferError, BufferSchemaError, UnknownCursor
 from buffer.schema import OUR_TABLES, SCHEMA_VERSION
@@ -113,18 +114,21 @@ def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
         conn.execute("BEGIN")
         try:
             meta = dict(conn.execute("SELECT key, value FROM meta"))
-            lo = conn.execute("SELECT min(seq) FROM records").fetchone()[0]
+            row_lo = conn.execute("SELECT min(seq) FROM records").fetchone()[0]
             hi = conn.execute("SELECT max(seq) FROM records").fetchone()[0]
+            last_seq = max(meta.get("last_seq", 0), hi or 0)
+            acked = conn.execute("SELECT name, acked_seq, pending_bytes FROM cursors "
+                                 "ORDER BY name").fetchall()
+            # Rows every cursor passed are retired, waiting for the gateway to reclaim them.
+            row_first = row_lo if row_lo is not None else last_seq + 1
+            first = first_live(row_first, [a for _, a, _ in acked])
+            lo = first if first <= (hi or 0) else None
             oldest = (conn.execute("SELECT ts_ms FROM records WHERE seq = ?", (lo,)).fetchone()[0]
                       if lo is not None else None)
-            newest = _newest_trusted_ts(conn) if hi is not None else None
-            last_seq = max(meta.get("last_seq", 0), hi or 0)
-            first = lo if lo is not None else last_seq + 1
+            newest = _newest_trusted_ts(conn) if lo is not None else None
             cursors = {
-                name: {"acked_seq": acked, "records": last_seq - max(acked, first - 1),
-                       "bytes": pending}
-                for name, acked, pending in conn.execute(
-                    "SELECT name, acked_seq, pending_bytes FROM cursors ORDER BY name")
+                name: {"acked_seq": a, "records": last_seq - max(a, first - 1), "bytes": pending}
+                for name, a, pending in acked
             }
             qrows = (conn.execute("SELECT cursor, reason, count(*), "
                                   "coalesce(sum(length(payload)), 0) FROM quarantine "
@@ -140,8 +144,9 @@ def stats_for_path(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "path": path,
         "schema_version": version,
-        "records": (hi - lo + 1) if lo is not None else 0,
+        "records": (hi - lo + 1) if lo is not None and hi is not None else 0,
         "bytes": meta.get("live_bytes", 0),
+        "reclaimable_records": first - row_first,
         "first_seq": lo,
         "last_seq": last_seq,
         "oldest_ts_ms": oldest,
@@ -199,10 +204,15 @@ def export_span(path: str | os.PathLike[str], cursor: str | None = None) -> tupl
     path = os.fspath(path)
     with _readonly(path) as conn:
         lo, hi = conn.execute("SELECT min(seq), max(seq) FROM records").fetchone()
-        after = _cursor_after(conn, path, cursor) if cursor is not None else 0
+        after = _cursor_after(conn, path, cursor) if cursor is not None else _retired_upto(conn)
     if lo is None:
         return after, after
-    return max(after, lo - 1), hi
+    return max(after, lo - 1), max(hi, after)
+
+
+def _retired_upto(conn: sqlite3.Connection) -> int:
+    """The last seq every cursor passed (0 without cursors): rows up to it are retired."""
+    return conn.execute("SELECT coalesce(min(acked_seq), 0) FROM cursors").fetchone()[0]
 
 
 def _cursor_after(conn: sqlite3.Connection, path: str, cursor: str) -> int:
@@ -225,7 +235,7 @@ def iter_records(path: str | os.PathLike[str], since_ts_ms: int | None = None,
     path = os.fspath(path)
     with _readonly(path) as conn:
         streams, header_sets = _dictionaries(conn)
-        after = _cursor_after(conn, path, cursor) if cursor is not None else 0
+        after = _cursor_after(conn, path, cursor) if cursor is not None else _retired_upto(conn)
         while True:
             rows = conn.execute("SELECT seq, stream_id, ts_ms, headers_id, payload FROM records "
                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (after, batch)).fetchall()

@@ -378,6 +378,7 @@ def test_space_is_reclaimed_by_incremental_vacuum(path):
         buf.checkpoint("TRUNCATE")
         big = os.path.getsize(path)
         buf.ack("c", 10_000)
+        assert buf.reclaim() == 10_000
         for _ in range(10):
             buf._next_vacuum = 0.0
             buf._vacuum_step()

@@ -70,6 +70,7 @@ def test_with_only_quarantined_copies_left_the_size_cap_takes_the_oldest_one_at_
         for seq in seqs:
             buf.quarantine("c", seq, "too_large:m")
         buf.ack("c", seqs[-1])          # the records go, their quarantined copies stay
+        assert buf.reclaim() == 3       # (their rows too: only the copies hold space)
         st = buf.stats()
         assert (st["records"], st["quarantine"]["records"]) == (0, 3)
         # Room for the next record needs a few kB: one copy (20 kB) is enough, and it is
@@ -217,6 +218,7 @@ def test_with_only_quarantined_copies_left_the_cap_keeps_taking_them_until_the_b
         for seq in seqs:
             buf.quarantine("c", seq, "too_large:m")
         buf.ack("c", seqs[-1])
+        buf.reclaim()
         used = buf.stats()["used_bytes"]
         # Room for the record needs more than one copy's 20 kB: two go, the newest stays.
         buf.settings = settings(max_size_bytes=used + 100 + 40 - 25_000)
