@@ -11,24 +11,11 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
-import time
 
 import pytest
 
-from buffer import AsyncBuffer, Buffer, BufferSettings, NewRecord, asyncbuf, diagnostics
-
-NOW = time.time_ns() // 1_000_000
-
-
-def settings(**kw) -> BufferSettings:
-    base = dict(max_size_bytes=64 * 1024 * 1024, max_age_s=86400.0, when_full="drop_oldest")
-    base.update(kw)
-    return BufferSettings(**base)
-
-
-def recs(n: int, start: int = 0, size: int = 200) -> list[NewRecord]:
-    return [NewRecord("g/e/d1", (b"%08d" % (start + i)).ljust(size, b"."), NOW,
-                      {"topic": "t/g/e/d1", "type": "DDATA"}) for i in range(n)]
+from buffer import AsyncBuffer, Buffer, asyncbuf, diagnostics
+from tests.unit.test_buffer_core import recs, settings
 
 
 def rows_in_file(path: str) -> list[int]:
