@@ -450,7 +450,10 @@ class Suite:
         # A commit can be in the file but unreported (the cut fell between the commit and
         # the report): never hand out its ids again.
         self.next_id = max([self.next_id, *(i + 1 for i in ids)])
-        self.present = now_present
+        # Rows the cursor passed are retired: still in the file until reclaimed, never
+        # owed again (a salvage rightly leaves them behind).
+        self.present = {i: s for i, s in now_present.items()
+                        if acked_db is None or s > acked_db}
         self.dropped_total = dropped_now
         self.acked = acked_db if acked_db is not None else 0
 
