@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from buffer import Buffer, BufferSettings, NewRecord
 from buffer.diagnostics import stats_for_path
 from gateway.clock import H_BOOT, H_CLOCK, H_OFFSET, ClockGuard, ClockStatus
@@ -19,11 +17,6 @@ def settings(**kw) -> BufferSettings:
     base = dict(max_size_bytes=64 * 1024 * 1024, max_age_s=7 * 86400.0)
     base.update(kw)
     return BufferSettings(**base)
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
 
 
 def slow_clock_records(n: int, days_slow: float, boot_id: str) -> list[NewRecord]:

@@ -40,11 +40,6 @@ def recs(n: int, start: int = 0, size: int = 200, stream: str = "g/e/d1",
             for i in range(n)]
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def test_append_read_ack_roundtrip(path):
     with Buffer.open(path, settings()) as buf:
         buf.register_cursor("mqtt")

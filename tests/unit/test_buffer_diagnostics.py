@@ -24,11 +24,6 @@ def rec(i: int, stream: str = "g/e/d1", ts: int = NOW, headers=None) -> NewRecor
     return NewRecord(stream, b"p%d" % i, ts, {"type": "DDATA"} if headers is None else headers)
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def test_stats_for_path_agree_with_the_open_buffer(path) -> None:
     with Buffer.open(path, settings()) as buf:
         buf.register_cursor("kafka")

@@ -27,11 +27,6 @@ def recs(n: int, size: int = 1000) -> list[NewRecord]:
     return [NewRecord("s", b"x" * size, NOW, {}) for _ in range(n)]
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def test_a_reader_pinning_the_wal_does_not_stall_the_writer(path):
     s = settings(checkpoint_wal_bytes=64 * 1024, wal_max_bytes=256 * 1024)
     buf = Buffer.open(path, s)

@@ -34,11 +34,6 @@ def ids(records) -> list[int]:
     return [int(r.payload[:8]) for r in records]
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def damage_page_of(path: str, name: str) -> None:
     """Garbage over the root page of table or index `name` (the buffer is closed)."""
     conn = sqlite3.connect(path)

@@ -25,11 +25,6 @@ def recs(n: int, start: int = 0, size: int = 100, ts: int | None = None) -> list
                       NOW if ts is None else ts, {"topic": "t/d1"}) for i in range(n)]
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def test_quarantine_keeps_a_copy_counted_per_reason_and_lets_the_rest_flow(path):
     with Buffer.open(path, settings()) as buf:
         buf.register_cursor("mqtt")

@@ -23,11 +23,6 @@ def rows_in_file(path: str) -> list[int]:
         return [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def test_an_ack_retires_at_once_and_reclaim_deletes_the_rows_in_steps(path):
     with Buffer.open(path, settings()) as buf:
         buf.register_cursor("a")

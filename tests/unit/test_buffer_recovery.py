@@ -30,11 +30,6 @@ def recs(n: int, start: int = 0, size: int = 200) -> list[NewRecord]:
             for i in range(n)]
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "buffer.db")
-
-
 def damage_middle_page(path: str) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
